@@ -1,0 +1,68 @@
+//! The one error type of the model crate. Every fallible public function returns it, so the
+//! CLI and the server map each kind to an exit code or HTTP status in exactly one place.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file the checkpoint needs is missing or unreadable.
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+
+    /// A configuration file exists but does not say what we need.
+    #[error("invalid {file}: {reason}")]
+    Config { file: String, reason: String },
+
+    /// The hub could not provide the model (offline and not cached, unknown id, network).
+    #[error("cannot fetch {repo}/{file} from the hub: {reason}")]
+    Hub { repo: String, file: String, reason: String },
+
+    /// Weights are missing, misshapen or of an unsupported kind.
+    #[error("weights: {0}")]
+    Weights(String),
+
+    /// The image cannot be used: unknown format, corrupt, too large, bad aspect ratio.
+    #[error("image: {0}")]
+    Image(#[from] ImageError),
+
+    /// The request itself is invalid (bad dtype name, prompt too long, bad sampling values).
+    #[error("{0}")]
+    InvalidRequest(String),
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("chat template: {0}")]
+    Template(String),
+
+    #[error("tensor: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Image problems are their own type because the server maps them to distinct statuses
+/// (415 for formats, 413 for size, 400 for the rest).
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("unsupported or unrecognised image format")]
+    UnsupportedFormat,
+    #[error("image is {width}x{height} = {pixels} pixels, over the limit of {limit}")]
+    TooLarge { width: u32, height: u32, pixels: u64, limit: u64 },
+    #[error("aspect ratio {ratio:.1} of {width}x{height} exceeds 200")]
+    AspectRatio { width: u32, height: u32, ratio: f64 },
+    #[error("image is corrupt or truncated: {0}")]
+    Corrupt(String),
+    #[error("image has zero width or height")]
+    Empty,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+
+    pub(crate) fn config(file: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        Error::Config { file: file.into(), reason: reason.to_string() }
+    }
+}

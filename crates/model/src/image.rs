@@ -1,0 +1,319 @@
+//! Image preprocessing, exactly as transformers' `Qwen2VLImageProcessor` with the PIL backend:
+//! decode (size checked before the pixels are decoded), EXIF orientation, RGB with alpha
+//! composited onto white, `smart_resize`, PIL's 8-bit bicubic resampling, rescale, normalise,
+//! temporal duplication and the merge-group patch order.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+
+use crate::config::PreprocessorConfig;
+use crate::error::{ImageError, Result};
+
+/// Default cap on the pixels an image may declare before we refuse to decode it.
+pub const DEFAULT_MAX_DECODED_PIXELS: u64 = 64 * 1024 * 1024;
+
+/// What the vision tower consumes for one image.
+#[derive(Debug, Clone)]
+pub struct PreprocessedImage {
+    /// Row-major `[patches, channels * temporal * patch * patch]`.
+    pub pixel_values: Vec<f32>,
+    /// `(t, h, w)` in patches.
+    pub grid_thw: [usize; 3],
+    /// `(height, width)` in pixels after `smart_resize`.
+    pub resized: [usize; 2],
+}
+
+impl PreprocessedImage {
+    pub fn num_patches(&self) -> usize {
+        self.grid_thw.iter().product()
+    }
+    /// Number of `<|image_pad|>` tokens (and of merged visual embeddings) this image takes.
+    pub fn visual_tokens(&self, merge_size: usize) -> usize {
+        self.num_patches() / (merge_size * merge_size)
+    }
+    pub fn patch_len(&self) -> usize {
+        self.pixel_values.len() / self.num_patches().max(1)
+    }
+}
+
+/// Per-call preprocessing options; `None` falls back to the checkpoint's values.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ImageOptions {
+    pub min_pixels: Option<u64>,
+    pub max_pixels: Option<u64>,
+    /// Refuse images whose header declares more pixels than this (decided before decoding).
+    pub max_decoded_pixels: Option<u64>,
+}
+
+/// Decodes an encoded image (PNG, JPEG, WebP, GIF, BMP, TIFF) into upright RGB.
+pub fn decode_rgb(bytes: &[u8], max_decoded_pixels: u64) -> Result<RgbImage> {
+    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(ImageError::UnsupportedFormat.into());
+    }
+    let mut decoder = reader.into_decoder().map_err(classify)?;
+    let (width, height) = decoder.dimensions();
+    if width == 0 || height == 0 {
+        return Err(ImageError::Empty.into());
+    }
+    let pixels = width as u64 * height as u64;
+    if pixels > max_decoded_pixels {
+        return Err(ImageError::TooLarge { width, height, pixels, limit: max_decoded_pixels }.into());
+    }
+    // A broken EXIF block is not worth refusing the image for: PIL ignores it too.
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(classify)?;
+    img.apply_orientation(orientation);
+    Ok(to_rgb_on_white(img))
+}
+
+fn classify(e: image::ImageError) -> crate::error::Error {
+    match e {
+        image::ImageError::Unsupported(_) => ImageError::UnsupportedFormat.into(),
+        other => ImageError::Corrupt(other.to_string()).into(),
+    }
+}
+
+/// RGB conversion as transformers' `convert_to_rgb`: images with alpha are composited onto
+/// opaque white with PIL's `alpha_composite` integer arithmetic; others are converted directly.
+fn to_rgb_on_white(img: DynamicImage) -> RgbImage {
+    if !img.color().has_alpha() {
+        return img.into_rgb8();
+    }
+    let rgba = img.into_rgba8();
+    let (w, h) = rgba.dimensions();
+    let mut out = RgbImage::new(w, h);
+    for (src, dst) in rgba.pixels().zip(out.pixels_mut()) {
+        let [r, g, b, a] = src.0;
+        dst.0 = composite_on_white([r, g, b], a);
+    }
+    out
+}
+
+/// Pillow's `ImagingAlphaComposite` with an opaque white destination (7 bits of extra precision).
+fn composite_on_white(rgb: [u8; 3], alpha: u8) -> [u8; 3] {
+    const PRECISION_BITS: u32 = 7;
+    if alpha == 0 {
+        return [255; 3];
+    }
+    let a = alpha as u32;
+    let blend = 255 * (255 - a);
+    let outa255 = a * 255 + blend;
+    let coef1 = a * 255 * 255 * (1 << PRECISION_BITS) / outa255;
+    let coef2 = 255 * (1 << PRECISION_BITS) - coef1;
+    let shift_div255 = |x: u32| ((x >> 8) + x) >> 8;
+    rgb.map(|c| {
+        let tmp = c as u32 * coef1 + 255 * coef2;
+        (shift_div255(tmp + (0x80 << PRECISION_BITS)) >> PRECISION_BITS) as u8
+    })
+}
+
+/// The processor's `smart_resize`: both sides become multiples of `factor`, rounded with
+/// Python's half-to-even `round`, then scaled into `[min_pixels, max_pixels]`.
+pub fn smart_resize(height: usize, width: usize, factor: usize, min_pixels: u64, max_pixels: u64) -> Result<(usize, usize)> {
+    let (h, w, f) = (height as f64, width as f64, factor as f64);
+    if height == 0 || width == 0 {
+        return Err(ImageError::Empty.into());
+    }
+    let ratio = h.max(w) / h.min(w);
+    if ratio > 200.0 {
+        return Err(ImageError::AspectRatio { width: width as u32, height: height as u32, ratio }.into());
+    }
+    let mut h_bar = (h / f).round_ties_even() * f;
+    let mut w_bar = (w / f).round_ties_even() * f;
+    if h_bar * w_bar > max_pixels as f64 {
+        let beta = ((h * w) / max_pixels as f64).sqrt();
+        h_bar = f.max((h / beta / f).floor() * f);
+        w_bar = f.max((w / beta / f).floor() * f);
+    } else if h_bar * w_bar < min_pixels as f64 {
+        let beta = (min_pixels as f64 / (h * w)).sqrt();
+        h_bar = (h * beta / f).ceil() * f;
+        w_bar = (w * beta / f).ceil() * f;
+    }
+    Ok((h_bar as usize, w_bar as usize))
+}
+
+/// Decodes and preprocesses one image for the vision tower.
+pub fn preprocess(bytes: &[u8], config: &PreprocessorConfig, options: &ImageOptions) -> Result<PreprocessedImage> {
+    let rgb = decode_rgb(bytes, options.max_decoded_pixels.unwrap_or(DEFAULT_MAX_DECODED_PIXELS))?;
+    preprocess_rgb(&rgb, config, options)
+}
+
+pub fn preprocess_rgb(rgb: &RgbImage, config: &PreprocessorConfig, options: &ImageOptions) -> Result<PreprocessedImage> {
+    let (width, height) = (rgb.width() as usize, rgb.height() as usize);
+    let min_pixels = options.min_pixels.unwrap_or(config.min_pixels);
+    let max_pixels = options.max_pixels.unwrap_or(config.max_pixels);
+    let (rh, rw) = smart_resize(height, width, config.factor(), min_pixels, max_pixels)?;
+    let resized = resize_bicubic(rgb, rw, rh);
+    Ok(patchify(&resized, config, rh, rw))
+}
+
+/// Rescales, normalises and cuts the image into flattened patches, ordered so that each
+/// `merge x merge` group of patches is contiguous (the order the merger expects).
+fn patchify(img: &RgbImage, config: &PreprocessorConfig, height: usize, width: usize) -> PreprocessedImage {
+    let p = config.patch_size;
+    let m = config.merge_size;
+    let tp = config.temporal_patch_size;
+    let (gh, gw) = (height / p, width / p);
+    // transformers rescales in f64, stores f32, then normalises in f32.
+    let rescale = 1.0f64 / 255.0;
+    let lut: [[f32; 256]; 3] = std::array::from_fn(|c| {
+        std::array::from_fn(|v| ((v as f64 * rescale) as f32 - config.image_mean[c]) / config.image_std[c])
+    });
+    let patch_len = 3 * tp * p * p;
+    let mut out = Vec::with_capacity(gh * gw * patch_len);
+    let raw = img.as_raw();
+    for bh in 0..gh / m {
+        for bw in 0..gw / m {
+            for mh in 0..m {
+                for mw in 0..m {
+                    let (row0, col0) = ((bh * m + mh) * p, (bw * m + mw) * p);
+                    for (c, table) in lut.iter().enumerate() {
+                        // A still image is repeated to fill the temporal patch.
+                        for _ in 0..tp {
+                            for y in 0..p {
+                                let base = ((row0 + y) * width + col0) * 3 + c;
+                                out.extend((0..p).map(|x| table[raw[base + x * 3] as usize]));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    PreprocessedImage { pixel_values: out, grid_thw: [1, gh, gw], resized: [height, width] }
+}
+
+// ---- PIL's bicubic resampling (Pillow `Resample.c`, 8 bits per channel) ----
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Fixed-point filter taps for one axis: for each output index, the first input index and
+/// its weights. Antialiased when shrinking: the support widens by the scale factor.
+struct Taps {
+    start: Vec<usize>,
+    weights: Vec<Vec<i32>>,
+}
+
+fn taps(in_size: usize, out_size: usize) -> Taps {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    let mut start = Vec::with_capacity(out_size);
+    let mut weights = Vec::with_capacity(out_size);
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        // C truncates toward zero when converting to int, as `as i64` does.
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+        let w: Vec<f64> = (xmin..xmax).map(|x| bicubic((x as f64 - center + 0.5) / filterscale)).collect();
+        let total: f64 = w.iter().sum();
+        let fixed = w
+            .iter()
+            .map(|&k| {
+                let k = if total != 0.0 { k / total } else { k };
+                let scaled = k * (1u32 << PRECISION_BITS) as f64;
+                (if scaled < 0.0 { scaled - 0.5 } else { scaled + 0.5 }) as i32
+            })
+            .collect();
+        start.push(xmin);
+        weights.push(fixed);
+    }
+    Taps { start, weights }
+}
+
+fn clip8(acc: i32) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// `Image.resize((width, height), Image.BICUBIC)` for an RGB image: horizontal pass, then
+/// vertical, each rounding to 8 bits as Pillow does. Same size is a copy, as in Pillow.
+pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
+    let (in_w, in_h) = (img.width() as usize, img.height() as usize);
+    let mut cur: Vec<u8> = img.as_raw().clone();
+    let mut cur_w = in_w;
+    if out_w != in_w {
+        let t = taps(in_w, out_w);
+        let mut next = vec![0u8; out_w * in_h * 3];
+        for y in 0..in_h {
+            let row = &cur[y * in_w * 3..(y + 1) * in_w * 3];
+            for x in 0..out_w {
+                for c in 0..3 {
+                    let mut acc: i32 = 1 << (PRECISION_BITS - 1);
+                    for (i, &k) in t.weights[x].iter().enumerate() {
+                        acc += row[(t.start[x] + i) * 3 + c] as i32 * k;
+                    }
+                    next[(y * out_w + x) * 3 + c] = clip8(acc);
+                }
+            }
+        }
+        cur = next;
+        cur_w = out_w;
+    }
+    if out_h != in_h {
+        let t = taps(in_h, out_h);
+        let stride = cur_w * 3;
+        let mut next = vec![0u8; out_h * stride];
+        for y in 0..out_h {
+            let dst = &mut next[y * stride..(y + 1) * stride];
+            for v in 0..stride {
+                let mut acc: i32 = 1 << (PRECISION_BITS - 1);
+                for (i, &k) in t.weights[y].iter().enumerate() {
+                    acc += cur[(t.start[y] + i) * stride + v] as i32 * k;
+                }
+                dst[v] = clip8(acc);
+            }
+        }
+        cur = next;
+    }
+    RgbImage::from_raw(cur_w as u32, out_h as u32, cur).expect("buffer sized for the output image")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smart_resize_rounds_half_to_even() {
+        // 70 / 28 = 2.5 rounds to 2, as Python's round does; 126 / 28 = 4.5 rounds to 4.
+        assert_eq!(smart_resize(126, 70, 28, 56 * 56, 28 * 28 * 1280).unwrap(), (112, 56));
+    }
+
+    #[test]
+    fn smart_resize_respects_bounds() {
+        let (h, w) = smart_resize(4000, 3000, 28, 3136, 28 * 28 * 256).unwrap();
+        assert!(h * w <= 28 * 28 * 256 && h % 28 == 0 && w % 28 == 0);
+        let (h, w) = smart_resize(10, 10, 28, 3136, 1 << 30).unwrap();
+        assert!(h * w >= 3136);
+    }
+
+    #[test]
+    fn extreme_aspect_ratio_is_refused() {
+        assert!(smart_resize(10, 2100, 28, 3136, 1 << 30).is_err());
+    }
+
+    #[test]
+    fn compositing_keeps_opaque_and_whitens_transparent() {
+        assert_eq!(composite_on_white([10, 20, 30], 255), [10, 20, 30]);
+        assert_eq!(composite_on_white([10, 20, 30], 0), [255, 255, 255]);
+    }
+
+    #[test]
+    fn resize_to_same_size_is_identity() {
+        let img = RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 50, 7]));
+        assert_eq!(resize_bicubic(&img, 5, 4), img);
+    }
+}

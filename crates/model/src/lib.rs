@@ -1,0 +1,19 @@
+//! Qwen2-VL on candle: checkpoints, image preprocessing, prompts, the model and generation.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod image;
+pub mod kv_cache;
+pub mod linear;
+pub mod model;
+pub mod positions;
+pub mod prompt;
+pub mod sampling;
+pub mod text;
+pub mod vision;
+
+pub use candle_core::{DType, Device};
+pub use error::{Error, ImageError, Result};
+pub use generate::{FinishReason, GenerateOutput, GenerateRequest, Pipeline};

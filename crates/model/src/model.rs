@@ -1,0 +1,163 @@
+//! Qwen2-VL: the vision tower and the decoder loaded from one checkpoint, plus the glue that
+//! splices image embeddings into the prompt.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::checkpoint::CheckpointFiles;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::image::PreprocessedImage;
+use crate::text::{SeqInput, TextModel};
+use crate::vision::VisionTower;
+
+pub struct Qwen2VL {
+    vision: VisionTower,
+    text: TextModel,
+    config: ModelConfig,
+    device: Device,
+    dtype: DType,
+}
+
+/// Tensor-name prefixes of the two layouts in circulation.
+struct Layout {
+    text: &'static str,
+    vision: &'static str,
+}
+
+const PUBLISHED: Layout = Layout { text: "model", vision: "visual" };
+const TRANSFORMERS_5: Layout = Layout { text: "model.language_model", vision: "model.visual" };
+
+impl Qwen2VL {
+    pub fn load(files: &CheckpointFiles, config: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        for path in &files.weights {
+            std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        }
+        // SAFETY: the files are memory-mapped read-only; we never mutate them while mapped.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }
+            .map_err(|e| Error::Weights(format!("cannot read safetensors: {e}")))?;
+        let layout = if vb.contains_tensor("model.language_model.embed_tokens.weight") { TRANSFORMERS_5 } else { PUBLISHED };
+        if !vb.contains_tensor(&format!("{}.embed_tokens.weight", layout.text)) {
+            return Err(Error::Weights("no `model.embed_tokens.weight` or `model.language_model.embed_tokens.weight`: not a Qwen2-VL checkpoint".into()));
+        }
+        let lm_head = vb.contains_tensor("lm_head.weight").then(|| vb.pp("lm_head"));
+        if lm_head.is_none() && !config.text.tie_word_embeddings {
+            return Err(Error::Weights("`lm_head.weight` is missing and tie_word_embeddings is false".into()));
+        }
+        let weights_err = |e: candle_core::Error| Error::Weights(e.to_string());
+        let text = TextModel::load(vb.pp(layout.text), lm_head, &config.text).map_err(weights_err)?;
+        let vision = VisionTower::load(vb.pp(layout.vision), &config.vision, config.vision.rope_theta).map_err(weights_err)?;
+        Ok(Self { vision, text, config: config.clone(), device: device.clone(), dtype })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Merged visual embeddings `[visual_tokens, hidden]`, one tensor per image.
+    pub fn encode_images(&self, images: &[&PreprocessedImage]) -> Result<Vec<Tensor>> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let patch_len = self.config.vision.patch_len();
+        let mut rows = 0;
+        let mut data = Vec::with_capacity(images.iter().map(|i| i.pixel_values.len()).sum());
+        for img in images {
+            if img.patch_len() != patch_len {
+                return Err(Error::InvalidRequest(format!("image patches have {} values, the model expects {patch_len}", img.patch_len())));
+            }
+            rows += img.num_patches();
+            data.extend_from_slice(&img.pixel_values);
+        }
+        let pixels = Tensor::from_vec(data, (rows, patch_len), &self.device)?.to_dtype(self.dtype)?;
+        let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
+        Ok(self.vision.forward(&pixels, &grids)?)
+    }
+
+    /// Input embeddings for a prompt: token embeddings, with each run of image tokens replaced
+    /// by that image's visual embeddings, in order.
+    pub fn prompt_embeds(&self, ids: &[u32], image_embeds: &[Tensor]) -> Result<Tensor> {
+        let image_token = self.config.tokens.image;
+        let ids_t = Tensor::new(ids, &self.device)?;
+        let text = self.text.embed(&ids_t)?;
+        if image_embeds.is_empty() {
+            return Ok(text);
+        }
+        let mut pieces = Vec::new();
+        let mut images = image_embeds.iter();
+        let mut i = 0;
+        while i < ids.len() {
+            let start = i;
+            let is_image = ids[i] == image_token;
+            if is_image {
+                let emb = images.next().ok_or_else(|| Error::InvalidRequest("more image placeholders than images".into()))?;
+                let n = emb.dim(0)?;
+                if ids.len() < i + n || ids[i..i + n].iter().any(|&t| t != image_token) {
+                    return Err(Error::InvalidRequest("image placeholders do not match the image sizes".into()));
+                }
+                pieces.push(emb.clone());
+                i += n;
+            } else {
+                while i < ids.len() && ids[i] != image_token {
+                    i += 1;
+                }
+                pieces.push(text.narrow(0, start, i - start)?);
+            }
+        }
+        if images.next().is_some() {
+            return Err(Error::InvalidRequest("more images than image placeholders".into()));
+        }
+        Ok(Tensor::cat(&pieces, 0)?)
+    }
+
+    /// Embeddings of already generated tokens (decode steps).
+    pub fn token_embeds(&self, ids: &[u32]) -> Result<Tensor> {
+        Ok(self.text.embed(&Tensor::new(ids, &self.device)?)?)
+    }
+
+    /// One pass over a ragged batch; f32 logits `[sequences, vocab]` for each last token.
+    pub fn forward(&self, batch: &mut [SeqInput]) -> Result<Tensor> {
+        Ok(self.text.forward(batch)?)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.text.num_layers()
+    }
+}
+
+/// Parses `f32`, `bf16` or `f16` (and their long names).
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" | "float32" | "float" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" | "half" => Ok(DType::F16),
+        other => Err(Error::InvalidRequest(format!("unknown dtype `{other}`: use f32, bf16 or f16"))),
+    }
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let s = s.to_ascii_lowercase();
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match s.as_str() {
+        "cuda" => 0,
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| Error::InvalidRequest(format!("unknown device `{s}`: use cpu, cuda or cuda:N")))?,
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(Error::InvalidRequest(format!("device `{s}` needs a binary built with `--features cuda`")));
+    }
+    Device::new_cuda(ordinal).map_err(|e| Error::InvalidRequest(format!("cannot open {s}: {e}")))
+}

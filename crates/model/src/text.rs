@@ -1,0 +1,233 @@
+//! The Qwen2 decoder with multimodal rotary positions (M-RoPE) and grouped-query attention.
+//!
+//! `forward` takes a ragged batch: several sequences, each with its own new tokens, positions
+//! and KV cache. Projections and MLPs run once over all rows; attention runs per sequence over
+//! that sequence's cache, so prefill and decode steps of different lengths share one pass.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Embedding, VarBuilder};
+
+use crate::config::TextConfig;
+use crate::kv_cache::KvCache;
+use crate::linear::Linear;
+
+/// One sequence's part of a batch: its new input embeddings, their `(t, h, w)` positions and
+/// its cache, which `forward` extends by `embeds.dim(0)` tokens.
+pub struct SeqInput<'a> {
+    pub embeds: Tensor,
+    pub positions: &'a [[u32; 3]],
+    pub cache: &'a mut KvCache,
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &TextConfig) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        Ok(Self {
+            q_proj: Linear::load(vb.pp("q_proj"), h, cfg.num_attention_heads * d, true)?,
+            k_proj: Linear::load(vb.pp("k_proj"), h, cfg.num_key_value_heads * d, true)?,
+            v_proj: Linear::load(vb.pp("v_proj"), h, cfg.num_key_value_heads * d, true)?,
+            o_proj: Linear::load(vb.pp("o_proj"), cfg.num_attention_heads * d, h, false)?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: d,
+        })
+    }
+
+    /// `[n, heads * head_dim]` rows -> `[1, heads, n, head_dim]`.
+    fn heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        x.reshape((n, heads, self.head_dim))?.transpose(0, 1)?.unsqueeze(0)?.contiguous()
+    }
+
+    fn forward(&self, x: &Tensor, spans: &[(usize, usize)], rotary: &[(Tensor, Tensor)], caches: &mut [&mut KvCache], layer: usize) -> Result<Tensor> {
+        let q = self.q_proj.forward(x)?;
+        let k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
+        let groups = self.num_heads / self.num_kv_heads;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut outs = Vec::with_capacity(spans.len());
+        for (i, &(start, n)) in spans.iter().enumerate() {
+            let (cos, sin) = &rotary[i];
+            let q = candle_nn::rotary_emb::rope(&self.heads(&q.narrow(0, start, n)?, self.num_heads)?, cos, sin)?;
+            let k = candle_nn::rotary_emb::rope(&self.heads(&k.narrow(0, start, n)?, self.num_kv_heads)?, cos, sin)?;
+            let v = self.heads(&v.narrow(0, start, n)?, self.num_kv_heads)?;
+            let (k_all, v_all) = caches[i].append(layer, &k, &v)?;
+            let total = k_all.dim(2)?;
+            // Grouped-query attention without copying the cache: the query heads that share a
+            // key/value head are stacked along the query axis.
+            let q = q.reshape((1, self.num_kv_heads, groups * n, self.head_dim))?;
+            let scores = (q.matmul(&k_all.t()?)? * scale)?.to_dtype(DType::F32)?;
+            let scores = if n > 1 {
+                let mask = causal_mask(n, total, x.device())?;
+                scores.reshape((1, self.num_kv_heads, groups, n, total))?.broadcast_add(&mask)?.reshape((1, self.num_kv_heads, groups * n, total))?
+            } else {
+                scores
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(x.dtype())?;
+            let out = probs.matmul(&v_all)?; // [1, kv, groups * n, d]
+            let out = out.reshape((self.num_heads, n, self.head_dim))?.transpose(0, 1)?.reshape((n, self.num_heads * self.head_dim))?;
+            outs.push(out);
+        }
+        let out = if outs.len() == 1 { outs.pop().expect("one output") } else { Tensor::cat(&outs, 0)? };
+        self.o_proj.forward(&out)
+    }
+}
+
+/// `[n, total]`: query `i` (at absolute position `total - n + i`) sees keys up to itself.
+fn causal_mask(n: usize, total: usize, device: &Device) -> Result<Tensor> {
+    let past = total - n;
+    let mask: Vec<f32> = (0..n).flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    Tensor::from_vec(mask, (n, total), device)
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &TextConfig) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: Linear::load(vb.pp("gate_proj"), h, i, false)?,
+            up_proj: Linear::load(vb.pp("up_proj"), h, i, false)?,
+            down_proj: Linear::load(vb.pp("down_proj"), i, h, false)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down_proj.forward(&(self.gate_proj.forward(x)?.silu()? * self.up_proj.forward(x)?)?)
+    }
+}
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: vb.get(size, "weight")?, eps: eps as f32 })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+pub struct TextModel {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    /// For each rotary frequency, which position row (0 = t, 1 = h, 2 = w) drives it.
+    freq_rows: Vec<usize>,
+    inv_freq: Vec<f32>,
+    cfg: TextConfig,
+}
+
+impl TextModel {
+    /// `vb` points at the decoder (`model` or `model.language_model`); `lm_head` is separate
+    /// and absent when tied.
+    pub fn load(vb: VarBuilder, lm_head_vb: Option<VarBuilder>, cfg: &TextConfig) -> Result<Self> {
+        let embed_weight = vb.get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?;
+        let embed_tokens = Embedding::new(embed_weight.clone(), cfg.hidden_size);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let vb = vb.pp(format!("layers.{i}"));
+                Ok(DecoderLayer {
+                    input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+                    self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+                    post_attention_layernorm: RmsNorm::load(vb.pp("post_attention_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+                    mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(vb.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let lm_head = match lm_head_vb {
+            Some(vb) if !cfg.tie_word_embeddings => Linear::load(vb, cfg.hidden_size, cfg.vocab_size, false)?,
+            _ => Linear::from_weights(embed_weight, None),
+        };
+        let half = cfg.head_dim / 2;
+        let inv_freq = (0..half).map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / cfg.head_dim as f32)).collect();
+        let [t, h, _] = cfg.mrope_section;
+        let freq_rows = (0..half).map(|j| if j < t { 0 } else if j < t + h { 1 } else { 2 }).collect();
+        Ok(Self { embed_tokens, layers, norm, lm_head, freq_rows, inv_freq, cfg: cfg.clone() })
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.cfg
+    }
+
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.forward(ids)
+    }
+
+    /// cos/sin `[n, head_dim / 2]` for M-RoPE: frequency `j` rotates by the position row that
+    /// `mrope_section` assigns to it.
+    fn rotary(&self, positions: &[[u32; 3]], device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let angles: Vec<f32> = positions
+            .iter()
+            .flat_map(|p| self.inv_freq.iter().zip(&self.freq_rows).map(move |(f, &row)| p[row] as f32 * f))
+            .collect();
+        let angles = Tensor::from_vec(angles, (positions.len(), half), device)?;
+        Ok((angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?))
+    }
+
+    /// Runs the batch and returns f32 logits `[sequences, vocab]` for each sequence's last token.
+    pub fn forward(&self, batch: &mut [SeqInput]) -> Result<Tensor> {
+        let first = batch.first().ok_or_else(|| candle_core::Error::Msg("empty batch".into()))?;
+        let (device, dtype) = (first.embeds.device().clone(), first.embeds.dtype());
+        let mut spans = Vec::with_capacity(batch.len());
+        let mut start = 0;
+        let mut rotary = Vec::with_capacity(batch.len());
+        for s in batch.iter() {
+            let n = s.embeds.dim(0)?;
+            if n != s.positions.len() {
+                candle_core::bail!("{n} embeddings but {} positions", s.positions.len());
+            }
+            spans.push((start, n));
+            start += n;
+            rotary.push(self.rotary(s.positions, &device, dtype)?);
+        }
+        let embeds: Vec<&Tensor> = batch.iter().map(|s| &s.embeds).collect();
+        let mut x = if embeds.len() == 1 { embeds[0].clone() } else { Tensor::cat(&embeds, 0)? };
+        let mut caches: Vec<&mut KvCache> = batch.iter_mut().map(|s| &mut *s.cache).collect();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, &spans, &rotary, &mut caches, i)?;
+            x = (x + h)?;
+            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?)?;
+            x = (x + h)?;
+        }
+        for (cache, &(_, n)) in caches.iter_mut().zip(&spans) {
+            cache.advance(n);
+        }
+        let last_rows: Vec<Tensor> = spans.iter().map(|&(s, n)| x.narrow(0, s + n - 1, 1)).collect::<Result<_>>()?;
+        let last = Tensor::cat(&last_rows, 0)?;
+        self.lm_head.forward(&self.norm.forward(&last)?)?.to_dtype(DType::F32)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+}
+

@@ -1,0 +1,186 @@
+//! Subcommands and their flags. The `generate` and `preprocess` interfaces are relied on by
+//! scripts: change them only compatibly.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use qwen_ocr_model::checkpoint::{self, DEFAULT_MODEL};
+use qwen_ocr_model::config::PreprocessorConfig;
+use qwen_ocr_model::image::{ImageOptions, DEFAULT_MAX_DECODED_PIXELS};
+use qwen_ocr_model::model::{parse_device, parse_dtype};
+use qwen_ocr_model::prompt::ChatMessage;
+use qwen_ocr_model::{GenerateRequest, Pipeline};
+use serde_json::json;
+
+#[derive(Parser, Debug)]
+#[command(name = "qwen-ocr", version, about = "Qwen2-VL document extraction on candle")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the model once on images and a prompt.
+    Generate(GenerateArgs),
+    /// Show (and optionally dump) what the image preprocessing feeds the model.
+    Preprocess(PreprocessArgs),
+}
+
+#[derive(Args, Debug)]
+struct ModelArgs {
+    /// A checkpoint directory or a Hugging Face hub id.
+    #[arg(long, env = "QWEN_OCR_MODEL", default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Compute dtype: f32, bf16 or f16.
+    #[arg(long, env = "QWEN_OCR_DTYPE", default_value = "f32")]
+    dtype: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "QWEN_OCR_DEVICE", default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args, Debug)]
+struct ImageArgs {
+    /// Override the checkpoint's minimum pixels after resizing.
+    #[arg(long)]
+    min_pixels: Option<u64>,
+    /// Override the checkpoint's maximum pixels after resizing.
+    #[arg(long)]
+    max_pixels: Option<u64>,
+    /// Refuse images whose header declares more pixels than this, before decoding them.
+    #[arg(long, default_value_t = DEFAULT_MAX_DECODED_PIXELS)]
+    max_image_pixels: u64,
+}
+
+impl ImageArgs {
+    fn options(&self) -> ImageOptions {
+        ImageOptions { min_pixels: self.min_pixels, max_pixels: self.max_pixels, max_decoded_pixels: Some(self.max_image_pixels) }
+    }
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    image_opts: ImageArgs,
+    /// An image file; repeat for several images, omit for a text-only prompt.
+    #[arg(long = "image")]
+    images: Vec<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    /// Most tokens to generate (default: generation_config.json, else 256).
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// 0 for greedy; default from generation_config.json.
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    repetition_penalty: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop once the output contains this string; repeatable.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Print one JSON object instead of the text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct PreprocessArgs {
+    /// A checkpoint directory or hub id; only its preprocessor_config.json is read.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: String,
+    #[command(flatten)]
+    image_opts: ImageArgs,
+    #[arg(long)]
+    image: PathBuf,
+    /// Write `pixel_values` (f32, [patches, patch_len]) to this safetensors file.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Preprocess(args) => preprocess(args),
+    }
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let dtype = parse_dtype(&args.model.dtype)?;
+    let device = parse_device(&args.model.device)?;
+    if args.max_tokens == Some(0) {
+        anyhow::bail!("--max-tokens must be at least 1");
+    }
+    let pipeline = Pipeline::load(&args.model.model, dtype, &device).with_context(|| format!("loading {}", args.model.model))?;
+    let options = args.image_opts.options();
+    let images = args
+        .images
+        .iter()
+        .map(|p| pipeline.preprocess_file(p, &options).with_context(|| p.display().to_string()))
+        .collect::<Result<Vec<_>>>()?;
+    let mut sampling = pipeline.default_sampling();
+    if let Some(t) = args.temperature {
+        sampling.temperature = t;
+    }
+    if let Some(p) = args.top_p {
+        sampling.top_p = p;
+    }
+    if let Some(k) = args.top_k {
+        sampling.top_k = k;
+    }
+    if let Some(r) = args.repetition_penalty {
+        sampling.repetition_penalty = r;
+    }
+    sampling.seed = args.seed;
+    let request = GenerateRequest {
+        messages: vec![ChatMessage::user_with_images(images.len(), &args.prompt)],
+        images,
+        max_new_tokens: args.max_tokens,
+        sampling,
+        stop: args.stop,
+    };
+    let out = pipeline.generate(&request)?;
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "text": out.text,
+                "token_ids": out.token_ids,
+                "prompt_tokens": out.prompt_tokens,
+                "image_grid_thw": out.image_grid_thw,
+                "finish_reason": out.finish_reason,
+            })
+        );
+    } else {
+        println!("{}", out.text);
+    }
+    Ok(())
+}
+
+fn preprocess(args: PreprocessArgs) -> Result<()> {
+    let config = match checkpoint::resolve_file(&args.model, "preprocessor_config.json")? {
+        Some(path) => PreprocessorConfig::from_file(&path)?,
+        None => PreprocessorConfig::default(),
+    };
+    let bytes = std::fs::read(&args.image).with_context(|| args.image.display().to_string())?;
+    let out = qwen_ocr_model::image::preprocess(&bytes, &config, &args.image_opts.options()).with_context(|| args.image.display().to_string())?;
+    if let Some(path) = &args.dump {
+        let tensor = candle_core::Tensor::from_vec(out.pixel_values.clone(), (out.num_patches(), out.patch_len()), &candle_core::Device::Cpu)?;
+        candle_core::safetensors::save(&HashMap::from([("pixel_values".to_string(), tensor)]), path).with_context(|| path.display().to_string())?;
+    }
+    println!(
+        "{}",
+        json!({ "grid_thw": out.grid_thw, "resized": out.resized, "visual_tokens": out.visual_tokens(config.merge_size) })
+    );
+    Ok(())
+}
