@@ -6,8 +6,8 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file the checkpoint needs is missing or unreadable.
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
 
     /// A configuration file exists but does not say what we need.
     #[error("invalid {file}: {reason}")]
@@ -22,7 +22,7 @@ pub enum Error {
     Weights(String),
 
     /// The image cannot be used: unknown format, corrupt, too large, bad aspect ratio.
-    #[error("image: {0}")]
+    #[error(transparent)]
     Image(#[from] ImageError),
 
     /// The request itself is invalid (bad dtype name, prompt too long, bad sampling values).
@@ -35,7 +35,7 @@ pub enum Error {
     #[error("chat template: {0}")]
     Template(String),
 
-    #[error("tensor: {0}")]
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 
@@ -58,8 +58,8 @@ pub enum ImageError {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+    pub(crate) fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
+        Error::Io { path: path.into(), err }
     }
 
     pub(crate) fn config(file: impl Into<String>, reason: impl std::fmt::Display) -> Self {

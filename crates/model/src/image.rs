@@ -239,47 +239,73 @@ fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// `Image.resize((width, height), Image.BICUBIC)` for an RGB image: horizontal pass, then
-/// vertical, each rounding to 8 bits as Pillow does. Same size is a copy, as in Pillow.
+/// `Image.resize((width, height), Image.BICUBIC)` for an RGB image: two separable passes, each
+/// rounding to 8 bits as Pillow does. Same size is a copy. Pillow (since 12) runs the vertical
+/// pass first when the height shrinks by more than twice what the width does; the order changes
+/// the rounding, so we follow it.
 pub fn resize_bicubic(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
     let (in_w, in_h) = (img.width() as usize, img.height() as usize);
-    let mut cur: Vec<u8> = img.as_raw().clone();
-    let mut cur_w = in_w;
-    if out_w != in_w {
-        let t = taps(in_w, out_w);
-        let mut next = vec![0u8; out_w * in_h * 3];
-        for y in 0..in_h {
-            let row = &cur[y * in_w * 3..(y + 1) * in_w * 3];
-            for x in 0..out_w {
-                for c in 0..3 {
-                    let mut acc: i32 = 1 << (PRECISION_BITS - 1);
-                    for (i, &k) in t.weights[x].iter().enumerate() {
-                        acc += row[(t.start[x] + i) * 3 + c] as i32 * k;
-                    }
-                    next[(y * out_w + x) * 3 + c] = clip8(acc);
-                }
-            }
+    let shrink_h = in_h as i64 - out_h as i64;
+    let shrink_w = in_w as i64 - out_w as i64;
+    let vertical_first = shrink_h > 0 && shrink_h > shrink_w * 2;
+    let mut buf = img.as_raw().clone();
+    let (mut w, mut h) = (in_w, in_h);
+    let horizontal = |buf: &mut Vec<u8>, w: &mut usize, h: usize| {
+        if out_w != *w {
+            *buf = resample_rows(buf, *w, h, out_w);
+            *w = out_w;
         }
-        cur = next;
-        cur_w = out_w;
+    };
+    let vertical = |buf: &mut Vec<u8>, w: usize, h: &mut usize| {
+        if out_h != *h {
+            *buf = resample_columns(buf, w, *h, out_h);
+            *h = out_h;
+        }
+    };
+    if vertical_first {
+        vertical(&mut buf, w, &mut h);
+        horizontal(&mut buf, &mut w, h);
+    } else {
+        horizontal(&mut buf, &mut w, h);
+        vertical(&mut buf, w, &mut h);
     }
-    if out_h != in_h {
-        let t = taps(in_h, out_h);
-        let stride = cur_w * 3;
-        let mut next = vec![0u8; out_h * stride];
-        for y in 0..out_h {
-            let dst = &mut next[y * stride..(y + 1) * stride];
-            for v in 0..stride {
+    RgbImage::from_raw(w as u32, h as u32, buf).expect("buffer sized for the output image")
+}
+
+/// Horizontal pass: `w` -> `out_w` columns over `h` rows of RGB.
+fn resample_rows(src: &[u8], w: usize, h: usize, out_w: usize) -> Vec<u8> {
+    let t = taps(w, out_w);
+    let mut out = vec![0u8; out_w * h * 3];
+    for y in 0..h {
+        let row = &src[y * w * 3..(y + 1) * w * 3];
+        for x in 0..out_w {
+            for c in 0..3 {
                 let mut acc: i32 = 1 << (PRECISION_BITS - 1);
-                for (i, &k) in t.weights[y].iter().enumerate() {
-                    acc += cur[(t.start[y] + i) * stride + v] as i32 * k;
+                for (i, &k) in t.weights[x].iter().enumerate() {
+                    acc += row[(t.start[x] + i) * 3 + c] as i32 * k;
                 }
-                dst[v] = clip8(acc);
+                out[(y * out_w + x) * 3 + c] = clip8(acc);
             }
         }
-        cur = next;
     }
-    RgbImage::from_raw(cur_w as u32, out_h as u32, cur).expect("buffer sized for the output image")
+    out
+}
+
+/// Vertical pass: `h` -> `out_h` rows of `w` RGB pixels.
+fn resample_columns(src: &[u8], w: usize, h: usize, out_h: usize) -> Vec<u8> {
+    let t = taps(h, out_h);
+    let stride = w * 3;
+    let mut out = vec![0u8; out_h * stride];
+    for y in 0..out_h {
+        for v in 0..stride {
+            let mut acc: i32 = 1 << (PRECISION_BITS - 1);
+            for (i, &k) in t.weights[y].iter().enumerate() {
+                acc += src[(t.start[y] + i) * stride + v] as i32 * k;
+            }
+            out[y * stride + v] = clip8(acc);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

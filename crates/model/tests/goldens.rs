@@ -1,0 +1,124 @@
+//! The model against transformers: prompt ids, preprocessing and greedy tokens on the tiny
+//! checkpoints that `tests/fixtures/make_fixtures.py` wrote with transformers' own outputs.
+
+use std::path::{Path, PathBuf};
+
+use qwen_ocr_model::config::PreprocessorConfig;
+use qwen_ocr_model::image::{self, ImageOptions, PreprocessedImage};
+use qwen_ocr_model::prompt::ChatMessage;
+use qwen_ocr_model::sampling::SamplingParams;
+use qwen_ocr_model::{DType, Device, GenerateRequest, Pipeline};
+use serde_json::Value;
+
+/// Below this top-1/top-2 logit gap, f32 rounding differences may legitimately flip a choice.
+const TIE_MARGIN: f64 = 2e-3;
+/// One 8-bit level after normalisation (the smallest std is about 0.26).
+const ONE_LEVEL: f32 = 1.0 / 255.0 / 0.26;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn goldens() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("goldens.json")).unwrap()).unwrap()
+}
+
+fn load(checkpoint: &str) -> Pipeline {
+    Pipeline::load(fixtures().join(checkpoint).to_str().unwrap(), DType::F32, &Device::Cpu).unwrap()
+}
+
+fn preprocess(pipeline: &Pipeline, names: &[Value]) -> Vec<PreprocessedImage> {
+    names
+        .iter()
+        .map(|n| pipeline.preprocess_file(&fixtures().join("images").join(n.as_str().unwrap()), &ImageOptions::default()).unwrap())
+        .collect()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// Every golden case of one checkpoint: same prompt ids, grids and greedy tokens as transformers.
+fn check_checkpoint(name: &str) {
+    let goldens = goldens();
+    let pipeline = load(name);
+    let max_new = goldens["max_new_tokens"].as_u64().unwrap() as usize;
+    let cases = goldens["checkpoints"][name].as_object().unwrap();
+    assert!(cases.len() >= 7, "goldens for {name} are incomplete");
+    for (case, golden) in cases {
+        let images = preprocess(&pipeline, golden["images"].as_array().unwrap());
+        let messages = vec![ChatMessage::user_with_images(images.len(), golden["prompt"].as_str().unwrap())];
+        assert_eq!(pipeline.prompt.render(&messages).unwrap(), golden["prompt_text"].as_str().unwrap(), "{name}/{case}: rendered template");
+        assert_eq!(pipeline.encode_prompt(&messages, &images).unwrap(), ids(&golden["prompt_ids"]), "{name}/{case}: prompt ids");
+
+        let request = GenerateRequest { messages, images, max_new_tokens: Some(max_new), sampling: SamplingParams::default(), stop: vec![] };
+        let out = pipeline.generate(&request).unwrap();
+        let grids: Vec<Value> = out.image_grid_thw.iter().map(|g| serde_json::json!(g)).collect();
+        assert_eq!(Value::Array(grids), golden["image_grid_thw"], "{name}/{case}: image_grid_thw");
+
+        let expected = ids(&golden["token_ids"]);
+        let margins: Vec<f64> = golden["top1_minus_top2"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
+        match out.token_ids.iter().zip(&expected).position(|(a, b)| a != b) {
+            None => {
+                assert_eq!(out.token_ids, expected, "{name}/{case}: length differs");
+                assert_eq!(out.text, golden["text"].as_str().unwrap(), "{name}/{case}: decoded text");
+            }
+            Some(step) => assert!(
+                margins[step] < TIE_MARGIN,
+                "{name}/{case}: diverged at step {step} where transformers' top-1 led by {} (ours {:?}, expected {:?})",
+                margins[step],
+                out.token_ids,
+                expected
+            ),
+        }
+    }
+}
+
+#[test]
+fn tied_single_file_bf16_checkpoint_matches_transformers() {
+    check_checkpoint("tiny-tied");
+}
+
+#[test]
+fn untied_sharded_f16_nested_config_checkpoint_matches_transformers() {
+    check_checkpoint("tiny-untied-sharded");
+}
+
+#[test]
+fn preprocessing_matches_transformers_pixel_values() {
+    let goldens = goldens();
+    let pixels = candle_core::safetensors::load(fixtures().join("pixels.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let config = PreprocessorConfig::from_file(&fixtures().join("tiny-tied/preprocessor_config.json")).unwrap();
+    let cases = goldens["preprocess"].as_object().unwrap();
+    assert!(cases.len() >= 8);
+    for (key, golden) in cases {
+        let file = golden["image"].as_str().unwrap();
+        let bytes = std::fs::read(fixtures().join("images").join(file)).unwrap();
+        let options = ImageOptions { max_pixels: golden["max_pixels"].as_u64(), ..Default::default() };
+        let out = image::preprocess(&bytes, &config, &options).unwrap();
+        assert_eq!(serde_json::json!(out.grid_thw), golden["grid_thw"], "{key}: grid_thw");
+        assert_eq!(serde_json::json!(out.resized), golden["resized"], "{key}: resized");
+        let expected: Vec<f32> = pixels[key].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(out.pixel_values.len(), expected.len(), "{key}: pixel count");
+        let mut levels: Vec<f32> = out.pixel_values.iter().zip(&expected).map(|(a, b)| (a - b).abs() / ONE_LEVEL).collect();
+        levels.sort_by(f32::total_cmp);
+        let max = levels[levels.len() - 1];
+        if file.ends_with(".png") {
+            // PIL's bicubic, compositing and normalisation reproduced: identical, not just close.
+            assert!(max * ONE_LEVEL <= 1e-6, "{key}: PNG pixel values differ by {max:.2} levels");
+        } else {
+            // JPEG decoders (zune-jpeg here, libjpeg-turbo in PIL) round IDCT and chroma
+            // upsampling differently: close on average, a few levels off at sharp colour edges.
+            let mean = levels.iter().sum::<f32>() / levels.len() as f32;
+            let p99 = levels[levels.len() * 99 / 100];
+            assert!(mean <= 1.0 && p99 <= 3.0 && max <= 16.0, "{key}: JPEG differs by mean {mean:.2}, p99 {p99:.2}, max {max:.2} levels");
+        }
+    }
+}
+
+#[test]
+fn half_way_sizes_round_to_even_like_python() {
+    let config = PreprocessorConfig::default();
+    // 126x70: 4.5 and 2.5 patches of 28 both round down to even.
+    assert_eq!(image::smart_resize(126, 70, config.factor(), config.min_pixels, config.max_pixels).unwrap(), (112, 56));
+}
