@@ -2,6 +2,7 @@
 //! engine must agree with token for token.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use serde::Serialize;
@@ -78,6 +79,7 @@ impl Pipeline {
         let ids = self.encode_prompt(&request.messages, &request.images)?;
         let cfg = self.model.config();
         let positions = prompt_positions(&ids, &request.images.iter().map(|i| i.grid_thw).collect::<Vec<_>>(), &cfg.tokens, cfg.vision.spatial_merge_size)?;
+        let started = Instant::now();
         let image_refs: Vec<&PreprocessedImage> = request.images.iter().collect();
         let image_embeds = self.model.encode_images(&image_refs)?;
         let embeds = self.model.prompt_embeds(&ids, &image_embeds)?;
@@ -92,6 +94,7 @@ impl Pipeline {
         let mut finish = FinishReason::Length;
         let mut input = SeqInput { embeds, positions: &positions.positions, cache: &mut cache };
         let mut logits = self.model.forward(std::slice::from_mut(&mut input))?;
+        let prefill = started.elapsed();
         while generated.len() < max_new {
             let mut row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
             let token = sampler.next_token(&mut row, &history);
@@ -122,6 +125,7 @@ impl Pipeline {
             prompt_tokens: ids.len(),
             image_grid_thw: request.images.iter().map(|i| i.grid_thw).collect(),
             finish_reason: finish,
+            timings: Timings { prefill_ms: ms(prefill), decode_ms: ms(started.elapsed() - prefill) },
         })
     }
 }
@@ -149,6 +153,18 @@ pub struct GenerateOutput {
     pub prompt_tokens: usize,
     pub image_grid_thw: Vec<[usize; 3]>,
     pub finish_reason: FinishReason,
+    pub timings: Timings,
+}
+
+/// Wall time of the two phases: prefill (vision tower and prompt) and decode (every later token).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Timings {
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 /// Stop strings: generation ends once the decoded text contains one, and the text is cut

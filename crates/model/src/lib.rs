@@ -16,4 +16,4 @@ pub mod vision;
 
 pub use candle_core::{DType, Device};
 pub use error::{Error, ImageError, Result};
-pub use generate::{FinishReason, GenerateOutput, GenerateRequest, Pipeline};
+pub use generate::{FinishReason, GenerateOutput, GenerateRequest, Pipeline, Timings};

@@ -1,0 +1,64 @@
+//! End-to-end generation speed: time to first token (vision tower + prompt) and decode
+//! tokens/s for one request, median over several runs.
+//!
+//!     cargo bench --bench generate
+//!     QWEN_OCR_BENCH_MODEL=Qwen/Qwen2-VL-2B-Instruct QWEN_OCR_BENCH_IMAGE=photo.jpg cargo bench --bench generate
+//!
+//! Defaults to the tiny committed checkpoint, which measures overheads rather than arithmetic.
+
+use std::path::{Path, PathBuf};
+
+use qwen_ocr_model::image::ImageOptions;
+use qwen_ocr_model::model::{parse_device, parse_dtype};
+use qwen_ocr_model::prompt::ChatMessage;
+use qwen_ocr_model::sampling::SamplingParams;
+use qwen_ocr_model::{GenerateRequest, Pipeline};
+
+const PROMPT: &str = "Please extract the Vehicle Sr No, Engine No, and Model from this image. Response only json format nothing else.";
+
+fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_string())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let model = env_or("QWEN_OCR_BENCH_MODEL", root.join("tests/fixtures/tiny-tied").to_str().unwrap());
+    let image = PathBuf::from(env_or("QWEN_OCR_BENCH_IMAGE", root.join("tests/fixtures/images/large.png").to_str().unwrap()));
+    let tokens: usize = env_or("QWEN_OCR_BENCH_TOKENS", "64").parse().expect("QWEN_OCR_BENCH_TOKENS");
+    let runs: usize = env_or("QWEN_OCR_BENCH_RUNS", "5").parse().expect("QWEN_OCR_BENCH_RUNS");
+    let dtype = parse_dtype(&env_or("QWEN_OCR_BENCH_DTYPE", "f32")).unwrap();
+    let device = parse_device(&env_or("QWEN_OCR_BENCH_DEVICE", "cpu")).unwrap();
+
+    let pipeline = Pipeline::load(&model, dtype, &device).expect("load model");
+    let img = pipeline.preprocess_file(&image, &ImageOptions::default()).expect("preprocess");
+    let request = GenerateRequest {
+        messages: vec![ChatMessage::user_with_images(1, PROMPT)],
+        images: vec![img],
+        max_new_tokens: Some(tokens),
+        sampling: SamplingParams::default(),
+        stop: vec![],
+    };
+    pipeline.generate(&request).expect("warm-up");
+    let (mut ttft, mut decode) = (Vec::new(), Vec::new());
+    let mut out = None;
+    for _ in 0..runs {
+        let o = pipeline.generate(&request).expect("generate");
+        ttft.push(o.timings.prefill_ms);
+        decode.push((o.token_ids.len().saturating_sub(1)) as f64 / (o.timings.decode_ms / 1e3));
+        out = Some(o);
+    }
+    let out = out.unwrap();
+    println!(
+        "model={model} dtype={dtype:?} image={} prompt_tokens={} generated={} runs={runs}\n  time to first token {:.1} ms (median)\n  decode {:.1} tokens/s (median)",
+        image.display(),
+        out.prompt_tokens,
+        out.token_ids.len(),
+        median(ttft),
+        median(decode),
+    );
+}
