@@ -207,3 +207,21 @@ fn bad_options_fail_cleanly() {
     assert_clean_error(&qwen_ocr(&["generate", "--model", &model, "--prompt", "x", "--top-p", "0"]), "top_p");
     assert_clean_error(&qwen_ocr(&["generate", "--model", &model, "--prompt", "x", "--max-tokens", "0"]), "max-tokens");
 }
+
+#[test]
+fn stop_string_ends_generation_and_is_cut_from_the_text() {
+    let goldens = goldens();
+    let golden = &goldens["checkpoints"]["tiny-tied"]["resized"];
+    let full = golden["text"].as_str().unwrap();
+    let stop: String = full.chars().skip(full.chars().count() / 2).take(2).collect();
+    let expected = &full[..full.find(&stop).unwrap()];
+    let out = qwen_ocr(&[
+        "generate", "--model", &checkpoint("tiny-tied"), "--image", &image("resized.png"), "--prompt", golden["prompt"].as_str().unwrap(),
+        "--max-tokens", "16", "--stop", &stop, "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["text"], expected);
+    assert_eq!(json["finish_reason"], "stop");
+    assert!(json["token_ids"].as_array().unwrap().len() < 16);
+}
