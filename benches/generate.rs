@@ -42,6 +42,7 @@ fn main() {
         max_new_tokens: Some(tokens),
         sampling: SamplingParams::default(),
         stop: vec![],
+        adapter: None,
     };
     pipeline.generate(&request).expect("warm-up");
     let (mut ttft, mut decode) = (Vec::new(), Vec::new());

@@ -29,6 +29,10 @@ pub enum Error {
     #[error("{0}")]
     InvalidRequest(String),
 
+    /// A LoRA adapter that cannot be used as it is.
+    #[error("adapter `{name}`: {reason}")]
+    Adapter { name: String, reason: String },
+
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 

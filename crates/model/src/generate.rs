@@ -2,6 +2,7 @@
 //! engine must agree with token for token.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
@@ -12,6 +13,7 @@ use crate::config::{GenerationConfig, ModelConfig, PreprocessorConfig};
 use crate::error::{Error, Result};
 use crate::image::{self, ImageOptions, PreprocessedImage};
 use crate::kv_cache::KvCache;
+use crate::lora::LoraAdapter;
 use crate::model::Qwen2VL;
 use crate::positions::{decode_position, prompt_positions};
 use crate::prompt::{ChatMessage, PromptBuilder};
@@ -81,7 +83,8 @@ impl Pipeline {
         let positions = prompt_positions(&ids, &request.images.iter().map(|i| i.grid_thw).collect::<Vec<_>>(), &cfg.tokens, cfg.vision.spatial_merge_size)?;
         let started = Instant::now();
         let image_refs: Vec<&PreprocessedImage> = request.images.iter().collect();
-        let image_embeds = self.model.encode_images(&image_refs)?;
+        let adapter = request.adapter.as_deref();
+        let image_embeds = self.model.encode_images(&image_refs, &vec![adapter; image_refs.len()])?;
         let embeds = self.model.prompt_embeds(&ids, &image_embeds)?;
 
         let eos = self.eos_token_ids();
@@ -92,7 +95,7 @@ impl Pipeline {
         let mut generated = Vec::new();
         let mut stop = StopChecker::new(&request.stop);
         let mut finish = FinishReason::Length;
-        let mut input = SeqInput { embeds, positions: &positions.positions, cache: &mut cache };
+        let mut input = SeqInput { embeds, positions: &positions.positions, cache: &mut cache, adapter };
         let mut logits = self.model.forward(std::slice::from_mut(&mut input))?;
         let prefill = started.elapsed();
         while generated.len() < max_new {
@@ -112,7 +115,7 @@ impl Pipeline {
                 break;
             }
             let pos = [decode_position(cache.len(), positions.delta)];
-            let mut step = SeqInput { embeds: self.model.token_embeds(&[token])?, positions: &pos, cache: &mut cache };
+            let mut step = SeqInput { embeds: self.model.token_embeds(&[token])?, positions: &pos, cache: &mut cache, adapter };
             logits = self.model.forward(std::slice::from_mut(&mut step))?;
         }
         let mut text = self.prompt.decode(&generated)?;
@@ -137,6 +140,8 @@ pub struct GenerateRequest {
     pub max_new_tokens: Option<usize>,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// LoRA adapter applied (unmerged) to this request only.
+    pub adapter: Option<Arc<LoraAdapter>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

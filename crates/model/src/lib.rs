@@ -7,6 +7,7 @@ pub mod generate;
 pub mod image;
 pub mod kv_cache;
 pub mod linear;
+pub mod lora;
 pub mod model;
 pub mod positions;
 pub mod prompt;

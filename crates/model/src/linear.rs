@@ -4,21 +4,31 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::lora::{canonical_module, RowAdapters};
+
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// Canonical module path (`model.layers.0.self_attn.q_proj`), the key adapters use.
+    name: String,
 }
 
 impl Linear {
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Self { weight, bias })
+        Ok(Self { weight, bias, name: canonical_module(&vb.prefix()) })
     }
 
-    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>, name: &str) -> Self {
+        Self { weight, bias, name: name.to_string() }
+    }
+
+    /// `x W^T + b`, plus the LoRA delta of whichever adapter covers each row span.
+    pub fn forward_with(&self, x: &Tensor, rows: &RowAdapters) -> Result<Tensor> {
+        let y = self.forward(x)?;
+        rows.apply(&self.name, x, y)
     }
 
     pub fn weight(&self) -> &Tensor {

@@ -1,6 +1,10 @@
 //! Qwen2-VL: the vision tower and the decoder loaded from one checkpoint, plus the glue that
 //! splices image embeddings into the prompt.
 
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
@@ -8,6 +12,7 @@ use crate::checkpoint::CheckpointFiles;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::image::PreprocessedImage;
+use crate::lora::LoraAdapter;
 use crate::text::{SeqInput, TextModel};
 use crate::vision::VisionTower;
 
@@ -62,8 +67,12 @@ impl Qwen2VL {
         self.dtype
     }
 
-    /// Merged visual embeddings `[visual_tokens, hidden]`, one tensor per image.
-    pub fn encode_images(&self, images: &[&PreprocessedImage]) -> Result<Vec<Tensor>> {
+    /// Merged visual embeddings `[visual_tokens, hidden]`, one tensor per image, each image
+    /// through its own adapter (or none).
+    pub fn encode_images(&self, images: &[&PreprocessedImage], adapters: &[Option<&LoraAdapter>]) -> Result<Vec<Tensor>> {
+        if images.len() != adapters.len() {
+            return Err(Error::InvalidRequest(format!("{} images but {} adapter choices", images.len(), adapters.len())));
+        }
         if images.is_empty() {
             return Ok(Vec::new());
         }
@@ -79,7 +88,7 @@ impl Qwen2VL {
         }
         let pixels = Tensor::from_vec(data, (rows, patch_len), &self.device)?.to_dtype(self.dtype)?;
         let grids: Vec<[usize; 3]> = images.iter().map(|i| i.grid_thw).collect();
-        Ok(self.vision.forward(&pixels, &grids)?)
+        Ok(self.vision.forward(&pixels, &grids, adapters)?)
     }
 
     /// Input embeddings for a prompt: token embeddings, with each run of image tokens replaced
@@ -130,6 +139,40 @@ impl Qwen2VL {
 
     pub fn num_layers(&self) -> usize {
         self.text.num_layers()
+    }
+
+    /// Loads and validates a PEFT LoRA adapter for this model.
+    pub fn load_adapter(&self, name: &str, dir: &Path) -> Result<Arc<LoraAdapter>> {
+        LoraAdapter::load(name, dir, &self.adaptable_modules(), self.dtype, &self.device)
+    }
+
+    /// `(out, in)` of every projection an adapter may target, by canonical module path.
+    pub fn adaptable_modules(&self) -> HashMap<String, (usize, usize)> {
+        let (t, v) = (&self.config.text, &self.config.vision);
+        let mut m = HashMap::new();
+        let (h, d, i) = (t.hidden_size, t.head_dim, t.intermediate_size);
+        for l in 0..t.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            m.insert(format!("{p}.self_attn.q_proj"), (t.num_attention_heads * d, h));
+            m.insert(format!("{p}.self_attn.k_proj"), (t.num_key_value_heads * d, h));
+            m.insert(format!("{p}.self_attn.v_proj"), (t.num_key_value_heads * d, h));
+            m.insert(format!("{p}.self_attn.o_proj"), (h, t.num_attention_heads * d));
+            m.insert(format!("{p}.mlp.gate_proj"), (i, h));
+            m.insert(format!("{p}.mlp.up_proj"), (i, h));
+            m.insert(format!("{p}.mlp.down_proj"), (h, i));
+        }
+        let (e, mlp) = (v.embed_dim, v.mlp_hidden());
+        for b in 0..v.depth {
+            let p = format!("visual.blocks.{b}");
+            m.insert(format!("{p}.attn.qkv"), (3 * e, e));
+            m.insert(format!("{p}.attn.proj"), (e, e));
+            m.insert(format!("{p}.mlp.fc1"), (mlp, e));
+            m.insert(format!("{p}.mlp.fc2"), (e, mlp));
+        }
+        let group = e * v.spatial_merge_size * v.spatial_merge_size;
+        m.insert("visual.merger.mlp.0".into(), (group, group));
+        m.insert("visual.merger.mlp.2".into(), (v.hidden_size, group));
+        m
     }
 }
 

@@ -10,6 +10,7 @@ use candle_nn::{Embedding, VarBuilder};
 use crate::config::TextConfig;
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
+use crate::lora::{LoraAdapter, RowAdapters};
 
 /// One sequence's part of a batch: its new input embeddings, their `(t, h, w)` positions and
 /// its cache, which `forward` extends by `embeds.dim(0)` tokens.
@@ -17,6 +18,7 @@ pub struct SeqInput<'a> {
     pub embeds: Tensor,
     pub positions: &'a [[u32; 3]],
     pub cache: &'a mut KvCache,
+    pub adapter: Option<&'a LoraAdapter>,
 }
 
 struct Attention {
@@ -49,10 +51,10 @@ impl Attention {
         x.reshape((n, heads, self.head_dim))?.transpose(0, 1)?.unsqueeze(0)?.contiguous()
     }
 
-    fn forward(&self, x: &Tensor, spans: &[(usize, usize)], rotary: &[(Tensor, Tensor)], caches: &mut [&mut KvCache], layer: usize) -> Result<Tensor> {
-        let q = self.q_proj.forward(x)?;
-        let k = self.k_proj.forward(x)?;
-        let v = self.v_proj.forward(x)?;
+    fn forward(&self, x: &Tensor, spans: &[(usize, usize)], rotary: &[(Tensor, Tensor)], caches: &mut [&mut KvCache], layer: usize, rows: &RowAdapters) -> Result<Tensor> {
+        let q = self.q_proj.forward_with(x, rows)?;
+        let k = self.k_proj.forward_with(x, rows)?;
+        let v = self.v_proj.forward_with(x, rows)?;
         let groups = self.num_heads / self.num_kv_heads;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let mut outs = Vec::with_capacity(spans.len());
@@ -79,7 +81,7 @@ impl Attention {
             outs.push(out);
         }
         let out = if outs.len() == 1 { outs.pop().expect("one output") } else { Tensor::cat(&outs, 0)? };
-        self.o_proj.forward(&out)
+        self.o_proj.forward_with(&out, rows)
     }
 }
 
@@ -106,8 +108,9 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down_proj.forward(&(self.gate_proj.forward(x)?.silu()? * self.up_proj.forward(x)?)?)
+    fn forward(&self, x: &Tensor, rows: &RowAdapters) -> Result<Tensor> {
+        let gated = (self.gate_proj.forward_with(x, rows)?.silu()? * self.up_proj.forward_with(x, rows)?)?;
+        self.down_proj.forward_with(&gated, rows)
     }
 }
 
@@ -164,7 +167,7 @@ impl TextModel {
         let norm = RmsNorm::load(vb.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         let lm_head = match lm_head_vb {
             Some(vb) if !cfg.tie_word_embeddings => Linear::load(vb, cfg.hidden_size, cfg.vocab_size, false)?,
-            _ => Linear::from_weights(embed_weight, None),
+            _ => Linear::from_weights(embed_weight, None, "lm_head"),
         };
         let half = cfg.head_dim / 2;
         let inv_freq = (0..half).map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / cfg.head_dim as f32)).collect();
@@ -211,11 +214,13 @@ impl TextModel {
         }
         let embeds: Vec<&Tensor> = batch.iter().map(|s| &s.embeds).collect();
         let mut x = if embeds.len() == 1 { embeds[0].clone() } else { Tensor::cat(&embeds, 0)? };
+        let adapters: Vec<Option<&LoraAdapter>> = batch.iter().map(|s| s.adapter).collect();
+        let rows = RowAdapters::from_spans(spans.iter().zip(adapters).map(|(&(_, n), a)| (n, a)));
         let mut caches: Vec<&mut KvCache> = batch.iter_mut().map(|s| &mut *s.cache).collect();
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, &spans, &rotary, &mut caches, i)?;
+            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, &spans, &rotary, &mut caches, i, &rows)?;
             x = (x + h)?;
-            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?)?;
+            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?, &rows)?;
             x = (x + h)?;
         }
         for (cache, &(_, n)) in caches.iter_mut().zip(&spans) {

@@ -7,6 +7,7 @@ use candle_nn::{layer_norm, LayerNorm, LayerNormConfig, VarBuilder};
 
 use crate::config::VisionConfig;
 use crate::linear::Linear;
+use crate::lora::{LoraAdapter, RowAdapters};
 
 const LAYER_NORM_EPS: f64 = 1e-6;
 
@@ -28,10 +29,10 @@ impl VisionAttention {
     }
 
     /// `x` holds the patches of several images back to back; `spans` gives each image's range.
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, spans: &[(usize, usize)]) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, spans: &[(usize, usize)], rows: &RowAdapters) -> Result<Tensor> {
         let seq = x.dim(0)?;
         // [seq, 3, heads, head_dim] -> three [1, heads, seq, head_dim]
-        let qkv = self.qkv.forward(x)?.reshape((seq, 3, self.num_heads, self.head_dim))?.permute((1, 2, 0, 3))?;
+        let qkv = self.qkv.forward_with(x, rows)?.reshape((seq, 3, self.num_heads, self.head_dim))?.permute((1, 2, 0, 3))?;
         let dtype = x.dtype();
         // Rotary in f32, as the reference does.
         let rot = |i: usize| -> Result<Tensor> {
@@ -50,7 +51,7 @@ impl VisionAttention {
         }
         // [1, heads, seq, head_dim] -> [seq, heads * head_dim]
         let out = Tensor::cat(&outs, 2)?.squeeze(0)?.transpose(0, 1)?.reshape((seq, self.num_heads * self.head_dim))?;
-        self.proj.forward(&out)
+        self.proj.forward_with(&out, rows)
     }
 }
 
@@ -78,9 +79,9 @@ impl VisionBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, spans: &[(usize, usize)]) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.norm1.forward(x)?, cos, sin, spans)?)?;
-        let h = self.fc2.forward(&quick_gelu(&self.fc1.forward(&self.norm2.forward(&x)?)?)?)?;
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, spans: &[(usize, usize)], rows: &RowAdapters) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.norm1.forward(x)?, cos, sin, spans, rows)?)?;
+        let h = self.fc2.forward_with(&quick_gelu(&self.fc1.forward_with(&self.norm2.forward(&x)?, rows)?)?, rows)?;
         x + h
     }
 }
@@ -104,9 +105,9 @@ impl PatchMerger {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rows: &RowAdapters) -> Result<Tensor> {
         let x = self.ln_q.forward(x)?.reshape(((), self.group))?;
-        self.fc2.forward(&self.fc1.forward(&x)?.gelu_erf()?)
+        self.fc2.forward_with(&self.fc1.forward_with(&x, rows)?.gelu_erf()?, rows)
     }
 }
 
@@ -122,7 +123,7 @@ impl VisionTower {
     pub fn load(vb: VarBuilder, cfg: &VisionConfig, rope_theta: f64) -> Result<Self> {
         // The Conv3d's kernel equals its stride, so it is one matmul over flattened patches.
         let w = vb.get((cfg.embed_dim, cfg.in_chans, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size), "patch_embed.proj.weight")?;
-        let patch_embed = Linear::from_weights(w.reshape((cfg.embed_dim, cfg.patch_len()))?, None);
+        let patch_embed = Linear::from_weights(w.reshape((cfg.embed_dim, cfg.patch_len()))?, None, "visual.patch_embed.proj");
         let blocks = (0..cfg.depth).map(|i| VisionBlock::load(vb.pp(format!("blocks.{i}")), cfg)).collect::<Result<_>>()?;
         let merger = PatchMerger::load(vb.pp("merger"), cfg)?;
         // Axial rotary: head_dim / 4 frequencies, each used for the row and for the column.
@@ -132,8 +133,9 @@ impl VisionTower {
     }
 
     /// Encodes images given as concatenated flattened patches `[sum(t*h*w), patch_len]` with
-    /// their grids; returns one `[t*h*w / merge^2, hidden]` embedding tensor per image.
-    pub fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]]) -> Result<Vec<Tensor>> {
+    /// their grids and each image's adapter; returns one `[t*h*w / merge^2, hidden]` embedding
+    /// tensor per image.
+    pub fn forward(&self, pixels: &Tensor, grids: &[[usize; 3]], adapters: &[Option<&LoraAdapter>]) -> Result<Vec<Tensor>> {
         let device = pixels.device();
         let (cos, sin) = self.rotary(grids, device)?;
         let mut spans = Vec::new();
@@ -144,12 +146,14 @@ impl VisionTower {
                 start += h * w;
             }
         }
+        let per_group = self.cfg.spatial_merge_size * self.cfg.spatial_merge_size;
+        let patch_rows = RowAdapters::from_spans(grids.iter().zip(adapters).map(|(g, a)| (g[0] * g[1] * g[2], *a)));
+        let merged_rows = RowAdapters::from_spans(grids.iter().zip(adapters).map(|(g, a)| (g[0] * g[1] * g[2] / per_group, *a)));
         let mut x = self.patch_embed.forward(pixels)?;
         for block in &self.blocks {
-            x = block.forward(&x, &cos, &sin, &spans)?;
+            x = block.forward(&x, &cos, &sin, &spans, &patch_rows)?;
         }
-        let merged = self.merger.forward(&x)?;
-        let per_group = self.cfg.spatial_merge_size * self.cfg.spatial_merge_size;
+        let merged = self.merger.forward(&x, &merged_rows)?;
         let mut out = Vec::with_capacity(grids.len());
         let mut offset = 0;
         for &[t, h, w] in grids {

@@ -41,17 +41,35 @@ fn ids(v: &Value) -> Vec<u32> {
 /// Every golden case of one checkpoint: same prompt ids, grids and greedy tokens as transformers.
 fn check_checkpoint(name: &str) {
     let goldens = goldens();
-    let pipeline = load(name);
-    let max_new = goldens["max_new_tokens"].as_u64().unwrap() as usize;
     let cases = goldens["checkpoints"][name].as_object().unwrap();
     assert!(cases.len() >= 7, "goldens for {name} are incomplete");
+    check_cases(&load(name), name, cases, None, goldens["max_new_tokens"].as_u64().unwrap() as usize);
+}
+
+/// Every adapter of one checkpoint against transformers + peft.
+fn check_adapters(name: &str) {
+    let goldens = goldens();
+    let pipeline = load(name);
+    let adapters = goldens["adapters"][name].as_object().unwrap();
+    assert!(adapters.len() >= 4, "adapter goldens for {name} are incomplete");
+    for (adapter_name, golden) in adapters {
+        let dir = fixtures().join("adapters").join(name).join(adapter_name);
+        let adapter = pipeline.model.load_adapter(adapter_name, &dir).unwrap();
+        let matched: usize = adapter.matched.values().sum();
+        assert_eq!(matched * 2, golden["tensors"].as_u64().unwrap() as usize, "{adapter_name}: every tensor maps to a module");
+        let label = format!("{name}+{adapter_name}");
+        check_cases(&pipeline, &label, golden["cases"].as_object().unwrap(), Some(adapter), goldens["max_new_tokens"].as_u64().unwrap() as usize);
+    }
+}
+
+fn check_cases(pipeline: &Pipeline, name: &str, cases: &serde_json::Map<String, Value>, adapter: Option<std::sync::Arc<qwen_ocr_model::lora::LoraAdapter>>, max_new: usize) {
     for (case, golden) in cases {
-        let images = preprocess(&pipeline, golden["images"].as_array().unwrap());
+        let images = preprocess(pipeline, golden["images"].as_array().unwrap());
         let messages = vec![ChatMessage::user_with_images(images.len(), golden["prompt"].as_str().unwrap())];
         assert_eq!(pipeline.prompt.render(&messages).unwrap(), golden["prompt_text"].as_str().unwrap(), "{name}/{case}: rendered template");
         assert_eq!(pipeline.encode_prompt(&messages, &images).unwrap(), ids(&golden["prompt_ids"]), "{name}/{case}: prompt ids");
 
-        let request = GenerateRequest { messages, images, max_new_tokens: Some(max_new), sampling: SamplingParams::default(), stop: vec![] };
+        let request = GenerateRequest { messages, images, max_new_tokens: Some(max_new), sampling: SamplingParams::default(), stop: vec![], adapter: adapter.clone() };
         let out = pipeline.generate(&request).unwrap();
         let grids: Vec<Value> = out.image_grid_thw.iter().map(|g| serde_json::json!(g)).collect();
         assert_eq!(Value::Array(grids), golden["image_grid_thw"], "{name}/{case}: image_grid_thw");
@@ -82,6 +100,16 @@ fn tied_single_file_bf16_checkpoint_matches_transformers() {
 #[test]
 fn untied_sharded_f16_nested_config_checkpoint_matches_transformers() {
     check_checkpoint("tiny-untied-sharded");
+}
+
+#[test]
+fn tied_checkpoint_adapters_match_transformers_and_peft() {
+    check_adapters("tiny-tied");
+}
+
+#[test]
+fn untied_checkpoint_adapters_match_transformers_and_peft() {
+    check_adapters("tiny-untied-sharded");
 }
 
 #[test]

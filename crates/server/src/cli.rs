@@ -89,6 +89,9 @@ struct GenerateArgs {
     /// Stop once the output contains this string; repeatable.
     #[arg(long)]
     stop: Vec<String>,
+    /// A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors), applied unmerged.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Print one JSON object instead of the text.
     #[arg(long)]
     json: bool,
@@ -122,6 +125,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
         anyhow::bail!("--max-tokens must be at least 1");
     }
     let pipeline = Pipeline::load(&args.model.model, dtype, &device).with_context(|| format!("loading {}", args.model.model))?;
+    let adapter = match &args.adapter {
+        Some(dir) => {
+            let adapter = pipeline.model.load_adapter(&dir.display().to_string(), dir)?;
+            tracing::info!(adapter = %adapter.name, matched = ?adapter.matched, bytes = adapter.bytes, "adapter loaded");
+            Some(adapter)
+        }
+        None => None,
+    };
     let options = args.image_opts.options();
     let images = args
         .images
@@ -148,6 +159,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         max_new_tokens: args.max_tokens,
         sampling,
         stop: args.stop,
+        adapter,
     };
     let out = pipeline.generate(&request)?;
     if args.json {

@@ -225,3 +225,18 @@ fn stop_string_ends_generation_and_is_cut_from_the_text() {
     assert_eq!(json["finish_reason"], "stop");
     assert!(json["token_ids"].as_array().unwrap().len() < 16);
 }
+
+#[test]
+fn generate_with_adapter_matches_transformers_and_peft() {
+    let goldens = goldens();
+    let golden = &goldens["adapters"]["tiny-untied-sharded"]["vision-merger-pattern"]["cases"]["no_resize"];
+    let adapter = fixtures().join("adapters/tiny-untied-sharded/vision-merger-pattern");
+    let out = qwen_ocr(&[
+        "generate", "--model", &checkpoint("tiny-untied-sharded"), "--adapter", adapter.to_str().unwrap(), "--image", &image("plate.png"),
+        "--prompt", golden["prompt"].as_str().unwrap(), "--max-tokens", "16", "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["token_ids"], golden["token_ids"]);
+    assert_clean_error(&qwen_ocr(&["generate", "--model", &checkpoint("tiny-tied"), "--adapter", "/nonexistent", "--prompt", "x"]), "not a directory");
+}

@@ -1,0 +1,236 @@
+//! PEFT LoRA adapters as LLaMA-Factory writes them, applied unmerged:
+//! `y = x W^T + b + scale * (x A^T) B^T`, with the adapter chosen per row span so that one
+//! forward pass can carry sequences with different adapters (or none).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use regex::Regex;
+use serde_json::Value;
+
+use crate::config::read_json;
+use crate::error::{Error, Result};
+
+/// One adapted projection: `A` is `[r, in]`, `B` is `[out, r]`.
+#[derive(Debug)]
+pub struct LoraModule {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+/// Which part of the model an adapted module belongs to, for load reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModuleKind {
+    Language,
+    Vision,
+    Merger,
+}
+
+impl ModuleKind {
+    fn of(module: &str) -> Self {
+        if module.starts_with("visual.merger.") {
+            ModuleKind::Merger
+        } else if module.starts_with("visual.") {
+            ModuleKind::Vision
+        } else {
+            ModuleKind::Language
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct LoraAdapter {
+    pub name: String,
+    /// Keyed by canonical module path (`model.layers.0.self_attn.q_proj`, `visual.blocks.0.attn.qkv`).
+    modules: HashMap<String, LoraModule>,
+    /// Adapted modules per part of the model.
+    pub matched: BTreeMap<ModuleKind, usize>,
+    pub bytes: usize,
+}
+
+impl LoraAdapter {
+    pub fn module(&self, name: &str) -> Option<&LoraModule> {
+        self.modules.get(name)
+    }
+
+    /// Whether the adapter changes the vision tower (and so the image embeddings).
+    pub fn touches_vision(&self) -> bool {
+        self.matched.keys().any(|k| *k != ModuleKind::Language)
+    }
+
+    /// Loads and validates `dir` against the model's projections (`shapes`: canonical module
+    /// path -> `(out, in)`). Refuses anything that would silently do nothing or the wrong thing.
+    pub fn load(name: &str, dir: &Path, shapes: &HashMap<String, (usize, usize)>, dtype: DType, device: &Device) -> Result<Arc<Self>> {
+        let bad = |reason: String| Error::Adapter { name: name.to_string(), reason };
+        if !dir.is_dir() {
+            return Err(bad(format!("{} is not a directory", dir.display())));
+        }
+        let weights = dir.join("adapter_model.safetensors");
+        if !weights.is_file() {
+            if dir.join("adapter_model.bin").is_file() {
+                return Err(bad("adapter_model.bin is a pickle, which is never loaded: convert it to adapter_model.safetensors".into()));
+            }
+            return Err(bad(format!("{} is missing", weights.display())));
+        }
+        let cfg = AdapterConfig::from_value(&read_json(&dir.join("adapter_config.json")).map_err(|e| bad(e.to_string()))?).map_err(bad)?;
+        let tensors = candle_core::safetensors::load(&weights, device).map_err(|e| bad(format!("{}: {e}", weights.display())))?;
+
+        let mut pairs: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+        for (key, tensor) in tensors {
+            let (module, which) = split_key(&key).ok_or_else(|| bad(format!("unexpected tensor `{key}` (only lora_A/lora_B weights are supported; DoRA, embeddings and modules_to_save are not)")))?;
+            let slot = pairs.entry(module).or_default();
+            if which == 'A' {
+                slot.0 = Some(tensor);
+            } else {
+                slot.1 = Some(tensor);
+            }
+        }
+        let mut unknown: Vec<&str> = pairs.keys().filter(|m| !shapes.contains_key(*m)).map(String::as_str).collect();
+        if !unknown.is_empty() {
+            unknown.sort();
+            let shown: Vec<_> = unknown.iter().take(3).collect();
+            return Err(bad(format!("{} adapted modules do not exist in the model, e.g. {shown:?}: wrong base model or key layout", unknown.len())));
+        }
+        if pairs.is_empty() {
+            return Err(bad("the adapter holds no LoRA weights".into()));
+        }
+        let mut modules = HashMap::with_capacity(pairs.len());
+        let mut matched = BTreeMap::new();
+        let mut bytes = 0;
+        for (module, (a, b)) in pairs {
+            let (a, b) = match (a, b) {
+                (Some(a), Some(b)) => (a, b),
+                _ => return Err(bad(format!("{module}: needs both lora_A and lora_B"))),
+            };
+            let (out_dim, in_dim) = shapes[&module];
+            let (r, alpha) = cfg.rank_and_alpha(&module);
+            if a.dims() != [r, in_dim] || b.dims() != [out_dim, r] {
+                return Err(bad(format!("{module}: lora_A {:?} / lora_B {:?} do not fit the base [{out_dim}, {in_dim}] with r={r}", a.dims(), b.dims())));
+            }
+            let scale = if cfg.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+            let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
+            bytes += (a.elem_count() + b.elem_count()) * dtype.size_in_bytes();
+            *matched.entry(ModuleKind::of(&module)).or_insert(0) += 1;
+            modules.insert(module, LoraModule { a, b, scale });
+        }
+        Ok(Arc::new(Self { name: name.to_string(), modules, matched, bytes }))
+    }
+}
+
+/// `base_model.model.<path>.lora_{A,B}.weight` -> (canonical path, 'A' | 'B').
+fn split_key(key: &str) -> Option<(String, char)> {
+    let rest = key.strip_prefix("base_model.model.")?;
+    let (path, which) = if let Some(p) = rest.strip_suffix(".lora_A.weight") {
+        (p, 'A')
+    } else if let Some(p) = rest.strip_suffix(".lora_B.weight") {
+        (p, 'B')
+    } else {
+        return None;
+    };
+    Some((canonical_module(path), which))
+}
+
+/// Both weight layouts name modules the published way: `model.layers.*`, `visual.*`.
+pub fn canonical_module(path: &str) -> String {
+    if let Some(rest) = path.strip_prefix("model.language_model.") {
+        format!("model.{rest}")
+    } else if let Some(rest) = path.strip_prefix("model.visual.") {
+        format!("visual.{rest}")
+    } else {
+        path.to_string()
+    }
+}
+
+struct AdapterConfig {
+    r: usize,
+    alpha: f64,
+    use_rslora: bool,
+    rank_pattern: Vec<(Regex, usize)>,
+    alpha_pattern: Vec<(Regex, f64)>,
+}
+
+impl AdapterConfig {
+    fn from_value(v: &Value) -> std::result::Result<Self, String> {
+        if v.get("peft_type").and_then(Value::as_str).is_some_and(|t| t != "LORA") {
+            return Err(format!("peft_type {} is not LORA", v["peft_type"]));
+        }
+        if v.get("use_dora").and_then(Value::as_bool) == Some(true) {
+            return Err("DoRA adapters (use_dora) are not supported".into());
+        }
+        if v.get("modules_to_save").and_then(Value::as_array).is_some_and(|m| !m.is_empty()) {
+            return Err("modules_to_save (fully trained extra modules) is not supported".into());
+        }
+        let r = v.get("r").and_then(Value::as_u64).filter(|&r| r > 0).ok_or("adapter_config.json needs a positive `r`")? as usize;
+        let alpha = v.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+        // PEFT matches pattern keys against the end of a module's path.
+        let pattern = |key: &str| -> std::result::Result<Vec<(Regex, f64)>, String> {
+            let Some(obj) = v.get(key).and_then(Value::as_object) else { return Ok(Vec::new()) };
+            obj.iter()
+                .map(|(k, val)| {
+                    let re = Regex::new(&format!(r"^(.*\.)?(?:{k})$")).map_err(|e| format!("{key} `{k}`: {e}"))?;
+                    Ok((re, val.as_f64().ok_or(format!("{key} `{k}` must be a number"))?))
+                })
+                .collect()
+        };
+        Ok(Self {
+            r,
+            alpha,
+            use_rslora: v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+            rank_pattern: pattern("rank_pattern")?.into_iter().map(|(re, x)| (re, x as usize)).collect(),
+            alpha_pattern: pattern("alpha_pattern")?,
+        })
+    }
+
+    fn rank_and_alpha(&self, module: &str) -> (usize, f64) {
+        let r = self.rank_pattern.iter().find(|(re, _)| re.is_match(module)).map_or(self.r, |(_, r)| *r);
+        let alpha = self.alpha_pattern.iter().find(|(re, _)| re.is_match(module)).map_or(self.alpha, |(_, a)| *a);
+        (r, alpha)
+    }
+}
+
+/// Which adapter (if any) applies to each span of rows in a forward pass.
+#[derive(Clone, Default)]
+pub struct RowAdapters<'a> {
+    spans: Vec<(usize, usize, Option<&'a LoraAdapter>)>,
+}
+
+impl<'a> RowAdapters<'a> {
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Spans of `len` rows each, in order.
+    pub fn from_spans(spans: impl IntoIterator<Item = (usize, Option<&'a LoraAdapter>)>) -> Self {
+        let mut start = 0;
+        let spans = spans
+            .into_iter()
+            .map(|(len, a)| {
+                let s = (start, len, a);
+                start += len;
+                s
+            })
+            .collect();
+        Self { spans }
+    }
+
+    /// `y` plus every span's LoRA delta for `module`; `y` itself when no span adapts it.
+    pub fn apply(&self, module: &str, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
+        let adapted: Vec<Option<&LoraModule>> = self.spans.iter().map(|(_, _, a)| a.and_then(|a| a.module(module))).collect();
+        if adapted.iter().all(Option::is_none) {
+            return Ok(y);
+        }
+        let mut parts = Vec::with_capacity(self.spans.len());
+        for (&(start, len, _), lora) in self.spans.iter().zip(adapted) {
+            let base = y.narrow(0, start, len)?;
+            parts.push(match lora {
+                Some(m) => (base + (x.narrow(0, start, len)?.matmul(&m.a.t()?)?.matmul(&m.b.t()?)? * m.scale)?)?,
+                None => base,
+            });
+        }
+        Tensor::cat(&parts, 0)
+    }
+}

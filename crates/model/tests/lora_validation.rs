@@ -1,0 +1,68 @@
+//! Adapters that would silently do nothing or the wrong thing are refused with a reason.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use qwen_ocr_model::{DType, Pipeline};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn good_adapter() -> PathBuf {
+    fixtures().join("adapters/tiny-tied/lm-qv-r4")
+}
+
+/// A copy of the good adapter with its tensors rewritten by `edit`.
+fn edited(edit: impl Fn(HashMap<String, Tensor>) -> HashMap<String, Tensor>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(good_adapter().join("adapter_config.json"), dir.path().join("adapter_config.json")).unwrap();
+    let tensors = candle_core::safetensors::load(good_adapter().join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&edit(tensors), dir.path().join("adapter_model.safetensors")).unwrap();
+    dir
+}
+
+fn refusal(pipeline: &Pipeline, dir: &Path) -> String {
+    match pipeline.model.load_adapter("test", dir) {
+        Ok(_) => panic!("adapter at {} was accepted", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn mismatched_adapters_are_refused_with_the_reason() {
+    let pipeline = Pipeline::load(fixtures().join("tiny-tied").to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    assert!(pipeline.model.load_adapter("ok", &good_adapter()).is_ok());
+
+    let renamed = edited(|t| t.into_iter().map(|(k, v)| (k.replace("base_model.model.model.", "base_model.model.decoder."), v)).collect());
+    let msg = refusal(&pipeline, renamed.path());
+    assert!(msg.contains("do not exist in the model"), "{msg}");
+
+    let reshaped = edited(|t| {
+        t.into_iter()
+            .map(|(k, v)| if k.contains("layers.0.self_attn.q_proj.lora_A") { (k, Tensor::zeros((4, 7), v.dtype(), &Device::Cpu).unwrap()) } else { (k, v) })
+            .collect()
+    });
+    let msg = refusal(&pipeline, reshaped.path());
+    assert!(msg.contains("do not fit the base"), "{msg}");
+
+    let half = edited(|t| t.into_iter().filter(|(k, _)| !k.contains("layers.1.self_attn.v_proj.lora_B")).collect());
+    let msg = refusal(&pipeline, half.path());
+    assert!(msg.contains("needs both lora_A and lora_B"), "{msg}");
+
+    let empty = tempfile::tempdir().unwrap();
+    let msg = refusal(&pipeline, empty.path());
+    assert!(msg.contains("adapter_model.safetensors is missing"), "{msg}");
+
+    let pickled = tempfile::tempdir().unwrap();
+    std::fs::write(pickled.path().join("adapter_model.bin"), b"pickle").unwrap();
+    let msg = refusal(&pipeline, pickled.path());
+    assert!(msg.contains("pickle"), "{msg}");
+
+    let dora = edited(|t| t);
+    let cfg = std::fs::read_to_string(dora.path().join("adapter_config.json")).unwrap().replace("\"use_dora\": false", "\"use_dora\": true");
+    std::fs::write(dora.path().join("adapter_config.json"), cfg).unwrap();
+    let msg = refusal(&pipeline, dora.path());
+    assert!(msg.contains("DoRA"), "{msg}");
+}
