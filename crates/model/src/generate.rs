@@ -77,59 +77,124 @@ impl Pipeline {
     }
 
     pub fn generate(&self, request: &GenerateRequest) -> Result<GenerateOutput> {
-        request.sampling.validate()?;
-        let ids = self.encode_prompt(&request.messages, &request.images)?;
-        let cfg = self.model.config();
-        let positions = prompt_positions(&ids, &request.images.iter().map(|i| i.grid_thw).collect::<Vec<_>>(), &cfg.tokens, cfg.vision.spatial_merge_size)?;
-        let started = Instant::now();
-        let image_refs: Vec<&PreprocessedImage> = request.images.iter().collect();
-        let adapter = request.adapter.as_deref();
-        let image_embeds = self.model.encode_images(&image_refs, &vec![adapter; image_refs.len()])?;
-        let embeds = self.model.prompt_embeds(&ids, &image_embeds)?;
+        Ok(self.generate_batch(std::slice::from_ref(request))?.pop().expect("one output per request"))
+    }
 
+    /// Runs several requests in lockstep: one prefill pass over all prompts, then one decode
+    /// pass per step over the sequences still running. Each may use its own adapter and
+    /// sampling; each gets the tokens it would get alone.
+    pub fn generate_batch(&self, requests: &[GenerateRequest]) -> Result<Vec<GenerateOutput>> {
+        let cfg = self.model.config();
         let eos = self.eos_token_ids();
-        let max_new = request.max_new_tokens.or(self.generation.max_new_tokens).unwrap_or(DEFAULT_MAX_NEW_TOKENS);
-        let mut cache = KvCache::new(self.model.num_layers());
-        let mut sampler = Sampler::new(request.sampling.clone());
-        let mut history = ids.clone();
-        let mut generated = Vec::new();
-        let mut stop = StopChecker::new(&request.stop);
-        let mut finish = FinishReason::Length;
-        let mut input = SeqInput { embeds, positions: &positions.positions, cache: &mut cache, adapter };
-        let mut logits = self.model.forward(std::slice::from_mut(&mut input))?;
+        let mut seqs = Vec::with_capacity(requests.len());
+        for request in requests {
+            request.sampling.validate()?;
+            let ids = self.encode_prompt(&request.messages, &request.images)?;
+            let grids: Vec<[usize; 3]> = request.images.iter().map(|i| i.grid_thw).collect();
+            let positions = prompt_positions(&ids, &grids, &cfg.tokens, cfg.vision.spatial_merge_size)?;
+            let max_new = request.max_new_tokens.or(self.generation.max_new_tokens).unwrap_or(DEFAULT_MAX_NEW_TOKENS);
+            seqs.push(Sequence {
+                request,
+                prompt_len: ids.len(),
+                history: ids,
+                positions: positions.positions,
+                delta: positions.delta,
+                cache: KvCache::new(self.model.num_layers()),
+                sampler: Sampler::new(request.sampling.clone()),
+                generated: Vec::new(),
+                max_new,
+                finish: None,
+            });
+        }
+
+        let started = Instant::now();
+        // Every image of the batch goes through the vision tower in one pass, each with the
+        // adapter of the request it belongs to.
+        let images: Vec<&PreprocessedImage> = requests.iter().flat_map(|r| &r.images).collect();
+        let image_adapters: Vec<_> = requests.iter().flat_map(|r| r.images.iter().map(|_| r.adapter.as_deref())).collect();
+        let mut image_embeds = self.model.encode_images(&images, &image_adapters)?.into_iter();
+        let mut embeds = Vec::with_capacity(seqs.len());
+        for s in &seqs {
+            let own: Vec<_> = image_embeds.by_ref().take(s.request.images.len()).collect();
+            embeds.push(self.model.prompt_embeds(&s.history, &own)?);
+        }
+        let mut inputs: Vec<SeqInput> = seqs
+            .iter_mut()
+            .zip(embeds)
+            .map(|(s, embeds)| SeqInput { embeds, positions: &s.positions, cache: &mut s.cache, adapter: s.request.adapter.as_deref() })
+            .collect();
+        let mut logits = self.model.forward(&mut inputs)?;
+        drop(inputs);
         let prefill = started.elapsed();
-        while generated.len() < max_new {
-            let mut row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
-            let token = sampler.next_token(&mut row, &history);
-            generated.push(token);
-            history.push(token);
-            if eos.contains(&token) {
-                finish = FinishReason::Stop;
+
+        loop {
+            // Sample for every running sequence, in the order of the logits rows.
+            let running: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].finish.is_none()).collect();
+            for (row, &i) in running.iter().enumerate() {
+                let mut values: Vec<f32> = logits.get(row)?.to_vec1()?;
+                seqs[i].step(&mut values, &eos, &self.prompt)?;
+            }
+            let running: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].finish.is_none()).collect();
+            if running.is_empty() {
                 break;
             }
-            if stop.hit(&self.prompt, &generated)? {
-                finish = FinishReason::Stop;
-                break;
+            let last: Vec<u32> = running.iter().map(|&i| *seqs[i].generated.last().expect("sampled above")).collect();
+            let step_embeds = self.model.token_embeds(&last)?;
+            let step_positions: Vec<[[u32; 3]; 1]> = running.iter().map(|&i| [decode_position(seqs[i].cache.len(), seqs[i].delta)]).collect();
+            let mut inputs = Vec::with_capacity(running.len());
+            for (row, seq) in seqs.iter_mut().filter(|s| s.finish.is_none()).enumerate() {
+                inputs.push(SeqInput { embeds: step_embeds.narrow(0, row, 1)?, positions: &step_positions[row], cache: &mut seq.cache, adapter: seq.request.adapter.as_deref() });
             }
-            if generated.len() == max_new {
-                break;
-            }
-            let pos = [decode_position(cache.len(), positions.delta)];
-            let mut step = SeqInput { embeds: self.model.token_embeds(&[token])?, positions: &pos, cache: &mut cache, adapter };
-            logits = self.model.forward(std::slice::from_mut(&mut step))?;
+            logits = self.model.forward(&mut inputs)?;
         }
-        let mut text = self.prompt.decode(&generated)?;
-        if let Some(cut) = stop.cut(&text) {
-            text.truncate(cut);
+
+        let decode = started.elapsed() - prefill;
+        seqs.into_iter()
+            .map(|s| {
+                let mut text = self.prompt.decode(&s.generated)?;
+                if let Some(cut) = StopChecker::new(&s.request.stop).cut(&text) {
+                    text.truncate(cut);
+                }
+                Ok(GenerateOutput {
+                    text,
+                    token_ids: s.generated,
+                    prompt_tokens: s.prompt_len,
+                    image_grid_thw: s.request.images.iter().map(|i| i.grid_thw).collect(),
+                    finish_reason: s.finish.expect("loop ends when all finished"),
+                    timings: Timings { prefill_ms: ms(prefill), decode_ms: ms(decode) },
+                })
+            })
+            .collect()
+    }
+}
+
+/// One request's state during generation.
+struct Sequence<'r> {
+    request: &'r GenerateRequest,
+    prompt_len: usize,
+    /// Prompt and generated tokens, for the repetition penalty.
+    history: Vec<u32>,
+    positions: Vec<[u32; 3]>,
+    delta: i64,
+    cache: KvCache,
+    sampler: Sampler,
+    generated: Vec<u32>,
+    max_new: usize,
+    finish: Option<FinishReason>,
+}
+
+impl Sequence<'_> {
+    /// Picks the next token from `logits` and decides whether the sequence is done.
+    fn step(&mut self, logits: &mut [f32], eos: &[u32], prompt: &PromptBuilder) -> Result<()> {
+        let token = self.sampler.next_token(logits, &self.history);
+        self.generated.push(token);
+        self.history.push(token);
+        if eos.contains(&token) || StopChecker::new(&self.request.stop).hit(prompt, &self.generated)? {
+            self.finish = Some(FinishReason::Stop);
+        } else if self.generated.len() >= self.max_new {
+            self.finish = Some(FinishReason::Length);
         }
-        Ok(GenerateOutput {
-            text,
-            token_ids: generated,
-            prompt_tokens: ids.len(),
-            image_grid_thw: request.images.iter().map(|i| i.grid_thw).collect(),
-            finish_reason: finish,
-            timings: Timings { prefill_ms: ms(prefill), decode_ms: ms(started.elapsed() - prefill) },
-        })
+        Ok(())
     }
 }
 
@@ -183,7 +248,7 @@ impl<'a> StopChecker<'a> {
         Self { stops }
     }
 
-    fn hit(&mut self, prompt: &PromptBuilder, generated: &[u32]) -> Result<bool> {
+    fn hit(&self, prompt: &PromptBuilder, generated: &[u32]) -> Result<bool> {
         if self.stops.is_empty() {
             return Ok(false);
         }

@@ -150,3 +150,38 @@ fn half_way_sizes_round_to_even_like_python() {
     // 126x70: 4.5 and 2.5 patches of 28 both round down to even.
     assert_eq!(image::smart_resize(126, 70, config.factor(), config.min_pixels, config.max_pixels).unwrap(), (112, 56));
 }
+
+/// Sequences with three different adapters and none, in one batch, each get the tokens they get
+/// alone (and that transformers + peft give).
+#[test]
+fn mixed_adapter_batch_matches_each_sequence_alone() {
+    let goldens = goldens();
+    let name = "tiny-untied-sharded";
+    let pipeline = load(name);
+    let max_new = goldens["max_new_tokens"].as_u64().unwrap() as usize;
+    let mut requests = Vec::new();
+    let mut expected = Vec::new();
+    for (adapter, case) in [(Some("lm-qv-r4"), "no_resize"), (None, "two_images"), (Some("vision-merger-pattern"), "resized"), (Some("lm-all-rslora-regex"), "text_only"), (None, "palette"), (Some("lm-qv-r4"), "grayscale")] {
+        let golden = match adapter {
+            Some(a) => &goldens["adapters"][name][a]["cases"][case],
+            None => &goldens["checkpoints"][name][case],
+        };
+        let images = preprocess(&pipeline, golden["images"].as_array().unwrap());
+        let adapter = adapter.map(|a| pipeline.model.load_adapter(a, &fixtures().join("adapters").join(name).join(a)).unwrap());
+        requests.push(GenerateRequest {
+            messages: vec![ChatMessage::user_with_images(images.len(), golden["prompt"].as_str().unwrap())],
+            images,
+            max_new_tokens: Some(max_new),
+            sampling: SamplingParams::default(),
+            stop: vec![],
+            adapter,
+        });
+        expected.push(ids(&golden["token_ids"]));
+    }
+    let batched = pipeline.generate_batch(&requests).unwrap();
+    for ((request, out), expected) in requests.iter().zip(&batched).zip(&expected) {
+        let alone = pipeline.generate(request).unwrap();
+        assert_eq!(out.token_ids, alone.token_ids);
+        assert_eq!(&out.token_ids, expected);
+    }
+}
