@@ -1,5 +1,6 @@
 //! Qwen2-VL on candle: checkpoints, image preprocessing, prompts, the model and generation.
 
+pub mod adapter_registry;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

@@ -66,3 +66,32 @@ fn mismatched_adapters_are_refused_with_the_reason() {
     let msg = refusal(&pipeline, dora.path());
     assert!(msg.contains("DoRA"), "{msg}");
 }
+
+#[test]
+fn registry_replaces_atomically_unloads_and_caps() {
+    use qwen_ocr_model::adapter_registry::AdapterRegistry;
+    let pipeline = Pipeline::load(fixtures().join("tiny-tied").to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let dir = |a: &str| fixtures().join("adapters/tiny-tied").join(a);
+    let registry = AdapterRegistry::new(2);
+    assert!(registry.load(&pipeline.model, "plates", &dir("lm-qv-r4")).unwrap().is_none());
+    let in_flight = registry.get("plates").unwrap();
+    // Replacing the name hands back the old version, which a running sequence still holds.
+    let replaced = registry.load(&pipeline.model, "plates", &dir("lm-all-rslora-regex")).unwrap().unwrap();
+    assert!(std::sync::Arc::ptr_eq(&replaced, &in_flight));
+    assert_eq!(in_flight.module("model.layers.0.mlp.up_proj").is_some(), false);
+    assert!(registry.get("plates").unwrap().module("model.layers.0.mlp.up_proj").is_some());
+    // A refused load leaves the registry as it was.
+    let empty = tempfile::tempdir().unwrap();
+    assert!(registry.load(&pipeline.model, "plates", empty.path()).is_err());
+    assert!(registry.get("plates").unwrap().module("model.layers.0.mlp.up_proj").is_some());
+
+    registry.load(&pipeline.model, "vision", &dir("vision-merger-pattern")).unwrap();
+    let err = registry.load(&pipeline.model, "third", &dir("lm-qv-r4")).unwrap_err().to_string();
+    assert!(err.contains("limit"), "{err}");
+    let listed: Vec<String> = registry.list().into_iter().map(|a| a.name).collect();
+    assert_eq!(listed, ["plates", "vision"]);
+    assert!(registry.resident_bytes() > 0);
+    assert!(registry.unload("vision").is_some());
+    assert!(registry.get("vision").is_none());
+    registry.load(&pipeline.model, "third", &dir("lm-qv-r4")).unwrap();
+}
