@@ -9,6 +9,7 @@ pub mod image;
 pub mod kv_cache;
 pub mod linear;
 pub mod lora;
+pub mod merge;
 pub mod model;
 pub mod positions;
 pub mod prompt;

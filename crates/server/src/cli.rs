@@ -27,6 +27,24 @@ enum Command {
     Generate(GenerateArgs),
     /// Show (and optionally dump) what the image preprocessing feeds the model.
     Preprocess(PreprocessArgs),
+    /// Fold a LoRA adapter into the base weights and write a standalone checkpoint.
+    Merge(MergeArgs),
+}
+
+#[derive(Args, Debug)]
+struct MergeArgs {
+    /// The base checkpoint directory or hub id.
+    #[arg(long)]
+    model: String,
+    /// The PEFT adapter directory.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output directory (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// Stored dtype of the merged weights: f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
 }
 
 #[derive(Args, Debug)]
@@ -115,6 +133,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate(args),
         Command::Preprocess(args) => preprocess(args),
+        Command::Merge(args) => merge(args),
     }
 }
 
@@ -194,5 +213,18 @@ fn preprocess(args: PreprocessArgs) -> Result<()> {
         "{}",
         json!({ "grid_thw": out.grid_thw, "resized": out.resized, "visual_tokens": out.visual_tokens(config.merge_size) })
     );
+    Ok(())
+}
+
+fn merge(args: MergeArgs) -> Result<()> {
+    let dtype = parse_dtype(&args.dtype)?;
+    if dtype == candle_core::DType::F16 {
+        anyhow::bail!("--dtype must be f32 or bf16");
+    }
+    // The adapter is validated against the base in f32, the precision the merge is computed in.
+    let pipeline = Pipeline::load(&args.model, candle_core::DType::F32, &candle_core::Device::Cpu).with_context(|| format!("loading {}", args.model))?;
+    let adapter = pipeline.model.load_adapter(&args.adapter.display().to_string(), &args.adapter)?;
+    let changed = qwen_ocr_model::merge::merge_adapter(&pipeline.files, &adapter, &args.out, dtype)?;
+    println!("{}", json!({ "out": args.out, "merged_modules": changed, "adapter": adapter.matched }));
     Ok(())
 }
