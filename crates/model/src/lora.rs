@@ -7,7 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use regex::Regex;
+// PEFT matches with Python's `re`; LLaMA-Factory's targets use look-ahead, which `regex` lacks.
+use fancy_regex::Regex;
 use serde_json::Value;
 
 use crate::config::read_json;
@@ -81,7 +82,11 @@ impl LoraAdapter {
 
         let mut pairs: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
         for (key, tensor) in tensors {
-            let (module, which) = split_key(&key).ok_or_else(|| bad(format!("unexpected tensor `{key}` (only lora_A/lora_B weights are supported; DoRA, embeddings and modules_to_save are not)")))?;
+            let (path, which) = split_key(&key).ok_or_else(|| bad(format!("unexpected tensor `{key}` (only lora_A/lora_B weights are supported; DoRA, embeddings and modules_to_save are not)")))?;
+            if !cfg.targets(path) {
+                return Err(bad(format!("`{key}` is for a module that target_modules does not select: the config and the weights disagree")));
+            }
+            let module = canonical_module(path);
             let slot = pairs.entry(module).or_default();
             if which == 'A' {
                 slot.0 = Some(tensor);
@@ -121,8 +126,8 @@ impl LoraAdapter {
     }
 }
 
-/// `base_model.model.<path>.lora_{A,B}.weight` -> (canonical path, 'A' | 'B').
-fn split_key(key: &str) -> Option<(String, char)> {
+/// `base_model.model.<path>.lora_{A,B}.weight` -> (module path as saved, 'A' | 'B').
+fn split_key(key: &str) -> Option<(&str, char)> {
     let rest = key.strip_prefix("base_model.model.")?;
     let (path, which) = if let Some(p) = rest.strip_suffix(".lora_A.weight") {
         (p, 'A')
@@ -131,7 +136,7 @@ fn split_key(key: &str) -> Option<(String, char)> {
     } else {
         return None;
     };
-    Some((canonical_module(path), which))
+    Some((path, which))
 }
 
 /// Both weight layouts name modules the published way: `model.layers.*`, `visual.*`.
@@ -145,7 +150,15 @@ pub fn canonical_module(path: &str) -> String {
     }
 }
 
+/// PEFT's `target_modules`: a list of names matched against the end of a module's path, or
+/// one regular expression matched against the whole path.
+enum Targets {
+    Suffixes(Vec<String>),
+    Regex(Regex),
+}
+
 struct AdapterConfig {
+    targets: Targets,
     r: usize,
     alpha: f64,
     use_rslora: bool,
@@ -176,7 +189,13 @@ impl AdapterConfig {
                 })
                 .collect()
         };
+        let targets = match v.get("target_modules") {
+            Some(Value::String(re)) => Targets::Regex(Regex::new(&format!("^(?:{re})$")).map_err(|e| format!("target_modules: {e}"))?),
+            Some(Value::Array(list)) => Targets::Suffixes(list.iter().filter_map(Value::as_str).map(str::to_string).collect()),
+            _ => return Err("adapter_config.json needs `target_modules` (a list or a regular expression)".into()),
+        };
         Ok(Self {
+            targets,
             r,
             alpha,
             use_rslora: v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
@@ -185,9 +204,16 @@ impl AdapterConfig {
         })
     }
 
+    fn targets(&self, path: &str) -> bool {
+        match &self.targets {
+            Targets::Regex(re) => re.is_match(path).unwrap_or(false),
+            Targets::Suffixes(names) => names.iter().any(|t| path == t || path.ends_with(&format!(".{t}"))),
+        }
+    }
+
     fn rank_and_alpha(&self, module: &str) -> (usize, f64) {
-        let r = self.rank_pattern.iter().find(|(re, _)| re.is_match(module)).map_or(self.r, |(_, r)| *r);
-        let alpha = self.alpha_pattern.iter().find(|(re, _)| re.is_match(module)).map_or(self.alpha, |(_, a)| *a);
+        let r = self.rank_pattern.iter().find(|(re, _)| re.is_match(module).unwrap_or(false)).map_or(self.r, |(_, r)| *r);
+        let alpha = self.alpha_pattern.iter().find(|(re, _)| re.is_match(module).unwrap_or(false)).map_or(self.alpha, |(_, a)| *a);
         (r, alpha)
     }
 }

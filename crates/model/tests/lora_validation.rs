@@ -60,6 +60,12 @@ fn mismatched_adapters_are_refused_with_the_reason() {
     let msg = refusal(&pipeline, pickled.path());
     assert!(msg.contains("pickle"), "{msg}");
 
+    let narrowed = edited(|t| t);
+    let cfg = std::fs::read_to_string(narrowed.path().join("adapter_config.json")).unwrap().replace("\"v_proj\"", "\"k_proj\"");
+    std::fs::write(narrowed.path().join("adapter_config.json"), cfg).unwrap();
+    let msg = refusal(&pipeline, narrowed.path());
+    assert!(msg.contains("target_modules does not select"), "{msg}");
+
     let dora = edited(|t| t);
     let cfg = std::fs::read_to_string(dora.path().join("adapter_config.json")).unwrap().replace("\"use_dora\": false", "\"use_dora\": true");
     std::fs::write(dora.path().join("adapter_config.json"), cfg).unwrap();
