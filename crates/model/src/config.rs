@@ -163,7 +163,7 @@ impl ModelConfig {
         if let Some(theta) = vision_node.pointer("/rope_parameters/rope_theta").and_then(Value::as_f64) {
             vision.rope_theta = theta;
         }
-        if vision.num_heads == 0 || vision.embed_dim % vision.num_heads != 0 || vision.head_dim() % 4 != 0 {
+        if vision.num_heads == 0 || !vision.embed_dim.is_multiple_of(vision.num_heads) || !vision.head_dim().is_multiple_of(4) {
             return Err("vision_config: embed_dim / num_heads must be a multiple of 4".into());
         }
         if vision.hidden_size != text.hidden_size {
@@ -233,6 +233,8 @@ pub struct PreprocessorConfig {
 pub const DEFAULT_MIN_PIXELS: u64 = 56 * 56;
 pub const DEFAULT_MAX_PIXELS: u64 = 28 * 28 * 16384;
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+// The published decimals, parsed to the nearest f32 exactly as numpy does.
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 impl Default for PreprocessorConfig {

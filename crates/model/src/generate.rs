@@ -60,13 +60,13 @@ impl Pipeline {
         SamplingParams::from_generation_config(&self.generation)
     }
 
+    /// The checkpoint's end-of-sequence ids; without `generation_config.json`, the chat
+    /// format's `<|im_end|>` and `<|endoftext|>` as the tokenizer numbers them.
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        if self.generation.eos_token_ids.is_empty() {
-            // Qwen2-VL's <|im_end|> and <|endoftext|>, for checkpoints without generation_config.json.
-            vec![151645, 151643]
-        } else {
-            self.generation.eos_token_ids.clone()
+        if !self.generation.eos_token_ids.is_empty() {
+            return self.generation.eos_token_ids.clone();
         }
+        ["<|im_end|>", "<|endoftext|>"].iter().filter_map(|t| self.prompt.tokenizer().token_to_id(t)).collect()
     }
 
     /// Token ids of a conversation whose images are `images`, in order.

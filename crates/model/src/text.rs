@@ -51,7 +51,8 @@ impl Attention {
         x.reshape((n, heads, self.head_dim))?.transpose(0, 1)?.unsqueeze(0)?.contiguous()
     }
 
-    fn forward(&self, x: &Tensor, spans: &[(usize, usize)], rotary: &[(Tensor, Tensor)], caches: &mut [&mut KvCache], layer: usize, rows: &RowAdapters) -> Result<Tensor> {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(&self, x: &Tensor, spans: &[(usize, usize)], rotary: &[(Tensor, Tensor)], masks: &[Option<Tensor>], caches: &mut [&mut KvCache], layer: usize, rows: &RowAdapters) -> Result<Tensor> {
         let q = self.q_proj.forward_with(x, rows)?;
         let k = self.k_proj.forward_with(x, rows)?;
         let v = self.v_proj.forward_with(x, rows)?;
@@ -69,11 +70,9 @@ impl Attention {
             // key/value head are stacked along the query axis.
             let q = q.reshape((1, self.num_kv_heads, groups * n, self.head_dim))?;
             let scores = (q.matmul(&k_all.t()?)? * scale)?.to_dtype(DType::F32)?;
-            let scores = if n > 1 {
-                let mask = causal_mask(n, total, x.device())?;
-                scores.reshape((1, self.num_kv_heads, groups, n, total))?.broadcast_add(&mask)?.reshape((1, self.num_kv_heads, groups * n, total))?
-            } else {
-                scores
+            let scores = match &masks[i] {
+                Some(mask) => scores.reshape((1, self.num_kv_heads, groups, n, total))?.broadcast_add(mask)?.reshape((1, self.num_kv_heads, groups * n, total))?,
+                None => scores,
             };
             let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(x.dtype())?;
             let out = probs.matmul(&v_all)?; // [1, kv, groups * n, d]
@@ -216,9 +215,15 @@ impl TextModel {
         let mut x = if embeds.len() == 1 { embeds[0].clone() } else { Tensor::cat(&embeds, 0)? };
         let adapters: Vec<Option<&LoraAdapter>> = batch.iter().map(|s| s.adapter).collect();
         let rows = RowAdapters::from_spans(spans.iter().zip(adapters).map(|(&(_, n), a)| (n, a)));
+        // One causal mask per multi-token sequence, shared by every layer.
+        let masks: Vec<Option<Tensor>> = batch
+            .iter()
+            .zip(&spans)
+            .map(|(s, &(_, n))| if n > 1 { causal_mask(n, s.cache.len() + n, &device).map(Some) } else { Ok(None) })
+            .collect::<Result<_>>()?;
         let mut caches: Vec<&mut KvCache> = batch.iter_mut().map(|s| &mut *s.cache).collect();
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, &spans, &rotary, &mut caches, i, &rows)?;
+            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, &spans, &rotary, &masks, &mut caches, i, &rows)?;
             x = (x + h)?;
             let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?, &rows)?;
             x = (x + h)?;

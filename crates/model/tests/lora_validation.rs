@@ -84,7 +84,7 @@ fn registry_replaces_atomically_unloads_and_caps() {
     // Replacing the name hands back the old version, which a running sequence still holds.
     let replaced = registry.load(&pipeline.model, "plates", &dir("lm-all-rslora-regex")).unwrap().unwrap();
     assert!(std::sync::Arc::ptr_eq(&replaced, &in_flight));
-    assert_eq!(in_flight.module("model.layers.0.mlp.up_proj").is_some(), false);
+    assert!(in_flight.module("model.layers.0.mlp.up_proj").is_none());
     assert!(registry.get("plates").unwrap().module("model.layers.0.mlp.up_proj").is_some());
     // A refused load leaves the registry as it was.
     let empty = tempfile::tempdir().unwrap();
