@@ -269,3 +269,18 @@ fn merged_checkpoint_reproduces_the_adapter() {
         }
     }
 }
+
+/// transformers 5 saves the template as `chat_template.jinja`; it takes precedence.
+#[test]
+fn chat_template_jinja_is_found() {
+    let goldens = goldens();
+    let golden = &goldens["checkpoints"]["tiny-tied"]["text_only"];
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny-tied/tokenizer_config.json")).unwrap()).unwrap();
+    let template = config.as_object_mut().unwrap().remove("chat_template").unwrap();
+    let dir = broken_checkpoint("tokenizer_config.json", Some(&config.to_string()));
+    std::fs::write(dir.path().join("chat_template.jinja"), template.as_str().unwrap()).unwrap();
+    let out = qwen_ocr(&["generate", "--model", dir.path().to_str().unwrap(), "--prompt", golden["prompt"].as_str().unwrap(), "--max-tokens", "16", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["token_ids"], golden["token_ids"]);
+}
