@@ -12,6 +12,7 @@ use crate::checkpoint::{self, CheckpointFiles};
 use crate::config::{GenerationConfig, ModelConfig, PreprocessorConfig};
 use crate::error::{Error, Result};
 use crate::image::{self, ImageOptions, PreprocessedImage};
+use crate::detokenize::IncrementalDecoder;
 use crate::kv_cache::KvCache;
 use crate::lora::LoraAdapter;
 use crate::model::Qwen2VL;
@@ -102,6 +103,8 @@ impl Pipeline {
                 cache: KvCache::new(self.model.num_layers()),
                 sampler: Sampler::new(request.sampling.clone()),
                 generated: Vec::new(),
+                text: String::new(),
+                decoder: IncrementalDecoder::new(),
                 max_new,
                 finish: None,
             });
@@ -152,7 +155,7 @@ impl Pipeline {
         seqs.into_iter()
             .map(|s| {
                 let mut text = self.prompt.decode(&s.generated)?;
-                if let Some(cut) = StopChecker::new(&s.request.stop).cut(&text) {
+                if let Some(cut) = first_stop(&text, &s.request.stop) {
                     text.truncate(cut);
                 }
                 Ok(GenerateOutput {
@@ -179,6 +182,9 @@ struct Sequence<'r> {
     cache: KvCache,
     sampler: Sampler,
     generated: Vec<u32>,
+    /// Text so far, decoded incrementally, for stop strings.
+    text: String,
+    decoder: IncrementalDecoder,
     max_new: usize,
     finish: Option<FinishReason>,
 }
@@ -189,7 +195,14 @@ impl Sequence<'_> {
         let token = self.sampler.next_token(logits, &self.history);
         self.generated.push(token);
         self.history.push(token);
-        if eos.contains(&token) || StopChecker::new(&self.request.stop).hit(prompt, &self.generated)? {
+        let mut stopped = false;
+        if !self.request.stop.is_empty() {
+            if let Some(delta) = self.decoder.push(prompt.tokenizer(), token)? {
+                self.text.push_str(&delta);
+                stopped = first_stop(&self.text, &self.request.stop).is_some();
+            }
+        }
+        if eos.contains(&token) || stopped {
             self.finish = Some(FinishReason::Stop);
         } else if self.generated.len() >= self.max_new {
             self.finish = Some(FinishReason::Length);
@@ -237,26 +250,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Stop strings: generation ends once the decoded text contains one, and the text is cut
-/// before it.
-struct StopChecker<'a> {
-    stops: &'a [String],
-}
-
-impl<'a> StopChecker<'a> {
-    fn new(stops: &'a [String]) -> Self {
-        Self { stops }
-    }
-
-    fn hit(&self, prompt: &PromptBuilder, generated: &[u32]) -> Result<bool> {
-        if self.stops.is_empty() {
-            return Ok(false);
-        }
-        let text = prompt.decode(generated)?;
-        Ok(self.cut(&text).is_some())
-    }
-
-    fn cut(&self, text: &str) -> Option<usize> {
-        self.stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
-    }
+/// Where the earliest stop string starts in `text`, if any.
+fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
 }

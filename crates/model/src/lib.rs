@@ -2,6 +2,7 @@
 
 pub mod adapter_registry;
 pub mod checkpoint;
+pub mod detokenize;
 pub mod config;
 pub mod error;
 pub mod generate;
