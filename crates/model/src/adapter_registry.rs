@@ -37,7 +37,10 @@ impl AdapterRegistry {
         let adapter = model.load_adapter(name, dir)?;
         let mut map = self.adapters.write().expect("adapter registry lock poisoned");
         if !map.contains_key(name) && map.len() >= self.max_resident {
-            return Err(Error::Adapter { name: name.into(), reason: format!("{} adapters are resident, the limit; unload one first", map.len()) });
+            return Err(Error::Adapter {
+                name: name.into(),
+                reason: format!("{} adapters are resident, the limit; unload one first", map.len()),
+            });
         }
         Ok(map.insert(name.to_string(), adapter))
     }
@@ -53,7 +56,8 @@ impl AdapterRegistry {
     /// Every resident adapter, by name.
     pub fn list(&self) -> Vec<AdapterInfo> {
         let map = self.adapters.read().expect("adapter registry lock poisoned");
-        let mut out: Vec<AdapterInfo> = map.values().map(|a| AdapterInfo { name: a.name.clone(), matched: a.matched.clone(), bytes: a.bytes }).collect();
+        let mut out: Vec<AdapterInfo> =
+            map.values().map(|a| AdapterInfo { name: a.name.clone(), matched: a.matched.clone(), bytes: a.bytes }).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }

@@ -58,10 +58,7 @@ impl FileSource for Hub {
         if !self.listing.iter().any(|f| f == file) {
             return Ok(None);
         }
-        self.repo
-            .get(file)
-            .map(Some)
-            .map_err(|e| Error::Hub { repo: self.id.clone(), file: file.into(), reason: e.to_string() })
+        self.repo.get(file).map(Some).map_err(|e| Error::Hub { repo: self.id.clone(), file: file.into(), reason: e.to_string() })
     }
 }
 
@@ -120,7 +117,13 @@ fn source(model: &str) -> Result<(Box<dyn FileSource>, bool)> {
 fn collect(name: &str, src: &dyn FileSource, local: bool) -> Result<CheckpointFiles> {
     let required = |file: &str| -> Result<PathBuf> {
         src.get(file)?.ok_or_else(|| {
-            let why = if local { "not found" } else if offline() { "not in the local cache and HF_HUB_OFFLINE is set" } else { "not in the repository" };
+            let why = if local {
+                "not found"
+            } else if offline() {
+                "not in the local cache and HF_HUB_OFFLINE is set"
+            } else {
+                "not in the repository"
+            };
             Error::io(Path::new(name).join(file), std::io::Error::new(std::io::ErrorKind::NotFound, why))
         })
     };
@@ -145,10 +148,7 @@ fn collect(name: &str, src: &dyn FileSource, local: bool) -> Result<CheckpointFi
 /// The distinct shard files named by `model.safetensors.index.json`, in a stable order.
 fn shard_names(index: &Path) -> Result<Vec<String>> {
     let value = read_json(index)?;
-    let map = value
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .ok_or_else(|| Error::config(WEIGHTS_INDEX, "missing `weight_map`"))?;
+    let map = value.get("weight_map").and_then(Value::as_object).ok_or_else(|| Error::config(WEIGHTS_INDEX, "missing `weight_map`"))?;
     let mut names: Vec<String> = map.values().filter_map(Value::as_str).map(str::to_string).collect();
     names.sort();
     names.dedup();

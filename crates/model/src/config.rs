@@ -110,10 +110,7 @@ impl ModelConfig {
             text_node.and_then(|t| t.get(key)).filter(|v| !v.is_null()).or_else(|| root.get(key).filter(|v| !v.is_null()))
         };
         let usize_of = |key: &str| -> std::result::Result<usize, String> {
-            get(key)
-                .and_then(Value::as_u64)
-                .map(|v| v as usize)
-                .ok_or_else(|| format!("missing or non-integer `{key}`"))
+            get(key).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| format!("missing or non-integer `{key}`"))
         };
         let f64_or = |key: &str, default: f64| get(key).and_then(Value::as_f64).unwrap_or(default);
 
@@ -124,7 +121,9 @@ impl ModelConfig {
         }
         let num_key_value_heads = get("num_key_value_heads").and_then(Value::as_u64).map(|v| v as usize).unwrap_or(num_attention_heads);
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
-            return Err(format!("num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"));
+            return Err(format!(
+                "num_attention_heads {num_attention_heads} is not a multiple of num_key_value_heads {num_key_value_heads}"
+            ));
         }
         let head_dim = hidden_size / num_attention_heads;
 
@@ -135,14 +134,13 @@ impl ModelConfig {
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(Value::as_u64).map(|v| v as usize).collect())
             .ok_or("missing `rope_scaling.mrope_section`")?;
-        let mrope_section: [usize; 3] = sections
-            .as_slice()
-            .try_into()
-            .map_err(|_| format!("mrope_section must have three entries, got {sections:?}"))?;
+        let mrope_section: [usize; 3] =
+            sections.as_slice().try_into().map_err(|_| format!("mrope_section must have three entries, got {sections:?}"))?;
         if mrope_section.iter().sum::<usize>() * 2 != head_dim {
             return Err(format!("mrope_section {mrope_section:?} does not cover head_dim {head_dim} / 2"));
         }
-        let rope_theta = rope.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64).unwrap_or_else(|| f64_or("rope_theta", 1_000_000.0));
+        let rope_theta =
+            rope.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64).unwrap_or_else(|| f64_or("rope_theta", 1_000_000.0));
 
         let text = TextConfig {
             vocab_size: usize_of("vocab_size")?,

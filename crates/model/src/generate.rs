@@ -1,5 +1,5 @@
-//! Single-request generation: the reference loop the CLI uses and the scheduler's batched
-//! engine must agree with token for token.
+//! Generation in lockstep over a fixed set of requests: the reference loop the CLI uses, and
+//! the one the scheduler's continuous batching must agree with token for token.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,9 +10,9 @@ use serde::Serialize;
 
 use crate::checkpoint::{self, CheckpointFiles};
 use crate::config::{GenerationConfig, ModelConfig, PreprocessorConfig};
+use crate::detokenize::IncrementalDecoder;
 use crate::error::{Error, Result};
 use crate::image::{self, ImageOptions, PreprocessedImage};
-use crate::detokenize::IncrementalDecoder;
 use crate::kv_cache::KvCache;
 use crate::lora::LoraAdapter;
 use crate::model::Qwen2VL;
@@ -85,11 +85,17 @@ impl Pipeline {
     /// pass per step over the sequences still running. Each may use its own adapter and
     /// sampling; each gets the tokens it would get alone.
     pub fn generate_batch(&self, requests: &[GenerateRequest]) -> Result<Vec<GenerateOutput>> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
         let cfg = self.model.config();
         let eos = self.eos_token_ids();
         let mut seqs = Vec::with_capacity(requests.len());
         for request in requests {
             request.sampling.validate()?;
+            if request.max_new_tokens == Some(0) {
+                return Err(Error::InvalidRequest("max_new_tokens must be at least 1".into()));
+            }
             let ids = self.encode_prompt(&request.messages, &request.images)?;
             let grids: Vec<[usize; 3]> = request.images.iter().map(|i| i.grid_thw).collect();
             let positions = prompt_positions(&ids, &grids, &cfg.tokens, cfg.vision.spatial_merge_size)?;
@@ -143,10 +149,16 @@ impl Pipeline {
             }
             let last: Vec<u32> = running.iter().map(|&i| *seqs[i].generated.last().expect("sampled above")).collect();
             let step_embeds = self.model.token_embeds(&last)?;
-            let step_positions: Vec<[[u32; 3]; 1]> = running.iter().map(|&i| [decode_position(seqs[i].cache.len(), seqs[i].delta)]).collect();
+            let step_positions: Vec<[[u32; 3]; 1]> =
+                running.iter().map(|&i| [decode_position(seqs[i].cache.len(), seqs[i].delta)]).collect();
             let mut inputs = Vec::with_capacity(running.len());
             for (row, seq) in seqs.iter_mut().filter(|s| s.finish.is_none()).enumerate() {
-                inputs.push(SeqInput { embeds: step_embeds.narrow(0, row, 1)?, positions: &step_positions[row], cache: &mut seq.cache, adapter: seq.request.adapter.as_deref() });
+                inputs.push(SeqInput {
+                    embeds: step_embeds.narrow(0, row, 1)?,
+                    positions: &step_positions[row],
+                    cache: &mut seq.cache,
+                    adapter: seq.request.adapter.as_deref(),
+                });
             }
             logits = self.model.forward(&mut inputs)?;
         }

@@ -158,9 +158,8 @@ fn patchify(img: &RgbImage, config: &PreprocessorConfig, height: usize, width: u
     let (gh, gw) = (height / p, width / p);
     // transformers rescales in f64, stores f32, then normalises in f32.
     let rescale = 1.0f64 / 255.0;
-    let lut: [[f32; 256]; 3] = std::array::from_fn(|c| {
-        std::array::from_fn(|v| ((v as f64 * rescale) as f32 - config.image_mean[c]) / config.image_std[c])
-    });
+    let lut: [[f32; 256]; 3] =
+        std::array::from_fn(|c| std::array::from_fn(|v| ((v as f64 * rescale) as f32 - config.image_mean[c]) / config.image_std[c]));
     let patch_len = 3 * tp * p * p;
     let mut out = Vec::with_capacity(gh * gw * patch_len);
     let raw = img.as_raw();

@@ -2,8 +2,8 @@
 
 pub mod adapter_registry;
 pub mod checkpoint;
-pub mod detokenize;
 pub mod config;
+pub mod detokenize;
 pub mod error;
 pub mod generate;
 pub mod image;

@@ -82,9 +82,15 @@ impl LoraAdapter {
 
         let mut pairs: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
         for (key, tensor) in tensors {
-            let (path, which) = split_key(&key).ok_or_else(|| bad(format!("unexpected tensor `{key}` (only lora_A/lora_B weights are supported; DoRA, embeddings and modules_to_save are not)")))?;
+            let (path, which) = split_key(&key).ok_or_else(|| {
+                bad(format!(
+                    "unexpected tensor `{key}` (only lora_A/lora_B weights are supported; DoRA, embeddings and modules_to_save are not)"
+                ))
+            })?;
             if !cfg.targets(path) {
-                return Err(bad(format!("`{key}` is for a module that target_modules does not select: the config and the weights disagree")));
+                return Err(bad(format!(
+                    "`{key}` is for a module that target_modules does not select: the config and the weights disagree"
+                )));
             }
             let module = canonical_module(path);
             let slot = pairs.entry(module).or_default();
@@ -98,7 +104,10 @@ impl LoraAdapter {
         if !unknown.is_empty() {
             unknown.sort();
             let shown: Vec<_> = unknown.iter().take(3).collect();
-            return Err(bad(format!("{} adapted modules do not exist in the model, e.g. {shown:?}: wrong base model or key layout", unknown.len())));
+            return Err(bad(format!(
+                "{} adapted modules do not exist in the model, e.g. {shown:?}: wrong base model or key layout",
+                unknown.len()
+            )));
         }
         if pairs.is_empty() {
             return Err(bad("the adapter holds no LoRA weights".into()));
@@ -114,7 +123,11 @@ impl LoraAdapter {
             let (out_dim, in_dim) = shapes[&module];
             let (r, alpha) = cfg.rank_and_alpha(&module);
             if a.dims() != [r, in_dim] || b.dims() != [out_dim, r] {
-                return Err(bad(format!("{module}: lora_A {:?} / lora_B {:?} do not fit the base [{out_dim}, {in_dim}] with r={r}", a.dims(), b.dims())));
+                return Err(bad(format!(
+                    "{module}: lora_A {:?} / lora_B {:?} do not fit the base [{out_dim}, {in_dim}] with r={r}",
+                    a.dims(),
+                    b.dims()
+                )));
             }
             let scale = if cfg.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
             let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);

@@ -24,7 +24,11 @@ pub fn merge_adapter(files: &CheckpointFiles, adapter: &LoraAdapter, out: &Path,
             let tensor = match adapter.module(module) {
                 Some(lora) => {
                     changed += 1;
-                    let delta = lora.b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.matmul(&lora.a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)?;
+                    let delta = lora
+                        .b
+                        .to_device(&Device::Cpu)?
+                        .to_dtype(DType::F32)?
+                        .matmul(&lora.a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)?;
                     (tensor.to_dtype(DType::F32)? + (delta * lora.scale)?)?
                 }
                 None => tensor,
@@ -53,4 +57,3 @@ pub fn merge_adapter(files: &CheckpointFiles, adapter: &LoraAdapter, out: &Path,
     }
     Ok(changed)
 }
-

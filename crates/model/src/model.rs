@@ -43,7 +43,9 @@ impl Qwen2VL {
             .map_err(|e| Error::Weights(format!("cannot read safetensors: {e}")))?;
         let layout = if vb.contains_tensor("model.language_model.embed_tokens.weight") { TRANSFORMERS_5 } else { PUBLISHED };
         if !vb.contains_tensor(&format!("{}.embed_tokens.weight", layout.text)) {
-            return Err(Error::Weights("no `model.embed_tokens.weight` or `model.language_model.embed_tokens.weight`: not a Qwen2-VL checkpoint".into()));
+            return Err(Error::Weights(
+                "no `model.embed_tokens.weight` or `model.language_model.embed_tokens.weight`: not a Qwen2-VL checkpoint".into(),
+            ));
         }
         let lm_head = vb.contains_tensor("lm_head.weight").then(|| vb.pp("lm_head"));
         if lm_head.is_none() && !config.text.tie_word_embeddings {

@@ -59,7 +59,8 @@ const TEMPLATE_NAME: &str = "chat";
 
 impl PromptBuilder {
     pub fn load(files: &CheckpointFiles, tokens: TokenIds) -> Result<Self> {
-        let tokenizer = Tokenizer::from_file(&files.tokenizer).map_err(|e| Error::Tokenizer(format!("{}: {e}", files.tokenizer.display())))?;
+        let tokenizer =
+            Tokenizer::from_file(&files.tokenizer).map_err(|e| Error::Tokenizer(format!("{}: {e}", files.tokenizer.display())))?;
         let source = find_template(files)?;
         Self::new(tokenizer, source, tokens)
     }
@@ -150,7 +151,10 @@ fn find_template(files: &CheckpointFiles) -> Result<String> {
             return Ok(t);
         }
     }
-    Err(Error::config("tokenizer_config.json", "the checkpoint has no chat template (chat_template.jinja, chat_template.json or tokenizer_config.json)"))
+    Err(Error::config(
+        "tokenizer_config.json",
+        "the checkpoint has no chat template (chat_template.jinja, chat_template.json or tokenizer_config.json)",
+    ))
 }
 
 #[cfg(test)]

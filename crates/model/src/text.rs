@@ -52,7 +52,16 @@ impl Attention {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn forward(&self, x: &Tensor, spans: &[(usize, usize)], rotary: &[(Tensor, Tensor)], masks: &[Option<Tensor>], caches: &mut [&mut KvCache], layer: usize, rows: &RowAdapters) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        spans: &[(usize, usize)],
+        rotary: &[(Tensor, Tensor)],
+        masks: &[Option<Tensor>],
+        caches: &mut [&mut KvCache],
+        layer: usize,
+        rows: &RowAdapters,
+    ) -> Result<Tensor> {
         let q = self.q_proj.forward_with(x, rows)?;
         let k = self.k_proj.forward_with(x, rows)?;
         let v = self.v_proj.forward_with(x, rows)?;
@@ -71,7 +80,12 @@ impl Attention {
             let q = q.reshape((1, self.num_kv_heads, groups * n, self.head_dim))?;
             let scores = (q.matmul(&k_all.t()?)? * scale)?.to_dtype(DType::F32)?;
             let scores = match &masks[i] {
-                Some(mask) => scores.reshape((1, self.num_kv_heads, groups, n, total))?.broadcast_add(mask)?.reshape((1, self.num_kv_heads, groups * n, total))?,
+                Some(mask) => scores.reshape((1, self.num_kv_heads, groups, n, total))?.broadcast_add(mask)?.reshape((
+                    1,
+                    self.num_kv_heads,
+                    groups * n,
+                    total,
+                ))?,
                 None => scores,
             };
             let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(x.dtype())?;
@@ -171,7 +185,17 @@ impl TextModel {
         let half = cfg.head_dim / 2;
         let inv_freq = (0..half).map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / cfg.head_dim as f32)).collect();
         let [t, h, _] = cfg.mrope_section;
-        let freq_rows = (0..half).map(|j| if j < t { 0 } else if j < t + h { 1 } else { 2 }).collect();
+        let freq_rows = (0..half)
+            .map(|j| {
+                if j < t {
+                    0
+                } else if j < t + h {
+                    1
+                } else {
+                    2
+                }
+            })
+            .collect();
         Ok(Self { embed_tokens, layers, norm, lm_head, freq_rows, inv_freq, cfg: cfg.clone() })
     }
 
@@ -187,10 +211,8 @@ impl TextModel {
     /// `mrope_section` assigns to it.
     fn rotary(&self, positions: &[[u32; 3]], device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let angles: Vec<f32> = positions
-            .iter()
-            .flat_map(|p| self.inv_freq.iter().zip(&self.freq_rows).map(move |(f, &row)| p[row] as f32 * f))
-            .collect();
+        let angles: Vec<f32> =
+            positions.iter().flat_map(|p| self.inv_freq.iter().zip(&self.freq_rows).map(move |(f, &row)| p[row] as f32 * f)).collect();
         let angles = Tensor::from_vec(angles, (positions.len(), half), device)?;
         Ok((angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?))
     }
@@ -240,4 +262,3 @@ impl TextModel {
         self.layers.len()
     }
 }
-

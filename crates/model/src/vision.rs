@@ -122,7 +122,8 @@ pub struct VisionTower {
 impl VisionTower {
     pub fn load(vb: VarBuilder, cfg: &VisionConfig, rope_theta: f64) -> Result<Self> {
         // The Conv3d's kernel equals its stride, so it is one matmul over flattened patches.
-        let w = vb.get((cfg.embed_dim, cfg.in_chans, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size), "patch_embed.proj.weight")?;
+        let w =
+            vb.get((cfg.embed_dim, cfg.in_chans, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size), "patch_embed.proj.weight")?;
         let patch_embed = Linear::from_weights(w.reshape((cfg.embed_dim, cfg.patch_len()))?, None, "visual.patch_embed.proj");
         let blocks = (0..cfg.depth).map(|i| VisionBlock::load(vb.pp(format!("blocks.{i}")), cfg)).collect::<Result<_>>()?;
         let merger = PatchMerger::load(vb.pp("merger"), cfg)?;

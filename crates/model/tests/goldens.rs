@@ -58,18 +58,37 @@ fn check_adapters(name: &str) {
         let matched: usize = adapter.matched.values().sum();
         assert_eq!(matched * 2, golden["tensors"].as_u64().unwrap() as usize, "{adapter_name}: every tensor maps to a module");
         let label = format!("{name}+{adapter_name}");
-        check_cases(&pipeline, &label, golden["cases"].as_object().unwrap(), Some(adapter), goldens["max_new_tokens"].as_u64().unwrap() as usize);
+        check_cases(
+            &pipeline,
+            &label,
+            golden["cases"].as_object().unwrap(),
+            Some(adapter),
+            goldens["max_new_tokens"].as_u64().unwrap() as usize,
+        );
     }
 }
 
-fn check_cases(pipeline: &Pipeline, name: &str, cases: &serde_json::Map<String, Value>, adapter: Option<std::sync::Arc<qwen_ocr_model::lora::LoraAdapter>>, max_new: usize) {
+fn check_cases(
+    pipeline: &Pipeline,
+    name: &str,
+    cases: &serde_json::Map<String, Value>,
+    adapter: Option<std::sync::Arc<qwen_ocr_model::lora::LoraAdapter>>,
+    max_new: usize,
+) {
     for (case, golden) in cases {
         let images = preprocess(pipeline, golden["images"].as_array().unwrap());
         let messages = vec![ChatMessage::user_with_images(images.len(), golden["prompt"].as_str().unwrap())];
         assert_eq!(pipeline.prompt.render(&messages).unwrap(), golden["prompt_text"].as_str().unwrap(), "{name}/{case}: rendered template");
         assert_eq!(pipeline.encode_prompt(&messages, &images).unwrap(), ids(&golden["prompt_ids"]), "{name}/{case}: prompt ids");
 
-        let request = GenerateRequest { messages, images, max_new_tokens: Some(max_new), sampling: SamplingParams::default(), stop: vec![], adapter: adapter.clone() };
+        let request = GenerateRequest {
+            messages,
+            images,
+            max_new_tokens: Some(max_new),
+            sampling: SamplingParams::default(),
+            stop: vec![],
+            adapter: adapter.clone(),
+        };
         let out = pipeline.generate(&request).unwrap();
         let grids: Vec<Value> = out.image_grid_thw.iter().map(|g| serde_json::json!(g)).collect();
         assert_eq!(Value::Array(grids), golden["image_grid_thw"], "{name}/{case}: image_grid_thw");
@@ -161,7 +180,14 @@ fn mixed_adapter_batch_matches_each_sequence_alone() {
     let max_new = goldens["max_new_tokens"].as_u64().unwrap() as usize;
     let mut requests = Vec::new();
     let mut expected = Vec::new();
-    for (adapter, case) in [(Some("lm-qv-r4"), "no_resize"), (None, "two_images"), (Some("vision-merger-pattern"), "resized"), (Some("lm-all-rslora-regex"), "text_only"), (None, "palette"), (Some("lm-qv-r4"), "grayscale")] {
+    for (adapter, case) in [
+        (Some("lm-qv-r4"), "no_resize"),
+        (None, "two_images"),
+        (Some("vision-merger-pattern"), "resized"),
+        (Some("lm-all-rslora-regex"), "text_only"),
+        (None, "palette"),
+        (Some("lm-qv-r4"), "grayscale"),
+    ] {
         let golden = match adapter {
             Some(a) => &goldens["adapters"][name][a]["cases"][case],
             None => &goldens["checkpoints"][name][case],

@@ -41,7 +41,13 @@ fn mismatched_adapters_are_refused_with_the_reason() {
 
     let reshaped = edited(|t| {
         t.into_iter()
-            .map(|(k, v)| if k.contains("layers.0.self_attn.q_proj.lora_A") { (k, Tensor::zeros((4, 7), v.dtype(), &Device::Cpu).unwrap()) } else { (k, v) })
+            .map(|(k, v)| {
+                if k.contains("layers.0.self_attn.q_proj.lora_A") {
+                    (k, Tensor::zeros((4, 7), v.dtype(), &Device::Cpu).unwrap())
+                } else {
+                    (k, v)
+                }
+            })
             .collect()
     });
     let msg = refusal(&pipeline, reshaped.path());
@@ -67,7 +73,8 @@ fn mismatched_adapters_are_refused_with_the_reason() {
     assert!(msg.contains("target_modules does not select"), "{msg}");
 
     let dora = edited(|t| t);
-    let cfg = std::fs::read_to_string(dora.path().join("adapter_config.json")).unwrap().replace("\"use_dora\": false", "\"use_dora\": true");
+    let cfg =
+        std::fs::read_to_string(dora.path().join("adapter_config.json")).unwrap().replace("\"use_dora\": false", "\"use_dora\": true");
     std::fs::write(dora.path().join("adapter_config.json"), cfg).unwrap();
     let msg = refusal(&pipeline, dora.path());
     assert!(msg.contains("DoRA"), "{msg}");

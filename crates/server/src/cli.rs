@@ -204,15 +204,15 @@ fn preprocess(args: PreprocessArgs) -> Result<()> {
         None => PreprocessorConfig::default(),
     };
     let bytes = std::fs::read(&args.image).with_context(|| args.image.display().to_string())?;
-    let out = qwen_ocr_model::image::preprocess(&bytes, &config, &args.image_opts.options()).with_context(|| args.image.display().to_string())?;
+    let out =
+        qwen_ocr_model::image::preprocess(&bytes, &config, &args.image_opts.options()).with_context(|| args.image.display().to_string())?;
     if let Some(path) = &args.dump {
-        let tensor = candle_core::Tensor::from_vec(out.pixel_values.clone(), (out.num_patches(), out.patch_len()), &candle_core::Device::Cpu)?;
-        candle_core::safetensors::save(&HashMap::from([("pixel_values".to_string(), tensor)]), path).with_context(|| path.display().to_string())?;
+        let tensor =
+            candle_core::Tensor::from_vec(out.pixel_values.clone(), (out.num_patches(), out.patch_len()), &candle_core::Device::Cpu)?;
+        candle_core::safetensors::save(&HashMap::from([("pixel_values".to_string(), tensor)]), path)
+            .with_context(|| path.display().to_string())?;
     }
-    println!(
-        "{}",
-        json!({ "grid_thw": out.grid_thw, "resized": out.resized, "visual_tokens": out.visual_tokens(config.merge_size) })
-    );
+    println!("{}", json!({ "grid_thw": out.grid_thw, "resized": out.resized, "visual_tokens": out.visual_tokens(config.merge_size) }));
     Ok(())
 }
 
@@ -222,7 +222,8 @@ fn merge(args: MergeArgs) -> Result<()> {
         anyhow::bail!("--dtype must be f32 or bf16");
     }
     // The adapter is validated against the base in f32, the precision the merge is computed in.
-    let pipeline = Pipeline::load(&args.model, candle_core::DType::F32, &candle_core::Device::Cpu).with_context(|| format!("loading {}", args.model))?;
+    let pipeline = Pipeline::load(&args.model, candle_core::DType::F32, &candle_core::Device::Cpu)
+        .with_context(|| format!("loading {}", args.model))?;
     let adapter = pipeline.model.load_adapter(&args.adapter.display().to_string(), &args.adapter)?;
     let changed = qwen_ocr_model::merge::merge_adapter(&pipeline.files, &adapter, &args.out, dtype)?;
     println!("{}", json!({ "out": args.out, "merged_modules": changed, "adapter": adapter.matched }));

@@ -42,7 +42,16 @@ fn generate_json_matches_the_transformers_golden() {
     let goldens = goldens();
     for (ckpt, case) in [("tiny-tied", "two_images"), ("tiny-untied-sharded", "text_only"), ("tiny-untied-sharded", "rgba")] {
         let golden = &goldens["checkpoints"][ckpt][case];
-        let mut args = vec!["generate".to_string(), "--model".into(), checkpoint(ckpt), "--prompt".into(), golden["prompt"].as_str().unwrap().into(), "--max-tokens".into(), goldens["max_new_tokens"].to_string(), "--json".into()];
+        let mut args = vec![
+            "generate".to_string(),
+            "--model".into(),
+            checkpoint(ckpt),
+            "--prompt".into(),
+            golden["prompt"].as_str().unwrap().into(),
+            "--max-tokens".into(),
+            goldens["max_new_tokens"].to_string(),
+            "--json".into(),
+        ];
         for img in golden["images"].as_array().unwrap() {
             args.push("--image".into());
             args.push(image(img.as_str().unwrap()));
@@ -68,7 +77,8 @@ fn generate_without_json_prints_the_text() {
 fn preprocess_reports_grid_and_dumps_transformers_pixel_values() {
     let dir = tempfile::tempdir().unwrap();
     let dump = dir.path().join("pv.safetensors");
-    let out = qwen_ocr(&["preprocess", "--model", &checkpoint("tiny-tied"), "--image", &image("gray.png"), "--dump", dump.to_str().unwrap()]);
+    let out =
+        qwen_ocr(&["preprocess", "--model", &checkpoint("tiny-tied"), "--image", &image("gray.png"), "--dump", dump.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     let golden = &goldens()["preprocess"]["gray.png"];
@@ -94,7 +104,10 @@ fn preprocess_honours_max_pixels_override() {
 #[test]
 fn missing_files_fail_cleanly() {
     assert_clean_error(&qwen_ocr(&["generate", "--model", "/nonexistent/model", "--prompt", "x"]), "no such model directory");
-    assert_clean_error(&qwen_ocr(&["generate", "--model", &checkpoint("tiny-tied"), "--image", "/nonexistent.png", "--prompt", "x"]), "nonexistent.png");
+    assert_clean_error(
+        &qwen_ocr(&["generate", "--model", &checkpoint("tiny-tied"), "--image", "/nonexistent.png", "--prompt", "x"]),
+        "nonexistent.png",
+    );
     assert_clean_error(&qwen_ocr(&["preprocess", "--model", &checkpoint("tiny-tied"), "--image", "/nonexistent.png"]), "nonexistent.png");
 }
 
@@ -196,7 +209,10 @@ fn bad_images_fail_cleanly() {
         assert_clean_error(&qwen_ocr(&["preprocess", "--model", &model, "--image", path]), mentions);
     }
     // The pixel limit is configurable and checked on the declared size.
-    assert_clean_error(&qwen_ocr(&["preprocess", "--model", &model, "--image", &image("plate.png"), "--max-image-pixels", "100"]), "over the limit");
+    assert_clean_error(
+        &qwen_ocr(&["preprocess", "--model", &model, "--image", &image("plate.png"), "--max-image-pixels", "100"]),
+        "over the limit",
+    );
 }
 
 #[test]
@@ -216,8 +232,18 @@ fn stop_string_ends_generation_and_is_cut_from_the_text() {
     let stop: String = full.chars().skip(full.chars().count() / 2).take(2).collect();
     let expected = &full[..full.find(&stop).unwrap()];
     let out = qwen_ocr(&[
-        "generate", "--model", &checkpoint("tiny-tied"), "--image", &image("resized.png"), "--prompt", golden["prompt"].as_str().unwrap(),
-        "--max-tokens", "16", "--stop", &stop, "--json",
+        "generate",
+        "--model",
+        &checkpoint("tiny-tied"),
+        "--image",
+        &image("resized.png"),
+        "--prompt",
+        golden["prompt"].as_str().unwrap(),
+        "--max-tokens",
+        "16",
+        "--stop",
+        &stop,
+        "--json",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -232,26 +258,58 @@ fn generate_with_adapter_matches_transformers_and_peft() {
     let golden = &goldens["adapters"]["tiny-untied-sharded"]["vision-merger-pattern"]["cases"]["no_resize"];
     let adapter = fixtures().join("adapters/tiny-untied-sharded/vision-merger-pattern");
     let out = qwen_ocr(&[
-        "generate", "--model", &checkpoint("tiny-untied-sharded"), "--adapter", adapter.to_str().unwrap(), "--image", &image("plate.png"),
-        "--prompt", golden["prompt"].as_str().unwrap(), "--max-tokens", "16", "--json",
+        "generate",
+        "--model",
+        &checkpoint("tiny-untied-sharded"),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--image",
+        &image("plate.png"),
+        "--prompt",
+        golden["prompt"].as_str().unwrap(),
+        "--max-tokens",
+        "16",
+        "--json",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["token_ids"], golden["token_ids"]);
-    assert_clean_error(&qwen_ocr(&["generate", "--model", &checkpoint("tiny-tied"), "--adapter", "/nonexistent", "--prompt", "x"]), "not a directory");
+    assert_clean_error(
+        &qwen_ocr(&["generate", "--model", &checkpoint("tiny-tied"), "--adapter", "/nonexistent", "--prompt", "x"]),
+        "not a directory",
+    );
 }
 
 /// The merged f32 checkpoint, run without the adapter, gives the adapter's tokens.
 #[test]
 fn merged_checkpoint_reproduces_the_adapter() {
     let goldens = goldens();
-    for (ckpt, adapter, case) in [("tiny-untied-sharded", "vision-merger-pattern", "two_images"), ("tiny-tied", "lm-all-rslora-regex", "rgba")] {
+    for (ckpt, adapter, case) in
+        [("tiny-untied-sharded", "vision-merger-pattern", "two_images"), ("tiny-tied", "lm-all-rslora-regex", "rgba")]
+    {
         let out_dir = tempfile::tempdir().unwrap();
         let adapter_dir = fixtures().join("adapters").join(ckpt).join(adapter);
-        let out = qwen_ocr(&["merge", "--model", &checkpoint(ckpt), "--adapter", adapter_dir.to_str().unwrap(), "--out", out_dir.path().to_str().unwrap()]);
+        let out = qwen_ocr(&[
+            "merge",
+            "--model",
+            &checkpoint(ckpt),
+            "--adapter",
+            adapter_dir.to_str().unwrap(),
+            "--out",
+            out_dir.path().to_str().unwrap(),
+        ]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let golden = &goldens["adapters"][ckpt][adapter]["cases"][case];
-        let mut args = vec!["generate".to_string(), "--model".into(), out_dir.path().display().to_string(), "--prompt".into(), golden["prompt"].as_str().unwrap().into(), "--max-tokens".into(), "16".into(), "--json".into()];
+        let mut args = vec![
+            "generate".to_string(),
+            "--model".into(),
+            out_dir.path().display().to_string(),
+            "--prompt".into(),
+            golden["prompt"].as_str().unwrap().into(),
+            "--max-tokens".into(),
+            "16".into(),
+            "--json".into(),
+        ];
         for img in golden["images"].as_array().unwrap() {
             args.push("--image".into());
             args.push(image(img.as_str().unwrap()));
@@ -275,11 +333,21 @@ fn merged_checkpoint_reproduces_the_adapter() {
 fn chat_template_jinja_is_found() {
     let goldens = goldens();
     let golden = &goldens["checkpoints"]["tiny-tied"]["text_only"];
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny-tied/tokenizer_config.json")).unwrap()).unwrap();
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tiny-tied/tokenizer_config.json")).unwrap()).unwrap();
     let template = config.as_object_mut().unwrap().remove("chat_template").unwrap();
     let dir = broken_checkpoint("tokenizer_config.json", Some(&config.to_string()));
     std::fs::write(dir.path().join("chat_template.jinja"), template.as_str().unwrap()).unwrap();
-    let out = qwen_ocr(&["generate", "--model", dir.path().to_str().unwrap(), "--prompt", golden["prompt"].as_str().unwrap(), "--max-tokens", "16", "--json"]);
+    let out = qwen_ocr(&[
+        "generate",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--prompt",
+        golden["prompt"].as_str().unwrap(),
+        "--max-tokens",
+        "16",
+        "--json",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["token_ids"], golden["token_ids"]);
