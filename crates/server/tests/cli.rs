@@ -352,3 +352,28 @@ fn chat_template_jinja_is_found() {
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["token_ids"], golden["token_ids"]);
 }
+
+/// A hub id resolves through the Hugging Face cache under `HF_HOME` (offline: no network here).
+#[test]
+fn hub_id_loads_from_the_hf_home_cache_offline() {
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--tiny--qwen2-vl");
+    let snapshot = repo.join("snapshots/0123456789abcdef");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123456789abcdef").unwrap();
+    for entry in std::fs::read_dir(fixtures().join("tiny-untied-sharded")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), snapshot.join(entry.file_name())).unwrap();
+    }
+    let golden = &goldens()["checkpoints"]["tiny-untied-sharded"]["text_only"];
+    let out = Command::new(env!("CARGO_BIN_EXE_qwen-ocr"))
+        .args(["generate", "--model", "tiny/qwen2-vl", "--prompt", golden["prompt"].as_str().unwrap(), "--max-tokens", "16", "--json"])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["token_ids"], golden["token_ids"]);
+}
