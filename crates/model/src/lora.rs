@@ -80,7 +80,8 @@ impl LoraAdapter {
         let cfg = AdapterConfig::from_value(&read_json(&dir.join("adapter_config.json")).map_err(|e| bad(e.to_string()))?).map_err(bad)?;
         let tensors = candle_core::safetensors::load(&weights, device).map_err(|e| bad(format!("{}: {e}", weights.display())))?;
 
-        let mut pairs: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+        // Canonical module -> (lora_A, lora_B, the path as saved, which PEFT's patterns match).
+        let mut pairs: HashMap<String, (Option<Tensor>, Option<Tensor>, String)> = HashMap::new();
         for (key, tensor) in tensors {
             let (path, which) = split_key(&key).ok_or_else(|| {
                 bad(format!(
@@ -92,8 +93,7 @@ impl LoraAdapter {
                     "`{key}` is for a module that target_modules does not select: the config and the weights disagree"
                 )));
             }
-            let module = canonical_module(path);
-            let slot = pairs.entry(module).or_default();
+            let slot = pairs.entry(canonical_module(path)).or_insert_with(|| (None, None, path.to_string()));
             if which == 'A' {
                 slot.0 = Some(tensor);
             } else {
@@ -115,13 +115,13 @@ impl LoraAdapter {
         let mut modules = HashMap::with_capacity(pairs.len());
         let mut matched = BTreeMap::new();
         let mut bytes = 0;
-        for (module, (a, b)) in pairs {
+        for (module, (a, b, saved_path)) in pairs {
             let (a, b) = match (a, b) {
                 (Some(a), Some(b)) => (a, b),
                 _ => return Err(bad(format!("{module}: needs both lora_A and lora_B"))),
             };
             let (out_dim, in_dim) = shapes[&module];
-            let (r, alpha) = cfg.rank_and_alpha(&module);
+            let (r, alpha) = cfg.rank_and_alpha(&saved_path);
             if a.dims() != [r, in_dim] || b.dims() != [out_dim, r] {
                 return Err(bad(format!(
                     "{module}: lora_A {:?} / lora_B {:?} do not fit the base [{out_dim}, {in_dim}] with r={r}",
