@@ -26,6 +26,22 @@ fn goldens() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("goldens.json")).unwrap()).unwrap()
 }
 
+/// Runs `generate --json` on `model` with a golden case's prompt and images (plus `extra`
+/// flags) and returns the printed object.
+fn generate_golden(model: &str, golden: &Value, extra: &[&str]) -> Value {
+    let max_tokens = goldens()["max_new_tokens"].to_string();
+    let mut args =
+        vec!["generate", "--model", model, "--prompt", golden["prompt"].as_str().unwrap(), "--max-tokens", &max_tokens, "--json"];
+    let images: Vec<String> = golden["images"].as_array().unwrap().iter().map(|i| image(i.as_str().unwrap())).collect();
+    for img in &images {
+        args.extend(["--image", img.as_str()]);
+    }
+    args.extend(extra);
+    let out = qwen_ocr(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
 /// Asserts a clean failure: non-zero exit, one `error:` line on stderr, no panic.
 fn assert_clean_error(out: &Output, mentions: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -42,23 +58,7 @@ fn generate_json_matches_the_transformers_golden() {
     let goldens = goldens();
     for (ckpt, case) in [("tiny-tied", "two_images"), ("tiny-untied-sharded", "text_only"), ("tiny-untied-sharded", "rgba")] {
         let golden = &goldens["checkpoints"][ckpt][case];
-        let mut args = vec![
-            "generate".to_string(),
-            "--model".into(),
-            checkpoint(ckpt),
-            "--prompt".into(),
-            golden["prompt"].as_str().unwrap().into(),
-            "--max-tokens".into(),
-            goldens["max_new_tokens"].to_string(),
-            "--json".into(),
-        ];
-        for img in golden["images"].as_array().unwrap() {
-            args.push("--image".into());
-            args.push(image(img.as_str().unwrap()));
-        }
-        let out = qwen_ocr(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let json: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+        let json = generate_golden(&checkpoint(ckpt), golden, &[]);
         assert_eq!(json["token_ids"], golden["token_ids"], "{ckpt}/{case}");
         assert_eq!(json["text"], golden["text"], "{ckpt}/{case}");
         assert_eq!(json["prompt_tokens"].as_u64().unwrap() as usize, golden["prompt_ids"].as_array().unwrap().len());
@@ -231,22 +231,7 @@ fn stop_string_ends_generation_and_is_cut_from_the_text() {
     let full = golden["text"].as_str().unwrap();
     let stop: String = full.chars().skip(full.chars().count() / 2).take(2).collect();
     let expected = &full[..full.find(&stop).unwrap()];
-    let out = qwen_ocr(&[
-        "generate",
-        "--model",
-        &checkpoint("tiny-tied"),
-        "--image",
-        &image("resized.png"),
-        "--prompt",
-        golden["prompt"].as_str().unwrap(),
-        "--max-tokens",
-        "16",
-        "--stop",
-        &stop,
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json = generate_golden(&checkpoint("tiny-tied"), golden, &["--stop", &stop]);
     assert_eq!(json["text"], expected);
     assert_eq!(json["finish_reason"], "stop");
     assert!(json["token_ids"].as_array().unwrap().len() < 16);
@@ -257,22 +242,7 @@ fn generate_with_adapter_matches_transformers_and_peft() {
     let goldens = goldens();
     let golden = &goldens["adapters"]["tiny-untied-sharded"]["vision-merger-pattern"]["cases"]["no_resize"];
     let adapter = fixtures().join("adapters/tiny-untied-sharded/vision-merger-pattern");
-    let out = qwen_ocr(&[
-        "generate",
-        "--model",
-        &checkpoint("tiny-untied-sharded"),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--image",
-        &image("plate.png"),
-        "--prompt",
-        golden["prompt"].as_str().unwrap(),
-        "--max-tokens",
-        "16",
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json = generate_golden(&checkpoint("tiny-untied-sharded"), golden, &["--adapter", adapter.to_str().unwrap()]);
     assert_eq!(json["token_ids"], golden["token_ids"]);
     assert_clean_error(
         &qwen_ocr(&["generate", "--model", &checkpoint("tiny-tied"), "--adapter", "/nonexistent", "--prompt", "x"]),
@@ -300,23 +270,7 @@ fn merged_checkpoint_reproduces_the_adapter() {
         ]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let golden = &goldens["adapters"][ckpt][adapter]["cases"][case];
-        let mut args = vec![
-            "generate".to_string(),
-            "--model".into(),
-            out_dir.path().display().to_string(),
-            "--prompt".into(),
-            golden["prompt"].as_str().unwrap().into(),
-            "--max-tokens".into(),
-            "16".into(),
-            "--json".into(),
-        ];
-        for img in golden["images"].as_array().unwrap() {
-            args.push("--image".into());
-            args.push(image(img.as_str().unwrap()));
-        }
-        let out = qwen_ocr(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let json = generate_golden(out_dir.path().to_str().unwrap(), golden, &[]);
         let (ours, expected) = (json["token_ids"].as_array().unwrap(), golden["token_ids"].as_array().unwrap());
         // Folding changes float rounding: a flip is allowed only where transformers' top two tied.
         if let Some(step) = ours.iter().zip(expected).position(|(a, b)| a != b) {
@@ -338,18 +292,7 @@ fn chat_template_jinja_is_found() {
     let template = config.as_object_mut().unwrap().remove("chat_template").unwrap();
     let dir = broken_checkpoint("tokenizer_config.json", Some(&config.to_string()));
     std::fs::write(dir.path().join("chat_template.jinja"), template.as_str().unwrap()).unwrap();
-    let out = qwen_ocr(&[
-        "generate",
-        "--model",
-        dir.path().to_str().unwrap(),
-        "--prompt",
-        golden["prompt"].as_str().unwrap(),
-        "--max-tokens",
-        "16",
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json = generate_golden(dir.path().to_str().unwrap(), golden, &[]);
     assert_eq!(json["token_ids"], golden["token_ids"]);
 }
 
