@@ -58,11 +58,6 @@ impl LoraAdapter {
         self.modules.get(name)
     }
 
-    /// Whether the adapter changes the vision tower (and so the image embeddings).
-    pub fn touches_vision(&self) -> bool {
-        self.matched.keys().any(|k| *k != ModuleKind::Language)
-    }
-
     /// Loads and validates `dir` against the model's projections (`shapes`: canonical module
     /// path -> `(out, in)`). Refuses anything that would silently do nothing or the wrong thing.
     pub fn load(name: &str, dir: &Path, shapes: &HashMap<String, (usize, usize)>, dtype: DType, device: &Device) -> Result<Arc<Self>> {
@@ -258,10 +253,11 @@ impl<'a> RowAdapters<'a> {
 
     /// `y` plus every span's LoRA delta for `module`; `y` itself when no span adapts it.
     pub fn apply(&self, module: &str, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
-        let adapted: Vec<Option<&LoraModule>> = self.spans.iter().map(|(_, _, a)| a.and_then(|a| a.module(module))).collect();
-        if adapted.iter().all(Option::is_none) {
+        // The common case (no adapter on this module in this batch) costs no allocation.
+        if !self.spans.iter().any(|(_, _, a)| a.is_some_and(|a| a.module(module).is_some())) {
             return Ok(y);
         }
+        let adapted = self.spans.iter().map(|(_, _, a)| a.and_then(|a| a.module(module)));
         let mut parts = Vec::with_capacity(self.spans.len());
         for (&(start, len, _), lora) in self.spans.iter().zip(adapted) {
             let base = y.narrow(0, start, len)?;
