@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::checkpoint::{self, CheckpointFiles};
 use crate::config::{GenerationConfig, ModelConfig, PreprocessorConfig};
-use crate::detokenize::IncrementalDecoder;
+use crate::decoding::Decoding;
 use crate::error::{Error, Result};
 use crate::image::{self, ImageOptions, PreprocessedImage};
 use crate::kv_cache::KvCache;
@@ -18,7 +18,7 @@ use crate::lora::LoraAdapter;
 use crate::model::Qwen2VL;
 use crate::positions::{decode_position, prompt_positions};
 use crate::prompt::{ChatMessage, PromptBuilder};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::SamplingParams;
 use crate::text::SeqInput;
 
 /// Used when neither the request nor `generation_config.json` sets a limit.
@@ -81,6 +81,26 @@ impl Pipeline {
         Ok(self.generate_batch(std::slice::from_ref(request))?.pop().expect("one output per request"))
     }
 
+    /// Checks a request and turns it into what the decoder needs: prompt ids, their M-RoPE
+    /// positions and the generation limit.
+    pub fn prepare(&self, request: &GenerateRequest) -> Result<PreparedPrompt> {
+        request.sampling.validate()?;
+        if request.max_new_tokens == Some(0) {
+            return Err(Error::InvalidRequest("max_new_tokens must be at least 1".into()));
+        }
+        let cfg = self.model.config();
+        let ids = self.encode_prompt(&request.messages, &request.images)?;
+        let grids: Vec<[usize; 3]> = request.images.iter().map(|i| i.grid_thw).collect();
+        let positions = prompt_positions(&ids, &grids, &cfg.tokens, cfg.vision.spatial_merge_size)?;
+        let max_new = request.max_new_tokens.or(self.generation.max_new_tokens).unwrap_or(DEFAULT_MAX_NEW_TOKENS);
+        Ok(PreparedPrompt { ids, positions: positions.positions, delta: positions.delta, max_new })
+    }
+
+    /// A fresh decoding state for a prepared request.
+    pub fn decoding(&self, request: &GenerateRequest, prompt: &PreparedPrompt) -> Decoding {
+        Decoding::new(&prompt.ids, request.sampling.clone(), self.eos_token_ids(), request.stop.clone(), prompt.max_new)
+    }
+
     /// Runs several requests in lockstep: one prefill pass over all prompts, then one decode
     /// pass per step over the sequences still running. Each may use its own adapter and
     /// sampling; each gets the tokens it would get alone.
@@ -88,32 +108,11 @@ impl Pipeline {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        let cfg = self.model.config();
-        let eos = self.eos_token_ids();
         let mut seqs = Vec::with_capacity(requests.len());
         for request in requests {
-            request.sampling.validate()?;
-            if request.max_new_tokens == Some(0) {
-                return Err(Error::InvalidRequest("max_new_tokens must be at least 1".into()));
-            }
-            let ids = self.encode_prompt(&request.messages, &request.images)?;
-            let grids: Vec<[usize; 3]> = request.images.iter().map(|i| i.grid_thw).collect();
-            let positions = prompt_positions(&ids, &grids, &cfg.tokens, cfg.vision.spatial_merge_size)?;
-            let max_new = request.max_new_tokens.or(self.generation.max_new_tokens).unwrap_or(DEFAULT_MAX_NEW_TOKENS);
-            seqs.push(Sequence {
-                request,
-                prompt_len: ids.len(),
-                history: ids,
-                positions: positions.positions,
-                delta: positions.delta,
-                cache: KvCache::new(self.model.num_layers()),
-                sampler: Sampler::new(request.sampling.clone()),
-                generated: Vec::new(),
-                text: String::new(),
-                decoder: IncrementalDecoder::new(),
-                max_new,
-                finish: None,
-            });
+            let prompt = self.prepare(request)?;
+            let decoding = self.decoding(request, &prompt);
+            seqs.push(Sequence { request, prompt, decoding, cache: KvCache::new(self.model.num_layers()) });
         }
 
         let started = Instant::now();
@@ -125,12 +124,17 @@ impl Pipeline {
         let mut embeds = Vec::with_capacity(seqs.len());
         for s in &seqs {
             let own: Vec<_> = image_embeds.by_ref().take(s.request.images.len()).collect();
-            embeds.push(self.model.prompt_embeds(&s.history, &own)?);
+            embeds.push(self.model.prompt_embeds(&s.prompt.ids, &own)?);
         }
         let mut inputs: Vec<SeqInput> = seqs
             .iter_mut()
             .zip(embeds)
-            .map(|(s, embeds)| SeqInput { embeds, positions: &s.positions, cache: &mut s.cache, adapter: s.request.adapter.as_deref() })
+            .map(|(s, embeds)| SeqInput {
+                embeds,
+                positions: &s.prompt.positions,
+                cache: &mut s.cache,
+                adapter: s.request.adapter.as_deref(),
+            })
             .collect();
         let mut logits = self.model.forward(&mut inputs)?;
         drop(inputs);
@@ -138,21 +142,20 @@ impl Pipeline {
 
         loop {
             // Sample for every running sequence, in the order of the logits rows.
-            let running: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].finish.is_none()).collect();
-            for (row, &i) in running.iter().enumerate() {
+            let tokenizer = self.prompt.tokenizer();
+            for (row, s) in seqs.iter_mut().filter(|s| s.decoding.finish_reason().is_none()).enumerate() {
                 let mut values: Vec<f32> = logits.get(row)?.to_vec1()?;
-                seqs[i].step(&mut values, &eos, &self.prompt)?;
+                s.decoding.step(&mut values, tokenizer)?;
             }
-            let running: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].finish.is_none()).collect();
+            let running: Vec<&mut Sequence> = seqs.iter_mut().filter(|s| s.decoding.finish_reason().is_none()).collect();
             if running.is_empty() {
                 break;
             }
-            let last: Vec<u32> = running.iter().map(|&i| *seqs[i].generated.last().expect("sampled above")).collect();
+            let last: Vec<u32> = running.iter().map(|s| *s.decoding.generated().last().expect("sampled above")).collect();
             let step_embeds = self.model.token_embeds(&last)?;
-            let step_positions: Vec<[[u32; 3]; 1]> =
-                running.iter().map(|&i| [decode_position(seqs[i].cache.len(), seqs[i].delta)]).collect();
+            let step_positions: Vec<[[u32; 3]; 1]> = running.iter().map(|s| [decode_position(s.cache.len(), s.prompt.delta)]).collect();
             let mut inputs = Vec::with_capacity(running.len());
-            for (row, seq) in seqs.iter_mut().filter(|s| s.finish.is_none()).enumerate() {
+            for (row, seq) in running.into_iter().enumerate() {
                 inputs.push(SeqInput {
                     embeds: step_embeds.narrow(0, row, 1)?,
                     positions: &step_positions[row],
@@ -166,16 +169,13 @@ impl Pipeline {
         let decode = started.elapsed() - prefill;
         seqs.into_iter()
             .map(|s| {
-                let mut text = self.prompt.decode(&s.generated)?;
-                if let Some(cut) = first_stop(&text, &s.request.stop) {
-                    text.truncate(cut);
-                }
+                let (text, _) = s.decoding.final_text(self.prompt.tokenizer())?;
                 Ok(GenerateOutput {
                     text,
-                    token_ids: s.generated,
-                    prompt_tokens: s.prompt_len,
+                    token_ids: s.decoding.generated().to_vec(),
+                    prompt_tokens: s.decoding.prompt_len(),
                     image_grid_thw: s.request.images.iter().map(|i| i.grid_thw).collect(),
-                    finish_reason: s.finish.expect("loop ends when all finished"),
+                    finish_reason: s.decoding.finish_reason().expect("loop ends when all finished"),
                     timings: Timings { prefill_ms: ms(prefill), decode_ms: ms(decode) },
                 })
             })
@@ -183,44 +183,23 @@ impl Pipeline {
     }
 }
 
-/// One request's state during generation.
-struct Sequence<'r> {
-    request: &'r GenerateRequest,
-    prompt_len: usize,
-    /// Prompt and generated tokens, for the repetition penalty.
-    history: Vec<u32>,
-    positions: Vec<[u32; 3]>,
-    delta: i64,
-    cache: KvCache,
-    sampler: Sampler,
-    generated: Vec<u32>,
-    /// Text so far, decoded incrementally, for stop strings.
-    text: String,
-    decoder: IncrementalDecoder,
-    max_new: usize,
-    finish: Option<FinishReason>,
+/// A request ready for the decoder.
+#[derive(Debug, Clone)]
+pub struct PreparedPrompt {
+    pub ids: Vec<u32>,
+    /// `(t, h, w)` rotary position of every prompt token.
+    pub positions: Vec<[u32; 3]>,
+    /// Offset from cache length to the text position of generated tokens.
+    pub delta: i64,
+    pub max_new: usize,
 }
 
-impl Sequence<'_> {
-    /// Picks the next token from `logits` and decides whether the sequence is done.
-    fn step(&mut self, logits: &mut [f32], eos: &[u32], prompt: &PromptBuilder) -> Result<()> {
-        let token = self.sampler.next_token(logits, &self.history);
-        self.generated.push(token);
-        self.history.push(token);
-        let mut stopped = false;
-        if !self.request.stop.is_empty() {
-            if let Some(delta) = self.decoder.push(prompt.tokenizer(), token)? {
-                self.text.push_str(&delta);
-                stopped = first_stop(&self.text, &self.request.stop).is_some();
-            }
-        }
-        if eos.contains(&token) || stopped {
-            self.finish = Some(FinishReason::Stop);
-        } else if self.generated.len() >= self.max_new {
-            self.finish = Some(FinishReason::Length);
-        }
-        Ok(())
-    }
+/// One request's state during lockstep generation.
+struct Sequence<'r> {
+    request: &'r GenerateRequest,
+    prompt: PreparedPrompt,
+    decoding: Decoding,
+    cache: KvCache,
 }
 
 #[derive(Debug, Clone)]
@@ -237,8 +216,16 @@ pub struct GenerateRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
     Stop,
+    /// The token limit.
     Length,
+    /// The client went away.
+    Cancelled,
+    /// The request's deadline passed.
+    Timeout,
+    /// The engine failed on this request.
+    Error,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -260,9 +247,4 @@ pub struct Timings {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-/// Where the earliest stop string starts in `text`, if any.
-fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
 }

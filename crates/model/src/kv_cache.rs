@@ -15,6 +15,8 @@ pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
     len: usize,
     capacity: usize,
+    /// Positions to allocate at first use, when the final length is known in advance.
+    reserved: usize,
 }
 
 /// Positions a new cache reserves at first use; it doubles from there as needed.
@@ -22,7 +24,13 @@ const INITIAL_CAPACITY: usize = 256;
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: (0..num_layers).map(|_| None).collect(), len: 0, capacity: 0 }
+        Self::with_capacity(num_layers, 0)
+    }
+
+    /// A cache that allocates room for `tokens` positions at once, so it never grows (and
+    /// never copies) while staying within them.
+    pub fn with_capacity(num_layers: usize, tokens: usize) -> Self {
+        Self { layers: (0..num_layers).map(|_| None).collect(), len: 0, capacity: 0, reserved: tokens }
     }
 
     /// Tokens cached so far.
@@ -45,7 +53,11 @@ impl KvCache {
         let n = k.dim(2)?;
         let needed = self.len + n;
         if needed > self.capacity {
-            let capacity = needed.max(INITIAL_CAPACITY).next_power_of_two().max(self.capacity * 2);
+            let capacity = if needed <= self.reserved {
+                self.reserved
+            } else {
+                needed.max(INITIAL_CAPACITY).next_power_of_two().max(self.capacity * 2)
+            };
             self.grow(capacity, k.dims4()?, k.dtype(), k.device())?;
         }
         let slot = self.layers[layer].as_mut().expect("grow allocates every layer");

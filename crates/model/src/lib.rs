@@ -3,6 +3,7 @@
 pub mod adapter_registry;
 pub mod checkpoint;
 pub mod config;
+pub mod decoding;
 pub mod detokenize;
 pub mod error;
 pub mod generate;
@@ -20,4 +21,4 @@ pub mod vision;
 
 pub use candle_core::{DType, Device};
 pub use error::{Error, ImageError, Result};
-pub use generate::{FinishReason, GenerateOutput, GenerateRequest, Pipeline, Timings};
+pub use generate::{FinishReason, GenerateOutput, GenerateRequest, Pipeline, PreparedPrompt, Timings};

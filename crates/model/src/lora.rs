@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -46,6 +47,8 @@ impl ModuleKind {
 #[derive(Debug)]
 pub struct LoraAdapter {
     pub name: String,
+    /// Unique per load, so caches can tell a replaced adapter from the one it replaced.
+    pub id: u64,
     /// Keyed by canonical module path (`model.layers.0.self_attn.q_proj`, `visual.blocks.0.attn.qkv`).
     modules: HashMap<String, LoraModule>,
     /// Adapted modules per part of the model.
@@ -54,6 +57,11 @@ pub struct LoraAdapter {
 }
 
 impl LoraAdapter {
+    /// Whether the adapter changes what the vision tower (or its merger) computes.
+    pub fn touches_vision(&self) -> bool {
+        self.matched.keys().any(|k| *k != ModuleKind::Language)
+    }
+
     pub fn module(&self, name: &str) -> Option<&LoraModule> {
         self.modules.get(name)
     }
@@ -130,7 +138,9 @@ impl LoraAdapter {
             *matched.entry(ModuleKind::of(&module)).or_insert(0) += 1;
             modules.insert(module, LoraModule { a, b, scale });
         }
-        Ok(Arc::new(Self { name: name.to_string(), modules, matched, bytes }))
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::new(Self { name: name.to_string(), id, modules, matched, bytes }))
     }
 }
 

@@ -143,6 +143,12 @@ impl Qwen2VL {
         self.text.num_layers()
     }
 
+    /// Key/value cache bytes one token takes across all decoder layers.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let t = &self.config.text;
+        2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * self.dtype.size_in_bytes()
+    }
+
     /// Loads and validates a PEFT LoRA adapter for this model.
     pub fn load_adapter(&self, name: &str, dir: &Path) -> Result<Arc<LoraAdapter>> {
         LoraAdapter::load(name, dir, &self.adaptable_modules(), self.dtype, &self.device)

@@ -1,0 +1,117 @@
+//! One sequence's decoding state: picks each next token, decides when the sequence is done,
+//! and releases its text incrementally without ever releasing part of a stop string or of a
+//! UTF-8 character. The lockstep loop and the scheduler both drive it, so they agree.
+
+use tokenizers::Tokenizer;
+
+use crate::detokenize::IncrementalDecoder;
+use crate::error::{Error, Result};
+use crate::generate::FinishReason;
+use crate::sampling::{Sampler, SamplingParams};
+
+pub struct Decoding {
+    sampler: Sampler,
+    /// Prompt and generated tokens, for the repetition penalty.
+    history: Vec<u32>,
+    prompt_len: usize,
+    eos: Vec<u32>,
+    stop: Vec<String>,
+    /// Longest stop string in bytes: that much minus one is held back until it cannot start one.
+    longest_stop: usize,
+    max_new: usize,
+    decoder: IncrementalDecoder,
+    /// Text decoded so far and how much of it has been released.
+    text: String,
+    released: usize,
+    finish: Option<FinishReason>,
+}
+
+/// What one step produced.
+pub struct Step {
+    pub token: u32,
+    /// Text newly safe to show; empty while a character or a possible stop string is pending.
+    pub delta: String,
+}
+
+impl Decoding {
+    pub fn new(prompt: &[u32], sampling: SamplingParams, eos: Vec<u32>, stop: Vec<String>, max_new: usize) -> Self {
+        let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
+        Self {
+            sampler: Sampler::new(sampling),
+            history: prompt.to_vec(),
+            prompt_len: prompt.len(),
+            eos,
+            longest_stop: stop.iter().map(String::len).max().unwrap_or(0),
+            stop,
+            max_new,
+            decoder: IncrementalDecoder::new(),
+            text: String::new(),
+            released: 0,
+            finish: None,
+        }
+    }
+
+    /// Samples the next token from `logits` (modified in place) and updates the state.
+    pub fn step(&mut self, logits: &mut [f32], tokenizer: &Tokenizer) -> Result<Step> {
+        let token = self.sampler.next_token(logits, &self.history);
+        self.history.push(token);
+        if let Some(piece) = self.decoder.push(tokenizer, token)? {
+            self.text.push_str(&piece);
+        }
+        // Occurrences cannot start before `released`: that text was checked when it was held.
+        let stop_at = first_stop(&self.text[self.released..], &self.stop).map(|i| i + self.released);
+        let safe = match stop_at {
+            Some(at) => at,
+            None => floor_char_boundary(&self.text, self.text.len().saturating_sub(self.longest_stop.saturating_sub(1))),
+        };
+        let delta = self.text[self.released..safe.max(self.released)].to_string();
+        self.released = safe.max(self.released);
+        if self.eos.contains(&token) || stop_at.is_some() {
+            self.finish = Some(FinishReason::Stop);
+        } else if self.generated().len() >= self.max_new {
+            self.finish = Some(FinishReason::Length);
+        }
+        Ok(Step { token, delta })
+    }
+
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// Ends the sequence early (cancelled, timed out, failed).
+    pub fn end(&mut self, reason: FinishReason) {
+        self.finish.get_or_insert(reason);
+    }
+
+    pub fn generated(&self) -> &[u32] {
+        &self.history[self.prompt_len..]
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// The final text, decoded from every generated token at once and cut at the first stop
+    /// string, and the part of it not yet released.
+    pub fn final_text(&self, tokenizer: &Tokenizer) -> Result<(String, String)> {
+        let mut text = tokenizer.decode(self.generated(), true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        if let Some(cut) = first_stop(&text, &self.stop) {
+            text.truncate(cut);
+        }
+        let released = &self.text[..self.released];
+        let rest = text.strip_prefix(released).unwrap_or_default().to_string();
+        Ok((text, rest))
+    }
+}
+
+/// Where the earliest stop string starts in `text`, if any.
+fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter_map(|s| text.find(s.as_str())).min()
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}

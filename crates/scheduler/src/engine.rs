@@ -1,0 +1,356 @@
+//! The engine: a handle that queues requests, and the worker thread that owns the batch.
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use qwen_ocr_model::image::PreprocessedImage;
+use qwen_ocr_model::kv_cache::KvCache;
+use qwen_ocr_model::lora::LoraAdapter;
+use qwen_ocr_model::positions::decode_position;
+use qwen_ocr_model::text::SeqInput;
+use qwen_ocr_model::{Error, FinishReason, Pipeline};
+use tokio::sync::mpsc;
+
+use crate::config::EngineConfig;
+use crate::kv_budget::KvBudget;
+use crate::metrics::{self as m, SharedStats, Stats};
+use crate::request::{Event, Request, RequestStream, SubmitError};
+use crate::sequence::Sequence;
+use crate::vision_cache::{ImageKey, VisionCache};
+
+/// Owns the model's worker thread. Dropping it lets the worker finish every accepted request
+/// and then stop; [`shutdown`](Engine::shutdown) also waits for that.
+pub struct Engine {
+    inbox: Option<std_mpsc::Sender<Sequence>>,
+    pipeline: Arc<Pipeline>,
+    config: EngineConfig,
+    stats: Arc<SharedStats>,
+    kv_bytes_per_token: usize,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Engine {
+    pub fn start(pipeline: Arc<Pipeline>, config: EngineConfig) -> Self {
+        let (inbox, receiver) = std_mpsc::channel();
+        let stats = Arc::new(SharedStats::default());
+        let kv_bytes_per_token = pipeline.model.kv_bytes_per_token();
+        stats.kv_cache_capacity_bytes.store(config.kv_cache_bytes, Ordering::Relaxed);
+        metrics::gauge!(m::KV_CACHE_CAPACITY_BYTES).set(config.kv_cache_bytes as f64);
+        let worker = Worker {
+            pipeline: pipeline.clone(),
+            max_batch_size: config.max_batch_size.max(1),
+            max_prefill_tokens: config.max_prefill_tokens,
+            inbox: receiver,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            kv: KvBudget::new(config.kv_cache_bytes, kv_bytes_per_token),
+            vision: VisionCache::new(config.vision_cache_entries),
+            stats: stats.clone(),
+        };
+        let worker = std::thread::Builder::new().name("qwen-ocr-engine".into()).spawn(move || worker.run()).expect("spawn engine thread");
+        Self { inbox: Some(inbox), pipeline, config, stats, kv_bytes_per_token, worker: Some(worker) }
+    }
+
+    pub fn pipeline(&self) -> &Arc<Pipeline> {
+        &self.pipeline
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats.snapshot()
+    }
+
+    /// Validates and queues a request. Never waits: a full queue is refused at once.
+    pub fn submit(&self, request: Request) -> Result<RequestStream, SubmitError> {
+        let Request { generate, deadline } = request;
+        let prompt = self.pipeline.prepare(&generate)?;
+        let tokens = prompt.ids.len() + prompt.max_new;
+        let needed = tokens.saturating_mul(self.kv_bytes_per_token);
+        if needed > self.config.kv_cache_bytes {
+            return Err(SubmitError::Invalid(Error::InvalidRequest(format!(
+                "the prompt ({} tokens) plus max_tokens ({}) needs {needed} bytes of KV cache, over the server's {} bytes: \
+                 lower max_tokens or send a smaller image",
+                prompt.ids.len(),
+                prompt.max_new,
+                self.config.kv_cache_bytes
+            ))));
+        }
+        let inbox = self.inbox.as_ref().ok_or(SubmitError::ShuttingDown)?;
+        let capacity = self.config.max_queue;
+        self.stats
+            .queue_depth
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| (d < capacity).then_some(d + 1))
+            .map_err(|_| SubmitError::QueueFull { capacity })?;
+        let (events, receiver) = mpsc::unbounded_channel();
+        let prompt_tokens = prompt.ids.len();
+        let seq = Sequence {
+            decoding: self.pipeline.decoding(&generate, &prompt),
+            cache: KvCache::with_capacity(self.pipeline.model.num_layers(), tokens),
+            request: generate,
+            deadline,
+            prompt,
+            events,
+            submitted: Instant::now(),
+            admitted: None,
+            first_token: None,
+            error: None,
+        };
+        if inbox.send(seq).is_err() {
+            self.stats.queue_depth.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::ShuttingDown);
+        }
+        metrics::gauge!(m::QUEUE_DEPTH).set(self.stats.queue_depth.load(Ordering::Relaxed) as f64);
+        Ok(RequestStream { events: receiver, prompt_tokens })
+    }
+
+    /// Stops accepting requests, lets the worker finish every accepted one, and waits for it.
+    pub fn shutdown(mut self) {
+        self.inbox = None;
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Closing the inbox is the stop signal; the worker drains what it accepted.
+        self.inbox = None;
+    }
+}
+
+struct Worker {
+    pipeline: Arc<Pipeline>,
+    max_batch_size: usize,
+    max_prefill_tokens: usize,
+    inbox: std_mpsc::Receiver<Sequence>,
+    /// Accepted, not yet admitted, in arrival order.
+    waiting: VecDeque<Sequence>,
+    /// Admitted; those with an empty cache are prefilled at the next step.
+    running: Vec<Sequence>,
+    kv: KvBudget,
+    vision: VisionCache,
+    stats: Arc<SharedStats>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match self.inbox.recv() {
+                    Ok(seq) => self.waiting.push_back(seq),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(seq) = self.inbox.try_recv() {
+                self.waiting.push_back(seq);
+            }
+            self.drop_abandoned_waiting();
+            self.admit();
+            if !self.running.is_empty() {
+                let started = Instant::now();
+                let outcome = catch_unwind(AssertUnwindSafe(|| self.step()));
+                let failure = match outcome {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(panic) => Some(panic_message(panic.as_ref())),
+                };
+                if let Some(reason) = failure {
+                    tracing::error!(%reason, sequences = self.running.len(), "engine step failed; ending its sequences");
+                    for seq in &mut self.running {
+                        seq.end(FinishReason::Error, Some(format!("generation failed: {reason}")));
+                    }
+                }
+                metrics::histogram!(m::STEP_SECONDS).record(started.elapsed().as_secs_f64());
+            }
+            self.end_abandoned_running();
+            self.retire_finished();
+            self.publish_stats();
+        }
+    }
+
+    /// Waiting requests whose client left or whose deadline passed never reach the model.
+    fn drop_abandoned_waiting(&mut self) {
+        let now = Instant::now();
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        for mut seq in self.waiting.drain(..) {
+            if seq.is_cancelled() {
+                seq.end(FinishReason::Cancelled, None);
+            } else if seq.deadline.is_some_and(|d| now >= d) {
+                seq.end(FinishReason::Timeout, Some("the request's deadline passed while it was queued".into()));
+            } else {
+                kept.push_back(seq);
+                continue;
+            }
+            self.stats.queue_depth.fetch_sub(1, Ordering::AcqRel);
+            seq.complete(&self.pipeline);
+        }
+        self.waiting = kept;
+    }
+
+    /// Admits from the front of the queue while batch slots, the prefill token budget and KV
+    /// cache room allow. Strict FIFO: a long prompt at the front is never overtaken, and one
+    /// over the prefill budget is admitted alone.
+    fn admit(&mut self) {
+        let mut prefill_tokens = 0;
+        while let Some(front) = self.waiting.front() {
+            let n = front.prompt.ids.len();
+            if self.running.len() >= self.max_batch_size
+                || (prefill_tokens > 0 && prefill_tokens + n > self.max_prefill_tokens)
+                || !self.kv.try_reserve(front.max_tokens())
+            {
+                break;
+            }
+            let mut seq = self.waiting.pop_front().expect("front exists");
+            self.stats.queue_depth.fetch_sub(1, Ordering::AcqRel);
+            seq.admitted = Some(Instant::now());
+            prefill_tokens += n;
+            self.running.push(seq);
+        }
+    }
+
+    /// One forward pass: prefill for newly admitted sequences, one decode token for the rest.
+    fn step(&mut self) -> Result<(), Error> {
+        let pipeline = self.pipeline.clone();
+        let model = &pipeline.model;
+        let mut image_embeds = self.encode_new_images()?;
+
+        let decode_tokens: Vec<u32> =
+            self.running.iter().filter(|s| !s.cache.is_empty()).map(|s| *s.decoding.generated().last().expect("decoding")).collect();
+        let decode_embeds = if decode_tokens.is_empty() { None } else { Some(model.token_embeds(&decode_tokens)?) };
+        let decode_positions: Vec<[[u32; 3]; 1]> =
+            self.running.iter().filter(|s| !s.cache.is_empty()).map(|s| [decode_position(s.cache.len(), s.prompt.delta)]).collect();
+
+        let mut inputs = Vec::with_capacity(self.running.len());
+        let mut decode_row = 0;
+        let mut prefill_tokens = 0;
+        for seq in self.running.iter_mut() {
+            let adapter = seq.request.adapter.as_deref();
+            if seq.cache.is_empty() {
+                let embeds = model.prompt_embeds(&seq.prompt.ids, &image_embeds.pop_front().expect("one entry per new sequence"))?;
+                prefill_tokens += seq.prompt.ids.len();
+                inputs.push(SeqInput { embeds, positions: &seq.prompt.positions, cache: &mut seq.cache, adapter });
+            } else {
+                let embeds = decode_embeds.as_ref().expect("decode rows exist").narrow(0, decode_row, 1)?;
+                inputs.push(SeqInput { embeds, positions: &decode_positions[decode_row], cache: &mut seq.cache, adapter });
+                decode_row += 1;
+            }
+        }
+        let logits = model.forward(&mut inputs)?.to_vec2::<f32>()?;
+        drop(inputs);
+
+        let now = Instant::now();
+        let tokenizer = pipeline.prompt.tokenizer();
+        for (seq, mut row) in self.running.iter_mut().zip(logits) {
+            let step = seq.decoding.step(&mut row, tokenizer)?;
+            seq.first_token.get_or_insert(now);
+            let _ = seq.events.send(Event::Token { id: step.token, text: step.delta });
+        }
+        let batch = self.running.len();
+        self.stats.last_batch_size.store(batch, Ordering::Relaxed);
+        self.stats.generated_tokens.fetch_add(batch as u64, Ordering::Relaxed);
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!(m::BATCH_SIZE).record(batch as f64);
+        metrics::counter!(m::GENERATED_TOKENS).increment(batch as u64);
+        metrics::counter!(m::PROMPT_TOKENS).increment(prefill_tokens as u64);
+        Ok(())
+    }
+
+    /// Visual embeddings for every newly admitted sequence (in order), from the cache where
+    /// possible; the misses go through the vision tower in one pass.
+    fn encode_new_images(&mut self) -> Result<VecDeque<Vec<Tensor>>, Error> {
+        let mut keys: Vec<Vec<ImageKey>> = Vec::new();
+        // Distinct images to encode this step; repeats within the step share one encoding.
+        let mut misses: Vec<(ImageKey, &PreprocessedImage, Option<&LoraAdapter>)> = Vec::new();
+        let mut hits = 0;
+        for seq in self.running.iter().filter(|s| s.cache.is_empty()) {
+            let adapter = seq.request.adapter.as_deref();
+            let mut seq_keys = Vec::with_capacity(seq.request.images.len());
+            for image in &seq.request.images {
+                let key = ImageKey::new(image, adapter);
+                if self.vision.contains(&key) || misses.iter().any(|m| m.0 == key) {
+                    hits += 1;
+                } else {
+                    misses.push((key, image, key.vision_adapter(adapter)));
+                }
+                seq_keys.push(key);
+            }
+            keys.push(seq_keys);
+        }
+        let mut fresh = HashMap::with_capacity(misses.len());
+        if !misses.is_empty() {
+            let images: Vec<_> = misses.iter().map(|m| m.1).collect();
+            let adapters: Vec<_> = misses.iter().map(|m| m.2).collect();
+            for (miss, embeds) in misses.iter().zip(self.pipeline.model.encode_images(&images, &adapters)?) {
+                fresh.insert(miss.0, embeds);
+            }
+        }
+        self.stats.vision_encodes.fetch_add(fresh.len() as u64, Ordering::Relaxed);
+        self.stats.vision_cache_hits.fetch_add(hits, Ordering::Relaxed);
+        metrics::counter!(m::VISION_CACHE_MISSES).increment(fresh.len() as u64);
+        metrics::counter!(m::VISION_CACHE_HITS).increment(hits);
+        let mut lookup = |key: &ImageKey| fresh.get(key).cloned().or_else(|| self.vision.get(key)).expect("cached or encoded this step");
+        let embeds = keys.iter().map(|seq_keys| seq_keys.iter().map(&mut lookup).collect()).collect();
+        for (key, embeds) in fresh {
+            self.vision.put(key, embeds);
+        }
+        Ok(embeds)
+    }
+
+    /// Running sequences whose client left or whose deadline passed stop here, within one step.
+    fn end_abandoned_running(&mut self) {
+        let now = Instant::now();
+        for seq in &mut self.running {
+            if seq.is_cancelled() {
+                seq.end(FinishReason::Cancelled, None);
+            } else if seq.deadline.is_some_and(|d| now >= d) {
+                seq.end(FinishReason::Timeout, Some("the request's deadline passed during generation".into()));
+            }
+        }
+    }
+
+    /// Finished sequences leave the batch, free their cache and get their final event.
+    fn retire_finished(&mut self) {
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running).into_iter().partition(Sequence::is_finished);
+        self.running = running;
+        for seq in done {
+            self.kv.release(seq.max_tokens());
+            let reason = seq.decoding.finish_reason().expect("finished");
+            metrics::counter!(m::FINISHED, "reason" => finish_label(reason)).increment(1);
+            seq.complete(&self.pipeline);
+        }
+    }
+
+    fn publish_stats(&self) {
+        let r = Ordering::Relaxed;
+        self.stats.running.store(self.running.len(), r);
+        self.stats.kv_cache_used_bytes.store(self.kv.used(), r);
+        self.stats.kv_cache_capacity_bytes.store(self.kv.capacity(), r);
+        metrics::gauge!(m::RUNNING_SEQUENCES).set(self.running.len() as f64);
+        metrics::gauge!(m::KV_CACHE_USED_BYTES).set(self.kv.used() as f64);
+        metrics::gauge!(m::QUEUE_DEPTH).set(self.stats.queue_depth.load(r) as f64);
+    }
+}
+
+fn finish_label(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Cancelled => "cancelled",
+        FinishReason::Timeout => "timeout",
+        FinishReason::Error => "error",
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let detail = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+    format!("internal error: {}", detail.unwrap_or_else(|| "panic".into()))
+}
