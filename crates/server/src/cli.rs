@@ -21,8 +21,20 @@ pub struct Cli {
     command: Command,
 }
 
+impl Cli {
+    /// Log level when `RUST_LOG` is unset: a server reports requests, a one-shot command only problems.
+    pub fn default_log_level(&self) -> &'static str {
+        match self.command {
+            Command::Serve(_) => "info",
+            _ => "warn",
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Serve the HTTP API (extraction, OpenAI-style chat completions, adapters, metrics).
+    Serve(crate::config::ServeArgs),
     /// Run the model once on images and a prompt.
     Generate(GenerateArgs),
     /// Show (and optionally dump) what the image preprocessing feeds the model.
@@ -131,6 +143,7 @@ struct PreprocessArgs {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Serve(args) => crate::serve::run(args),
         Command::Generate(args) => generate(args),
         Command::Preprocess(args) => preprocess(args),
         Command::Merge(args) => merge(args),

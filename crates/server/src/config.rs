@@ -1,0 +1,160 @@
+//! Server configuration: one struct with every default, read from a TOML file, then
+//! environment variables, then flags (each later source wins).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use qwen_ocr_model::checkpoint::DEFAULT_MODEL;
+use qwen_ocr_model::image::DEFAULT_MAX_DECODED_PIXELS;
+use qwen_ocr_scheduler::EngineConfig;
+use serde::{Deserialize, Serialize};
+
+/// Used by `/v1/extract` when neither the request nor the adapter's configuration gives one.
+pub const DEFAULT_EXTRACTION_PROMPT: &str = "Extract the text and the key fields from this image. Respond only with JSON, nothing else.";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// A checkpoint directory or a Hugging Face hub id.
+    pub model: String,
+    pub dtype: String,
+    pub device: String,
+    pub host: IpAddr,
+    pub port: u16,
+    /// Bearer keys accepted on `/v1/*`; empty means no authentication.
+    pub api_keys: Vec<String>,
+    /// Adapters loaded at start-up, by name.
+    pub adapters: BTreeMap<String, AdapterConfig>,
+    /// Where `POST /v1/adapters` may load adapters from; unset disables runtime loading.
+    pub adapters_dir: Option<PathBuf>,
+    /// Most LoRA adapters resident at once.
+    pub max_adapters: usize,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    pub max_images_per_request: usize,
+    /// Largest image, in pixels as its header declares them, checked before decoding.
+    pub max_image_pixels: u64,
+    /// Override the checkpoint's pixel range after resizing.
+    pub min_pixels: Option<u64>,
+    pub max_pixels: Option<u64>,
+    /// Highest `max_tokens` a request may ask for.
+    pub max_tokens_limit: usize,
+    /// A request not finished after this long ends with a timeout.
+    pub request_timeout_secs: u64,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace_secs: u64,
+    /// Suggested wait sent with 429 responses.
+    pub retry_after_secs: u64,
+    /// Hosts whose `http(s)` image URLs chat requests may use; others are refused.
+    pub allowed_image_hosts: Vec<String>,
+    /// The extraction prompt for requests without one, when the adapter has none.
+    pub extraction_prompt: String,
+    pub engine: EngineConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterConfig {
+    pub path: PathBuf,
+    /// This adapter's extraction prompt, e.g. the one it was fine-tuned on.
+    pub prompt: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            model: DEFAULT_MODEL.into(),
+            dtype: "f32".into(),
+            device: "cpu".into(),
+            host: [0, 0, 0, 0].into(),
+            port: 8080,
+            api_keys: Vec::new(),
+            adapters: BTreeMap::new(),
+            adapters_dir: None,
+            max_adapters: qwen_ocr_model::adapter_registry::DEFAULT_MAX_ADAPTERS,
+            max_body_bytes: 20 << 20,
+            max_images_per_request: 8,
+            max_image_pixels: DEFAULT_MAX_DECODED_PIXELS,
+            min_pixels: None,
+            max_pixels: None,
+            max_tokens_limit: 4096,
+            request_timeout_secs: 300,
+            shutdown_grace_secs: 30,
+            retry_after_secs: 1,
+            allowed_image_hosts: Vec::new(),
+            extraction_prompt: DEFAULT_EXTRACTION_PROMPT.into(),
+            engine: EngineConfig::default(),
+        }
+    }
+}
+
+/// `qwen-ocr serve` flags; each also reads `QWEN_OCR_<NAME>` from the environment.
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// TOML configuration file (see config/qwen-ocr.toml).
+    #[arg(long, env = "QWEN_OCR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// A checkpoint directory or a Hugging Face hub id.
+    #[arg(long, env = "QWEN_OCR_MODEL")]
+    pub model: Option<String>,
+    /// Compute dtype: f32, bf16 or f16.
+    #[arg(long, env = "QWEN_OCR_DTYPE")]
+    pub dtype: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "QWEN_OCR_DEVICE")]
+    pub device: Option<String>,
+    #[arg(long, env = "QWEN_OCR_HOST")]
+    pub host: Option<IpAddr>,
+    /// 0 picks a free port (the log says which).
+    #[arg(long, env = "QWEN_OCR_PORT")]
+    pub port: Option<u16>,
+    /// NAME=DIR: a LoRA adapter to load at start-up; repeatable.
+    #[arg(long = "adapter", value_parser = parse_adapter)]
+    pub adapters: Vec<(String, PathBuf)>,
+    /// Directory that runtime adapter loading (`POST /v1/adapters`) is confined to.
+    #[arg(long, env = "QWEN_OCR_ADAPTERS_DIR")]
+    pub adapters_dir: Option<PathBuf>,
+    /// A bearer key clients must send; repeatable (env: comma-separated).
+    #[arg(long = "api-key", env = "QWEN_OCR_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+}
+
+fn parse_adapter(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, dir)) if !name.is_empty() && !dir.is_empty() => Ok((name.to_string(), PathBuf::from(dir))),
+        _ => Err(format!("expected NAME=DIR, got `{s}`")),
+    }
+}
+
+impl ServerConfig {
+    /// The file (if any), then the environment and flags on top.
+    pub fn load(args: ServeArgs) -> Result<Self> {
+        let mut config = match &args.config {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        let ServeArgs { config: _, model, dtype, device, host, port, adapters, adapters_dir, api_keys } = args;
+        config.model = model.unwrap_or(config.model);
+        config.dtype = dtype.unwrap_or(config.dtype);
+        config.device = device.unwrap_or(config.device);
+        config.host = host.unwrap_or(config.host);
+        config.port = port.unwrap_or(config.port);
+        config.adapters_dir = adapters_dir.or(config.adapters_dir);
+        if !api_keys.is_empty() {
+            config.api_keys = api_keys;
+        }
+        for (name, path) in adapters {
+            config.adapters.insert(name, AdapterConfig { path, prompt: None });
+        }
+        config.api_keys.retain(|k| !k.is_empty());
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid configuration in {}", path.display()))
+    }
+}

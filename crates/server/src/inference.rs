@@ -1,0 +1,140 @@
+//! The steps both generation routes share: choosing the adapter, decoding images, checking
+//! limits, submitting to the engine and reporting what came back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, StatusCode};
+use qwen_ocr_model::image::{self, ImageOptions, PreprocessedImage};
+use qwen_ocr_model::lora::LoraAdapter;
+use qwen_ocr_model::sampling::SamplingParams;
+use qwen_ocr_model::{FinishReason, GenerateRequest};
+use qwen_ocr_scheduler::{Completion, Request, RequestStream};
+
+use crate::error::{ApiError, ApiResult};
+use crate::metrics;
+use crate::state::AppState;
+
+/// The header that picks an adapter per request; it wins over the `model` field.
+pub const ADAPTER_HEADER: &str = "x-adapter";
+/// Names the base model (no adapter) wherever an adapter name is accepted.
+pub const BASE_MODEL: &str = "base";
+
+/// The adapter a request asked for: `X-Adapter`, else the `model` field; `base`, the served
+/// model's own id or nothing mean no adapter.
+pub fn resolve_adapter(state: &AppState, headers: &HeaderMap, model: Option<&str>) -> ApiResult<Option<Arc<LoraAdapter>>> {
+    if let Some(value) = headers.get(ADAPTER_HEADER) {
+        let name = value.to_str().map_err(|_| ApiError::bad_request("invalid_adapter", "X-Adapter is not valid text"))?.trim();
+        if name.is_empty() || name == BASE_MODEL {
+            return Ok(None);
+        }
+        return state
+            .adapters
+            .get(name)
+            .map(Some)
+            .ok_or_else(|| ApiError::not_found("adapter_not_found", format!("adapter `{name}` is not loaded (see GET /v1/adapters)")));
+    }
+    match model {
+        None | Some("") | Some(BASE_MODEL) => Ok(None),
+        Some(m) if m == state.config.model => Ok(None),
+        Some(name) => state.adapters.get(name).map(Some).ok_or_else(|| {
+            ApiError::not_found("model_not_found", format!("model `{name}` does not exist: use `{BASE_MODEL}` or a loaded adapter's name"))
+        }),
+    }
+}
+
+/// Decodes and preprocesses images off the async threads.
+pub async fn preprocess_images(state: &Arc<AppState>, images: Vec<Vec<u8>>) -> ApiResult<Vec<PreprocessedImage>> {
+    let limit = state.config.max_images_per_request;
+    if images.len() > limit {
+        return Err(ApiError::bad_request("too_many_images", format!("{} images, the limit is {limit} per request", images.len())));
+    }
+    let engine = state.engine()?;
+    let pipeline = engine.pipeline().clone();
+    let options = ImageOptions {
+        min_pixels: state.config.min_pixels,
+        max_pixels: state.config.max_pixels,
+        max_decoded_pixels: Some(state.config.max_image_pixels),
+    };
+    tokio::task::spawn_blocking(move || {
+        images.iter().map(|bytes| image::preprocess(bytes, &pipeline.preprocessor, &options)).collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("image decoding failed: {e}")))?
+    .map_err(ApiError::from)
+}
+
+/// `max_tokens` must be between 1 and the configured limit.
+pub fn check_max_tokens(state: &AppState, max_tokens: Option<i64>) -> ApiResult<Option<usize>> {
+    let limit = state.config.max_tokens_limit;
+    match max_tokens {
+        None => Ok(None),
+        Some(n) if n >= 1 && n as u64 <= limit as u64 => Ok(Some(n as usize)),
+        Some(n) => Err(ApiError::bad_request("invalid_max_tokens", format!("max_tokens must be between 1 and {limit}, got {n}"))),
+    }
+}
+
+/// The checkpoint's sampling defaults with the request's overrides.
+pub fn sampling(state: &AppState, temperature: Option<f64>, top_p: Option<f64>, seed: Option<u64>) -> ApiResult<SamplingParams> {
+    let mut params = state.engine()?.pipeline().default_sampling();
+    if let Some(t) = temperature {
+        params.temperature = t;
+    }
+    if let Some(p) = top_p {
+        params.top_p = p;
+    }
+    params.seed = seed;
+    params.validate()?;
+    Ok(params)
+}
+
+/// Queues the request with the configured deadline.
+pub fn submit(state: &AppState, request: GenerateRequest) -> ApiResult<RequestStream> {
+    let deadline = Some(Instant::now() + Duration::from_secs(state.config.request_timeout_secs));
+    state.engine()?.submit(Request { generate: request, deadline }).map_err(|e| {
+        let mut error = ApiError::from(e);
+        if error.status == StatusCode::TOO_MANY_REQUESTS {
+            error.retry_after = Some(state.config.retry_after_secs);
+        }
+        error
+    })
+}
+
+/// Waits for the request to end; a timeout or an engine failure becomes an error response.
+pub async fn complete(stream: RequestStream, adapter: Option<&str>) -> ApiResult<Completion> {
+    let completion = stream.completion().await.ok_or_else(|| ApiError::internal("the engine stopped before the request finished"))?;
+    record(&completion, adapter);
+    match failure(&completion) {
+        Some(error) => Err(error),
+        None => Ok(completion),
+    }
+}
+
+/// The error a finished request ended with, if it did not end normally.
+pub fn failure(completion: &Completion) -> Option<ApiError> {
+    let detail = completion.error.clone().unwrap_or_default();
+    match completion.finish_reason {
+        FinishReason::Stop | FinishReason::Length => None,
+        FinishReason::Timeout => Some(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("request timed out: {detail}"))),
+        FinishReason::Cancelled => Some(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cancelled", "the request was cancelled")),
+        FinishReason::Error => Some(ApiError::internal(detail)),
+    }
+}
+
+/// Per-request metrics: time to first token and token counts, by adapter.
+pub fn record(completion: &Completion, adapter: Option<&str>) {
+    let t = &completion.timings;
+    let adapter = adapter.unwrap_or(BASE_MODEL).to_string();
+    if !completion.token_ids.is_empty() {
+        ::metrics::histogram!(metrics::TIME_TO_FIRST_TOKEN, "adapter" => adapter.clone()).record((t.queued_ms + t.prefill_ms) / 1e3);
+    }
+    ::metrics::counter!(metrics::COMPLETION_TOKENS, "adapter" => adapter).increment(completion.token_ids.len() as u64);
+}
+
+/// OpenAI's name for how generation ended.
+pub fn finish_reason_name(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        _ => "stop",
+    }
+}

@@ -1,0 +1,324 @@
+//! `POST /v1/chat/completions`, compatible with OpenAI's clients: text and image content
+//! parts, sampling fields, stop strings, and SSE streaming.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use futures_util::stream;
+use qwen_ocr_model::prompt::{ChatMessage, Content, ContentPart};
+use qwen_ocr_model::GenerateRequest;
+use qwen_ocr_scheduler::{Completion, Event, RequestStream};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::parse_json;
+use crate::error::{ApiError, ApiResult};
+use crate::inference::{self, finish_reason_name};
+use crate::metrics::AdapterLabel;
+use crate::state::AppState;
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    model: Option<String>,
+    messages: Vec<InMessage>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    response_format: Option<ResponseFormat>,
+    n: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InMessage {
+    role: String,
+    content: Option<InContent>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum InContent {
+    Text(String),
+    Parts(Vec<InPart>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum InPart {
+    Text { text: String },
+    ImageUrl { image_url: ImageUrl },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ImageUrl {
+    Object { url: String },
+    Url(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct ResponseFormat {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let request: ChatRequest = parse_json(body)?;
+    let adapter = inference::resolve_adapter(&state, &headers, request.model.as_deref())?;
+    if request.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad_request("unsupported_n", "only n=1 is supported"));
+    }
+    if let Some(format) = &request.response_format {
+        if !matches!(format.kind.as_str(), "text" | "json_object") {
+            return Err(ApiError::bad_request("unsupported_response_format", "response_format.type must be `text` or `json_object`"));
+        }
+    }
+    if request.messages.is_empty() {
+        return Err(ApiError::bad_request("invalid_messages", "messages must not be empty"));
+    }
+    let max_new_tokens = inference::check_max_tokens(&state, request.max_completion_tokens.or(request.max_tokens))?;
+    let sampling = inference::sampling(&state, request.temperature, request.top_p, request.seed)?;
+    let stop = match request.stop {
+        None => vec![],
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) if v.len() <= 4 => v,
+        Some(Stop::Many(_)) => return Err(ApiError::bad_request("invalid_stop", "at most 4 stop strings")),
+    };
+    let (messages, image_bytes) = convert_messages(&state, request.messages).await?;
+    let images = inference::preprocess_images(&state, image_bytes).await?;
+    let adapter_name = adapter.as_ref().map(|a| a.name.clone());
+    let generate = GenerateRequest { messages, images, max_new_tokens, sampling, stop, adapter };
+    let stream = inference::submit(&state, generate)?;
+
+    let reply = Reply {
+        id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        model: adapter_name.clone().or(request.model).unwrap_or_else(|| inference::BASE_MODEL.into()),
+        adapter: adapter_name.clone(),
+    };
+    let mut response = if request.stream {
+        let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
+        stream_reply(reply, stream, include_usage).into_response()
+    } else {
+        let done = inference::complete(stream, adapter_name.as_deref()).await?;
+        Json(reply.completion(&done)).into_response()
+    };
+    response.extensions_mut().insert(AdapterLabel(adapter_name.unwrap_or_default()));
+    Ok(response)
+}
+
+/// OpenAI messages as the chat template sees them, and the bytes of their images in order.
+async fn convert_messages(state: &AppState, messages: Vec<InMessage>) -> ApiResult<(Vec<ChatMessage>, Vec<Vec<u8>>)> {
+    let mut out = Vec::with_capacity(messages.len());
+    let mut images = Vec::new();
+    for (i, message) in messages.into_iter().enumerate() {
+        if !matches!(message.role.as_str(), "system" | "user" | "assistant") {
+            return Err(ApiError::bad_request("invalid_role", format!("messages[{i}].role must be system, user or assistant")));
+        }
+        let content = match message.content {
+            None => Content::Text(String::new()),
+            Some(InContent::Text(text)) => Content::Text(text),
+            Some(InContent::Parts(parts)) => {
+                let mut converted = Vec::with_capacity(parts.len());
+                for part in parts {
+                    match part {
+                        InPart::Text { text } => converted.push(ContentPart::Text { text }),
+                        InPart::ImageUrl { image_url: ImageUrl::Object { url } | ImageUrl::Url(url) } => {
+                            if images.len() >= state.config.max_images_per_request {
+                                return Err(ApiError::bad_request(
+                                    "too_many_images",
+                                    format!("more than {} images in one request", state.config.max_images_per_request),
+                                ));
+                            }
+                            images.push(image_bytes(state, &url).await?);
+                            converted.push(ContentPart::Image);
+                        }
+                    }
+                }
+                Content::Parts(converted)
+            }
+        };
+        out.push(ChatMessage { role: message.role, content });
+    }
+    Ok((out, images))
+}
+
+/// The bytes behind an image URL: `data:` URLs always, `http(s)` only from allowed hosts.
+async fn image_bytes(state: &AppState, url: &str) -> ApiResult<Vec<u8>> {
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (meta, data) = rest.split_once(',').ok_or_else(|| ApiError::bad_request("invalid_image_url", "malformed data: URL"))?;
+        if !meta.ends_with(";base64") {
+            return Err(ApiError::bad_request("invalid_image_url", "data: URLs must be base64-encoded"));
+        }
+        return base64::engine::general_purpose::STANDARD
+            .decode(data.trim())
+            .map_err(|e| ApiError::bad_request("invalid_image_url", format!("data: URL is not valid base64: {e}")));
+    }
+    if url.starts_with("http://") || url.starts_with("https://") {
+        let host = url.split("://").nth(1).and_then(|r| r.split(['/', ':', '?', '#']).next()).unwrap_or("");
+        if !state.config.allowed_image_hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+            return Err(ApiError::bad_request(
+                "remote_image_not_allowed",
+                format!("image URLs from `{host}` are not allowed: send the image as a data: URL, or add the host to allowed_image_hosts"),
+            ));
+        }
+        return fetch(url.to_string(), state.config.max_body_bytes).await;
+    }
+    Err(ApiError::bad_request("invalid_image_url", "image_url must be a data: URL (or an http(s) URL from an allowed host)"))
+}
+
+/// Downloads an allowed remote image, refusing bodies over `limit` bytes.
+async fn fetch(url: String, limit: usize) -> ApiResult<Vec<u8>> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let response = ureq::get(&url)
+            .timeout(std::time::Duration::from_secs(30))
+            .call()
+            .map_err(|e| ApiError::bad_request("image_fetch_failed", format!("cannot fetch {url}: {e}")))?;
+        let mut bytes = Vec::new();
+        response
+            .into_reader()
+            .take(limit as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| ApiError::bad_request("image_fetch_failed", e.to_string()))?;
+        if bytes.len() > limit {
+            return Err(ApiError::new(
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "image_too_large",
+                format!("{url} is over {limit} bytes"),
+            ));
+        }
+        Ok(bytes)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+}
+
+/// What every response and chunk of one request shares.
+struct Reply {
+    id: String,
+    created: u64,
+    model: String,
+    adapter: Option<String>,
+}
+
+impl Reply {
+    fn completion(&self, done: &Completion) -> Value {
+        json!({
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{
+                "index": 0,
+                "message": { "role": "assistant", "content": done.text },
+                "finish_reason": finish_reason_name(done.finish_reason),
+                "logprobs": null,
+            }],
+            "usage": usage(done),
+            "system_fingerprint": null,
+        })
+    }
+
+    fn chunk(&self, delta: Value, finish_reason: Option<&str>, include_usage: bool) -> SseEvent {
+        let mut chunk = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": null }],
+        });
+        if include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        SseEvent::default().data(chunk.to_string())
+    }
+}
+
+fn usage(done: &Completion) -> Value {
+    let completion = done.token_ids.len();
+    json!({ "prompt_tokens": done.prompt_tokens, "completion_tokens": completion, "total_tokens": done.prompt_tokens + completion })
+}
+
+/// The SSE response: a role chunk, one chunk per text delta, the finish chunk, the usage
+/// chunk when asked for, then `[DONE]`. Dropping it (client gone) cancels the request.
+fn stream_reply(
+    reply: Reply,
+    events: RequestStream,
+    include_usage: bool,
+) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
+    let first = reply.chunk(json!({ "role": "assistant", "content": "" }), None, include_usage);
+    let state = (reply, Some(events), VecDeque::from([first]));
+    let body = stream::unfold(state, move |(reply, mut events, mut pending)| async move {
+        loop {
+            if let Some(event) = pending.pop_front() {
+                return Some((Ok(event), (reply, events, pending)));
+            }
+            match events.as_mut()?.next().await {
+                Some(Event::Token { text, .. }) if !text.is_empty() => {
+                    pending.push_back(reply.chunk(json!({ "content": text }), None, include_usage));
+                }
+                Some(Event::Token { .. }) => {}
+                Some(Event::Done(done)) => {
+                    inference::record(&done, reply.adapter.as_deref());
+                    if let Some(error) = inference::failure(&done) {
+                        pending.push_back(SseEvent::default().data(error.body().to_string()));
+                    } else {
+                        if !done.tail.is_empty() {
+                            pending.push_back(reply.chunk(json!({ "content": done.tail }), None, include_usage));
+                        }
+                        pending.push_back(reply.chunk(json!({}), Some(finish_reason_name(done.finish_reason)), include_usage));
+                        if include_usage {
+                            let chunk = json!({
+                                "id": reply.id, "object": "chat.completion.chunk", "created": reply.created,
+                                "model": reply.model, "choices": [], "usage": usage(&done),
+                            });
+                            pending.push_back(SseEvent::default().data(chunk.to_string()));
+                        }
+                    }
+                    pending.push_back(SseEvent::default().data("[DONE]"));
+                    events = None;
+                }
+                None => {
+                    let error = ApiError::internal("the engine stopped before the request finished");
+                    pending.push_back(SseEvent::default().data(error.body().to_string()));
+                    pending.push_back(SseEvent::default().data("[DONE]"));
+                    events = None;
+                }
+            }
+        }
+    });
+    Sse::new(body).keep_alive(KeepAlive::default())
+}

@@ -1,0 +1,132 @@
+//! `POST /v1/extract`: one image in (multipart `image` part, or a raw `image/*` body), the
+//! JSON the model read from it out.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Multipart, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use qwen_ocr_model::prompt::ChatMessage;
+use qwen_ocr_model::GenerateRequest;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::body_error;
+use crate::error::{ApiError, ApiResult};
+use crate::extract_json::extract_json;
+use crate::inference::{self, finish_reason_name};
+use crate::metrics::AdapterLabel;
+use crate::state::AppState;
+
+/// The optional fields, from multipart parts or (for raw bodies) the query string.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExtractOptions {
+    prompt: Option<String>,
+    max_tokens: Option<i64>,
+    temperature: Option<f64>,
+}
+
+pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, request: Request) -> ApiResult<Response> {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    let (image, options) = if content_type.starts_with("multipart/form-data") {
+        read_multipart(request).await?
+    } else if content_type.starts_with("image/") || content_type == "application/octet-stream" {
+        let options = Query::<ExtractOptions>::try_from_uri(request.uri())
+            .map_err(|e| ApiError::bad_request("invalid_query", format!("invalid query string: {}", e.body_text())))?
+            .0;
+        let body = Bytes::from_request(request, &()).await.map_err(body_error)?;
+        (body.to_vec(), options)
+    } else {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_content_type",
+            "send multipart/form-data with an `image` file part, or the image itself with an image/* content type",
+        ));
+    };
+    // Checked after reading the body, so that clients still sending it get the answer.
+    let adapter = inference::resolve_adapter(&state, &headers, None)?;
+    if image.is_empty() {
+        return Err(ApiError::bad_request("missing_image", "the image is empty"));
+    }
+    let max_new_tokens = inference::check_max_tokens(&state, options.max_tokens)?;
+    let sampling = inference::sampling(&state, options.temperature, None, None)?;
+    let adapter_name = adapter.as_ref().map(|a| a.name.clone());
+    let prompt = options.prompt.unwrap_or_else(|| state.extraction_prompt(adapter_name.as_deref()));
+    let images = inference::preprocess_images(&state, vec![image]).await?;
+    let request = GenerateRequest {
+        messages: vec![ChatMessage::user_with_images(images.len(), &prompt)],
+        images,
+        max_new_tokens,
+        sampling,
+        stop: vec![],
+        adapter,
+    };
+    let stream = inference::submit(&state, request)?;
+    let done = inference::complete(stream, adapter_name.as_deref()).await?;
+    let t = &done.timings;
+    let mut body = json!({
+        "id": format!("extract-{}", uuid::Uuid::new_v4().simple()),
+        "object": "extraction",
+        "model": state.config.model,
+        "adapter": adapter_name,
+        "data": Value::Null,
+        "raw": done.text,
+        "finish_reason": finish_reason_name(done.finish_reason),
+        "usage": {
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.token_ids.len(),
+            "total_tokens": done.prompt_tokens + done.token_ids.len(),
+        },
+        "timings": { "queued_ms": t.queued_ms, "prefill_ms": t.prefill_ms, "decode_ms": t.decode_ms },
+    });
+    match extract_json(&done.text) {
+        Ok(data) => body["data"] = data,
+        Err(why) => body["error"] = json!(why),
+    }
+    let mut response = Json(body).into_response();
+    response.extensions_mut().insert(AdapterLabel(adapter_name.unwrap_or_default()));
+    Ok(response)
+}
+
+/// The `image` file part and the optional text fields.
+async fn read_multipart(request: Request) -> ApiResult<(Vec<u8>, ExtractOptions)> {
+    let mut form = Multipart::from_request(request, &())
+        .await
+        .map_err(|e| ApiError::new(e.status(), "invalid_multipart", format!("invalid multipart body: {}", e.body_text())))?;
+    let mut image = None;
+    let mut options = ExtractOptions::default();
+    let broken = |e: axum::extract::multipart::MultipartError| {
+        let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "invalid_multipart" };
+        ApiError::new(e.status(), code, format!("invalid multipart body: {}", e.body_text()))
+    };
+    while let Some(field) = form.next_field().await.map_err(broken)? {
+        let name = field.name().unwrap_or("").to_string();
+        match name.as_str() {
+            "image" | "file" => {
+                if image.is_some() {
+                    return Err(ApiError::bad_request(
+                        "too_many_images",
+                        "/v1/extract takes one image; use /v1/chat/completions for several",
+                    ));
+                }
+                image = Some(field.bytes().await.map_err(broken)?.to_vec());
+            }
+            "prompt" => options.prompt = Some(field.text().await.map_err(broken)?),
+            "max_tokens" => options.max_tokens = Some(parse_field(&name, &field.text().await.map_err(broken)?)?),
+            "temperature" => options.temperature = Some(parse_field(&name, &field.text().await.map_err(broken)?)?),
+            other => return Err(ApiError::bad_request("unknown_field", format!("unknown form field `{other}`"))),
+        }
+    }
+    let image = image.ok_or_else(|| ApiError::bad_request("missing_image", "the form has no `image` file part"))?;
+    Ok((image, options))
+}
+
+fn parse_field<T: std::str::FromStr>(name: &str, value: &str) -> ApiResult<T> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| ApiError::bad_request("invalid_field", format!("form field `{name}` is not a valid number: `{value}`")))
+}

@@ -1,0 +1,92 @@
+//! The HTTP surface: routes, authentication and the layers every request passes through.
+
+mod adapters;
+mod chat;
+mod extract;
+mod models;
+mod ops;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderName, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{delete, get, post};
+use axum::Router;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/v1/extract", post(extract::extract))
+        .route("/v1/chat/completions", post(chat::completions))
+        .route("/v1/models", get(models::list))
+        .route("/v1/adapters", get(adapters::list).post(adapters::load))
+        .route("/v1/adapters/{name}", delete(adapters::unload))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    let ops = Router::new().route("/health", get(ops::health)).route("/ready", get(ops::ready)).route("/metrics", get(ops::metrics));
+    let trace = TraceLayer::new_for_http()
+        .make_span_with(|request: &Request| {
+            let id = request.headers().get(&REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+            tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
+        })
+        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO));
+    api.merge(ops)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(middleware::from_fn(crate::metrics::track))
+        // Outermost last: the id is set before tracing sees the request and copied to the response.
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
+        .layer(trace)
+        .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeRequestUuid))
+        .with_state(state)
+}
+
+/// `Authorization: Bearer KEY` on `/v1/*` when keys are configured.
+async fn authenticate(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Result<Response, ApiError> {
+    let keys = &state.config.api_keys;
+    if keys.is_empty() {
+        return Ok(next.run(request).await);
+    }
+    let presented = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(key) if keys.iter().any(|k| constant_time_eq(k.as_bytes(), key.trim().as_bytes())) => Ok(next.run(request).await),
+        Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "the API key is not valid")),
+        None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing_api_key", "send an API key as `Authorization: Bearer KEY`")),
+    }
+}
+
+/// Compares keys without leaking, through timing, how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("unknown_route", "no such route; see the README for the API")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not accept that method")
+}
+
+/// A JSON body, with malformed JSON, wrong fields and oversized bodies as API errors.
+fn parse_json<T: serde::de::DeserializeOwned>(
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<T, ApiError> {
+    let bytes = body.map_err(body_error)?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request("invalid_json", format!("invalid request body: {e}")))
+}
+
+/// A body that could not be read: over the size limit (413) or broken.
+fn body_error(rejection: axum::extract::rejection::BytesRejection) -> ApiError {
+    let status = rejection.status();
+    let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "invalid_body" };
+    ApiError::new(status, code, rejection.body_text())
+}

@@ -1,0 +1,102 @@
+//! `qwen-ocr serve`: listen at once (health answers while the model loads), load the model
+//! and the configured adapters, serve, and on SIGTERM/SIGINT stop taking connections and let
+//! in-flight requests finish within the grace period.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use qwen_ocr_model::model::{parse_device, parse_dtype};
+use qwen_ocr_model::Pipeline;
+use qwen_ocr_scheduler::Engine;
+use tokio::net::TcpListener;
+
+use crate::config::{ServeArgs, ServerConfig};
+use crate::state::AppState;
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let config = ServerConfig::load(args)?;
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?.block_on(serve(config))
+}
+
+async fn serve(config: ServerConfig) -> Result<()> {
+    let metrics = crate::metrics::install()?;
+    let addr = (config.host, config.port);
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {}:{}", addr.0, addr.1))?;
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let state = Arc::new(AppState::new(config, metrics));
+    tracing::info!(address = %listener.local_addr()?, model = %state.config.model, "listening");
+
+    let loader_state = state.clone();
+    let loader = tokio::task::spawn_blocking(move || load(&loader_state));
+    let app = crate::routes::router(state.clone());
+    let shutdown_state = state.clone();
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!(grace_secs = grace.as_secs(), "shutting down: finishing in-flight requests");
+        shutdown_state.begin_shutdown();
+        let _ = stopping_tx.send(());
+    });
+    let deadline = async move {
+        if stopping_rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+    let mut loader = std::pin::pin!(loader);
+    let mut deadline = std::pin::pin!(deadline);
+    let mut loaded = false;
+    loop {
+        tokio::select! {
+            result = &mut server => return result.context("server failed"),
+            result = &mut loader, if !loaded => {
+                result.context("model loading panicked")??;
+                loaded = true;
+            }
+            _ = &mut deadline => {
+                tracing::warn!("grace period over: dropping the requests still running");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Loads the model and the configured adapters, then starts the engine.
+fn load(state: &AppState) -> Result<()> {
+    let config = &state.config;
+    let dtype = parse_dtype(&config.dtype)?;
+    let device = parse_device(&config.device)?;
+    let started = std::time::Instant::now();
+    let pipeline = Pipeline::load(&config.model, dtype, &device).with_context(|| format!("loading {}", config.model))?;
+    for (name, adapter) in &config.adapters {
+        state.adapters.load(&pipeline.model, name, &adapter.path).with_context(|| format!("loading adapter `{name}`"))?;
+        if let Some(prompt) = &adapter.prompt {
+            state.adapter_prompts.write().expect("prompts lock").insert(name.clone(), prompt.clone());
+        }
+        tracing::info!(adapter = %name, path = %adapter.path.display(), "adapter loaded");
+    }
+    state.set_engine(Engine::start(Arc::new(pipeline), config.engine.clone()));
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded; ready");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = terminate => {} }
+}

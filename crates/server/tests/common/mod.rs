@@ -1,0 +1,237 @@
+//! A real `qwen-ocr serve` process on a loopback port, and small HTTP helpers around it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const PLATE_PROMPT: &str =
+    "Please extract the Vehicle Sr No, Engine No, and Model from this image. Response only json format nothing else.";
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+pub fn image_path(name: &str) -> PathBuf {
+    fixtures().join("images").join(name)
+}
+
+pub fn image_bytes(name: &str) -> Vec<u8> {
+    std::fs::read(image_path(name)).unwrap()
+}
+
+pub fn adapter_dir(name: &str) -> PathBuf {
+    fixtures().join("adapters/tiny-tied").join(name)
+}
+
+pub fn tiny_model() -> String {
+    fixtures().join("tiny-tied").display().to_string()
+}
+
+/// What `qwen-ocr generate` prints for one image and prompt (optionally with an adapter).
+pub fn generate_text(image: &str, prompt: &str, max_tokens: usize, adapter: Option<&str>) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qwen-ocr"));
+    cmd.args(["generate", "--model", &tiny_model(), "--prompt", prompt, "--json", "--max-tokens", &max_tokens.to_string()]);
+    cmd.arg("--image").arg(image_path(image));
+    if let Some(a) = adapter {
+        cmd.arg("--adapter").arg(adapter_dir(a));
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    json["text"].as_str().unwrap().to_string()
+}
+
+pub struct Server {
+    child: Child,
+    pub base: String,
+    logs: Arc<Mutex<String>>,
+}
+
+impl Server {
+    /// Starts the server on the tiny checkpoint with extra flags and waits until it is ready.
+    pub fn start(extra: &[&str]) -> Self {
+        Self::start_with_env(extra, &[])
+    }
+
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_qwen-ocr"));
+        cmd.args(["serve", "--model", &tiny_model(), "--host", "127.0.0.1", "--port", "0"]).args(extra);
+        cmd.env("RUST_LOG", "info").env("HF_HUB_OFFLINE", "1").env_remove("QWEN_OCR_API_KEYS").envs(env.iter().copied());
+        let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (port_tx, port_rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("address=").nth(1) {
+                    let _ = port_tx.send(addr.split_whitespace().next().unwrap().to_string());
+                }
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let addr =
+            port_rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("server did not start: {}", logs.lock().unwrap()));
+        let server = Self { child, base: format!("http://{addr}"), logs };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&self) {
+        let started = Instant::now();
+        while self.get("/ready").0 != 200 {
+            assert!(started.elapsed() < Duration::from_secs(30), "server never became ready: {}", self.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        finish(ureq::get(&self.url(path)).call())
+    }
+
+    pub fn post_json(&self, path: &str, body: &Value, headers: &[(&str, &str)]) -> (u16, Value) {
+        let mut req = ureq::post(&self.url(path)).set("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        json_of(finish(req.send_bytes(body.to_string().as_bytes())))
+    }
+
+    pub fn post_raw(&self, path: &str, content_type: &str, body: &[u8], headers: &[(&str, &str)]) -> (u16, Value) {
+        let mut req = ureq::post(&self.url(path)).set("content-type", content_type);
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        json_of(finish(req.send_bytes(body)))
+    }
+
+    /// `POST /v1/extract` as multipart: `files` are (field, filename, bytes), `fields` text parts.
+    pub fn extract_multipart(&self, files: &[(&str, &str, &[u8])], fields: &[(&str, &str)], headers: &[(&str, &str)]) -> (u16, Value) {
+        let boundary = "qwen-ocr-test-boundary";
+        let mut body = Vec::new();
+        for (name, filename, bytes) in files {
+            body.extend(
+                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+            );
+            body.extend_from_slice(bytes);
+            body.extend(b"\r\n");
+        }
+        for (name, value) in fields {
+            body.extend(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes());
+        }
+        body.extend(format!("--{boundary}--\r\n").as_bytes());
+        self.post_raw("/v1/extract", &format!("multipart/form-data; boundary={boundary}"), &body, headers)
+    }
+
+    /// A streamed chat completion: the concatenated content, the finish reason and every data line.
+    pub fn chat_stream(&self, body: &Value, headers: &[(&str, &str)]) -> (String, Option<String>, Vec<String>) {
+        let mut req = ureq::post(&self.url("/v1/chat/completions")).set("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let response = req.send_bytes(body.to_string().as_bytes()).expect("stream starts");
+        assert_eq!(response.header("content-type"), Some("text/event-stream"));
+        let mut text = String::new();
+        let mut finish = None;
+        let mut lines = Vec::new();
+        for line in BufReader::new(response.into_reader()).lines() {
+            let line = line.unwrap();
+            let Some(data) = line.strip_prefix("data: ") else { continue };
+            lines.push(data.to_string());
+            if data == "[DONE]" {
+                break;
+            }
+            let chunk: Value = serde_json::from_str(data).unwrap();
+            assert!(chunk.get("error").is_none(), "stream error: {chunk}");
+            if let Some(choice) = chunk["choices"].get(0) {
+                text.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+                if let Some(f) = choice["finish_reason"].as_str() {
+                    finish = Some(f.to_string());
+                }
+            }
+        }
+        (text, finish, lines)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn finish(result: Result<ureq::Response, ureq::Error>) -> (u16, String) {
+    match result {
+        Ok(r) => (r.status(), read_body(r)),
+        Err(ureq::Error::Status(code, r)) => (code, read_body(r)),
+        Err(e) => panic!("transport error: {e}"),
+    }
+}
+
+fn read_body(r: ureq::Response) -> String {
+    let mut s = String::new();
+    r.into_reader().read_to_string(&mut s).unwrap();
+    s
+}
+
+fn json_of((status, body): (u16, String)) -> (u16, Value) {
+    let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {body}"));
+    (status, json)
+}
+
+/// A chat request body with images as data: URLs, then the text.
+pub fn chat_body(model: Option<&str>, images: &[&str], text: &str, max_tokens: usize) -> Value {
+    use base64::Engine;
+    let mut content: Vec<Value> = images
+        .iter()
+        .map(|i| {
+            let url = format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(image_bytes(i)));
+            serde_json::json!({ "type": "image_url", "image_url": { "url": url } })
+        })
+        .collect();
+    content.push(serde_json::json!({ "type": "text", "text": text }));
+    let mut body = serde_json::json!({ "messages": [{ "role": "user", "content": content }], "max_tokens": max_tokens });
+    if let Some(m) = model {
+        body["model"] = m.into();
+    }
+    body
+}
+
+/// Asserts an OpenAI-style error body with this status.
+pub fn assert_api_error(got: &(u16, Value), status: u16, code: &str) {
+    let (s, body) = got;
+    assert_eq!(*s, status, "{body}");
+    let error = &body["error"];
+    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(error["type"].is_string(), "{body}");
+    assert_eq!(error["code"], code, "{body}");
+}

@@ -1,0 +1,290 @@
+//! `qwen-ocr serve` over real HTTP on loopback with the tiny checkpoint: the same text as
+//! `qwen-ocr generate`, adapters per request and at runtime, errors, limits and operations.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn adapter_flags() -> Vec<String> {
+    ["lm-qv-r4", "vision-merger-pattern"]
+        .iter()
+        .flat_map(|a| ["--adapter".to_string(), format!("{a}={}", adapter_dir(a).display())])
+        .collect()
+}
+
+fn start_with_adapters(extra: &[&str]) -> Server {
+    let flags = adapter_flags();
+    let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    args.extend(extra);
+    Server::start(&args)
+}
+
+#[test]
+fn extract_and_chat_return_what_generate_returns_with_and_without_adapters() {
+    let server = start_with_adapters(&[]);
+    for (image, adapter) in [("plate.png", None), ("plate.png", Some("lm-qv-r4")), ("resized.png", Some("vision-merger-pattern"))] {
+        let expected = generate_text(image, PLATE_PROMPT, 16, adapter);
+        let header: Vec<(&str, &str)> = adapter.map(|a| ("X-Adapter", a)).into_iter().collect();
+
+        let (status, body) =
+            server.extract_multipart(&[("image", image, &image_bytes(image))], &[("prompt", PLATE_PROMPT), ("max_tokens", "16")], &header);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["raw"], expected, "extract {image} {adapter:?}");
+        assert_eq!(body["adapter"], json!(adapter));
+        assert_eq!(body["usage"]["completion_tokens"], 16);
+        assert!(body["data"].is_null() && body["error"].is_string(), "random weights write no JSON: {body}");
+
+        let query = format!("/v1/extract?max_tokens=16&prompt={}", PLATE_PROMPT.replace(' ', "%20").replace(',', "%2C"));
+        let (status, body) = server.post_raw(&query, "image/png", &image_bytes(image), &header);
+        assert_eq!((status, body["raw"].as_str().unwrap()), (200, expected.as_str()), "raw-body extract {image} {adapter:?}");
+
+        // The adapter by `model` field, not streamed.
+        let (status, body) =
+            server.post_json("/v1/chat/completions", &chat_body(adapter.or(Some("base")), &[image], PLATE_PROMPT, 16), &[]);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["object"], "chat.completion");
+        assert_eq!(body["choices"][0]["message"]["content"], expected, "chat {image} {adapter:?}");
+        assert_eq!(body["choices"][0]["finish_reason"], "length");
+        assert_eq!(body["usage"]["completion_tokens"], 16);
+
+        // The adapter by header, streamed with usage.
+        let mut request = chat_body(Some("whatever-the-client-sends-is-overridden"), &[image], PLATE_PROMPT, 16);
+        request["stream"] = json!(true);
+        request["stream_options"] = json!({ "include_usage": true });
+        let (text, finish, lines) = server.chat_stream(&request, &[("X-Adapter", adapter.unwrap_or("base"))]);
+        assert_eq!(text, expected, "streamed chat {image} {adapter:?}");
+        assert_eq!(finish.as_deref(), Some("length"));
+        let usage: Value = serde_json::from_str(&lines[lines.len() - 2]).unwrap();
+        assert_eq!(usage["usage"]["completion_tokens"], 16, "the usage chunk precedes [DONE]");
+    }
+}
+
+#[test]
+fn extract_defaults_to_the_adapters_configured_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("qwen-ocr.toml");
+    let prompt = "Read the plate. Reply in JSON.";
+    std::fs::write(
+        &config,
+        format!("[adapters.plates]\npath = {:?}\nprompt = {prompt:?}\n", adapter_dir("lm-qv-r4").display().to_string()),
+    )
+    .unwrap();
+    let server = Server::start(&["--config", config.to_str().unwrap()]);
+    let (status, body) =
+        server.extract_multipart(&[("image", "plate.png", &image_bytes("plate.png"))], &[("max_tokens", "8")], &[("X-Adapter", "plates")]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["raw"], generate_text("plate.png", prompt, 8, Some("lm-qv-r4")));
+}
+
+#[test]
+fn bad_input_gets_its_status_and_an_openai_error_and_the_server_stays_healthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("limits.toml");
+    std::fs::write(&config, "max_body_bytes = 300000\nmax_image_pixels = 20000\nmax_images_per_request = 2\nmax_tokens_limit = 64\n")
+        .unwrap();
+    let server = start_with_adapters(&["--config", config.to_str().unwrap()]);
+    let plate = image_bytes("plate.png");
+    let chat = |body: &Value| server.post_json("/v1/chat/completions", body, &[]);
+
+    assert_api_error(&server.post_raw("/v1/chat/completions", "application/json", b"{\"messages\": [", &[]), 400, "invalid_json");
+    let mut wrong_type = chat_body(None, &[], "hi", 4);
+    wrong_type["max_tokens"] = json!("four");
+    assert_api_error(&chat(&wrong_type), 400, "invalid_json");
+    assert_api_error(&chat(&json!({ "messages": [] })), 400, "invalid_messages");
+    assert_api_error(&chat(&chat_body(None, &[], "hi", 0)), 400, "invalid_max_tokens");
+    assert_api_error(&chat(&chat_body(None, &[], "hi", 65)), 400, "invalid_max_tokens");
+    let mut hot = chat_body(None, &[], "hi", 4);
+    hot["temperature"] = json!(-1);
+    assert_api_error(&chat(&hot), 400, "invalid_request");
+    assert_api_error(&chat(&chat_body(Some("no-such-adapter"), &[], "hi", 4)), 404, "model_not_found");
+    assert_api_error(&chat(&chat_body(None, &["plate.png", "plate.png", "plate.png"], "hi", 4)), 400, "too_many_images");
+    let remote = json!({ "messages": [{ "role": "user", "content": [{ "type": "image_url", "image_url": { "url": "https://example.com/a.png" } }] }] });
+    assert_api_error(&chat(&remote), 400, "remote_image_not_allowed");
+    let bad_b64 = json!({ "messages": [{ "role": "user", "content": [{ "type": "image_url", "image_url": { "url": "data:image/png;base64,@@@" } }] }] });
+    assert_api_error(&chat(&bad_b64), 400, "invalid_image_url");
+
+    assert_api_error(&server.extract_multipart(&[], &[("prompt", "hi")], &[]), 400, "missing_image");
+    assert_api_error(&server.extract_multipart(&[("image", "a.txt", b"just some text")], &[], &[]), 415, "unsupported_image");
+    assert_api_error(&server.extract_multipart(&[("image", "cut.png", &plate[..plate.len() / 2])], &[], &[]), 400, "invalid_image");
+    // large.png declares 200x150 = 30000 pixels in its header, over the 20000 limit.
+    assert_api_error(&server.extract_multipart(&[("image", "large.png", &image_bytes("large.png"))], &[], &[]), 413, "image_too_large");
+    assert_api_error(&server.post_raw("/v1/extract", "image/png", &vec![0u8; 400_000], &[]), 413, "body_too_large");
+    assert_api_error(&server.extract_multipart(&[("image", "p.png", &plate)], &[("max_tokens", "x")], &[]), 400, "invalid_field");
+    assert_api_error(&server.extract_multipart(&[("image", "p.png", &plate)], &[], &[("X-Adapter", "nope")]), 404, "adapter_not_found");
+    assert_api_error(&server.post_raw("/v1/extract", "text/plain", b"hello", &[]), 415, "unsupported_content_type");
+    assert_api_error(&server.post_raw("/v1/nothing", "text/plain", b"", &[]), 404, "unknown_route");
+
+    assert_eq!(server.get("/health").0, 200);
+    let (status, body) = server.extract_multipart(&[("image", "plate.png", &plate)], &[("max_tokens", "4")], &[]);
+    assert_eq!((status, body["usage"]["completion_tokens"].as_u64()), (200, Some(4)), "a normal request still works: {body}");
+    assert!(!server.logs().contains("panicked"));
+}
+
+#[test]
+fn api_keys_are_required_when_configured() {
+    let server = Server::start_with_env(&["--api-key", "k1"], &[("QWEN_OCR_API_KEYS", "k2,k3")]);
+    let body = chat_body(None, &[], "hi", 2);
+    assert_api_error(&server.post_json("/v1/chat/completions", &body, &[]), 401, "missing_api_key");
+    assert_api_error(&server.post_json("/v1/chat/completions", &body, &[("Authorization", "Bearer k2")]), 401, "invalid_api_key");
+    assert_eq!(
+        server.post_json("/v1/chat/completions", &body, &[("Authorization", "Bearer k1")]).0,
+        200,
+        "the flag wins over the environment"
+    );
+    assert_eq!(server.get("/health").0, 200, "probes need no key");
+}
+
+#[test]
+fn adapters_load_replace_and_unload_at_runtime_while_requests_run() {
+    let server = Server::start(&["--adapters-dir", fixtures().join("adapters/tiny-tied").to_str().unwrap()]);
+    let load = |name: &str, path: &str| server.post_json("/v1/adapters", &json!({ "name": name, "path": path }), &[]);
+    let extract = |adapter: &str, max_tokens: &str| {
+        server.extract_multipart(
+            &[("image", "plate.png", &image_bytes("plate.png"))],
+            &[("prompt", PLATE_PROMPT), ("max_tokens", max_tokens)],
+            &[("X-Adapter", adapter)],
+        )
+    };
+    assert_api_error(&load("hot", "../../images"), 403, "adapter_path_outside");
+    assert_api_error(&load("hot", "no-such-dir"), 400, "adapter_path_not_found");
+    assert_api_error(&load("base", "lm-qv-r4"), 400, "invalid_adapter_name");
+    assert_api_error(&extract("hot", "4"), 404, "adapter_not_found");
+
+    std::thread::scope(|s| {
+        // Base-model traffic throughout: none of it may fail.
+        let background = s.spawn(|| {
+            for _ in 0..12 {
+                let (status, body) = extract("base", "8");
+                assert_eq!(status, 200, "{body}");
+            }
+        });
+        let (status, body) = load("hot", "lm-qv-r4");
+        assert_eq!((status, &body["replaced"]), (201, &json!(false)), "{body}");
+        assert_eq!(extract("hot", "16").1["raw"], generate_text("plate.png", PLATE_PROMPT, 16, Some("lm-qv-r4")));
+
+        // A long request on the first version, replaced while it runs, finishes on that version.
+        let in_flight = s.spawn(|| {
+            let mut body = chat_body(Some("hot"), &["plate.png"], PLATE_PROMPT, 400);
+            body["stream"] = json!(true);
+            server.chat_stream(&body, &[])
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let (status, body) = load("hot", "vision-merger-pattern");
+        assert_eq!((status, &body["replaced"]), (200, &json!(true)), "{body}");
+        assert_eq!(extract("hot", "16").1["raw"], generate_text("plate.png", PLATE_PROMPT, 16, Some("vision-merger-pattern")));
+        let (_, finish, _) = in_flight.join().unwrap();
+        assert_eq!(finish.as_deref(), Some("length"), "the in-flight request completed");
+
+        let (_, models) = json_get(&server, "/v1/models");
+        assert!(models["data"].as_array().unwrap().iter().any(|m| m["id"] == "hot"), "{models}");
+        let (status, _) = delete(&server, "/v1/adapters/hot");
+        assert_eq!(status, 200);
+        assert_api_error(&extract("hot", "4"), 404, "adapter_not_found");
+        assert_eq!(delete(&server, "/v1/adapters/hot").0, 404);
+        background.join().unwrap();
+    });
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after_and_a_dropped_client_frees_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("small.toml");
+    std::fs::write(&config, "retry_after_secs = 7\n[engine]\nmax_batch_size = 1\nmax_queue = 1\n").unwrap();
+    let server = Server::start(&["--config", config.to_str().unwrap()]);
+    let engine = |field: &str| json_get(&server, "/ready").1["engine"][field].as_u64().unwrap();
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let started = std::time::Instant::now();
+        while !cond() {
+            assert!(started.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let mut long = chat_body(None, &[], "Write the registration number", 4000);
+    long["stream"] = json!(true);
+    let (url, long) = (server.url("/v1/chat/completions"), long.to_string());
+    let open_stream = move || ureq::post(&url).send_bytes(long.as_bytes()).unwrap();
+    let running = open_stream();
+    let mut running_lines = BufReader::new(running.into_reader()).lines();
+    running_lines.next();
+    wait("one running", &|| engine("running") == 1);
+    let queued = std::thread::spawn({
+        let open_stream = open_stream.clone();
+        move || open_stream().into_reader()
+    });
+    wait("one queued", &|| engine("queue_depth") == 1);
+
+    let refused = ureq::post(&server.url("/v1/chat/completions")).send_bytes(chat_body(None, &[], "hi", 2).to_string().as_bytes());
+    let Err(ureq::Error::Status(429, response)) = refused else { panic!("expected 429") };
+    assert_eq!(response.header("retry-after"), Some("7"));
+    let body: Value = serde_json::from_str(&response.into_string().unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "queue_full");
+
+    // Clients hang up: their sequences end and the slot serves new work.
+    drop(running_lines);
+    drop(queued.join().unwrap());
+    wait("the engine to drain", &|| engine("running") == 0 && engine("queue_depth") == 0 && engine("kv_cache_used_bytes") == 0);
+    assert_eq!(server.post_json("/v1/chat/completions", &chat_body(None, &[], "hi", 2), &[]).0, 200);
+}
+
+#[test]
+fn operations_health_ready_metrics_and_request_ids() {
+    let server = start_with_adapters(&[]);
+    assert_eq!(server.get("/health"), (200, json!({ "status": "ok" }).to_string()));
+    let response = ureq::post(&server.url("/v1/chat/completions"))
+        .set("x-request-id", "trace-me-42")
+        .set("x-adapter", "lm-qv-r4")
+        .send_bytes(chat_body(None, &["plate.png"], "hi", 3).to_string().as_bytes())
+        .unwrap();
+    assert_eq!(response.header("x-request-id"), Some("trace-me-42"));
+    let generated = ureq::get(&server.url("/health")).call().unwrap();
+    assert!(generated.header("x-request-id").is_some_and(|id| id.len() >= 32), "an id is made when the client sends none");
+    let (_, metrics) = server.get("/metrics");
+    for name in [
+        "qwen_ocr_http_requests_total{route=\"/v1/chat/completions\",status=\"200\",adapter=\"lm-qv-r4\"} 1",
+        "qwen_ocr_http_request_duration_seconds_bucket",
+        "qwen_ocr_time_to_first_token_seconds_bucket",
+        "qwen_ocr_queue_depth",
+        "qwen_ocr_batch_size_bucket",
+        "qwen_ocr_generated_tokens_total",
+        "qwen_ocr_kv_cache_used_bytes",
+    ] {
+        assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
+    }
+    let (_, adapters) = json_get(&server, "/v1/adapters");
+    assert_eq!(adapters["data"].as_array().unwrap().len(), 2);
+    assert!(server.logs().lines().any(|l| l.contains("trace-me-42") && l.contains("finished processing request")), "{}", server.logs());
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish() {
+    let mut server = Server::start(&[]);
+    let mut body = chat_body(None, &[], "Write the registration number", 300);
+    body["stream"] = json!(true);
+    let response = ureq::post(&server.url("/v1/chat/completions")).send_bytes(body.to_string().as_bytes()).unwrap();
+    let mut lines = BufReader::new(response.into_reader()).lines();
+    lines.next();
+    assert!(std::process::Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap().success());
+    let data: Vec<String> = lines.map_while(Result::ok).filter_map(|l| l.strip_prefix("data: ").map(str::to_string)).collect();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let finish: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "length", "the request ran to its end");
+    let status = server.wait_exit(Duration::from_secs(20)).expect("the server exits after draining");
+    assert!(status.success(), "{status:?}");
+}
+
+fn json_get(server: &Server, path: &str) -> (u16, Value) {
+    let (status, body) = server.get(path);
+    (status, serde_json::from_str(&body).unwrap())
+}
+
+fn delete(server: &Server, path: &str) -> (u16, String) {
+    match ureq::delete(&server.url(path)).call() {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
+        Err(e) => panic!("{e}"),
+    }
+}
