@@ -158,3 +158,38 @@ impl ServerConfig {
         toml::from_str(&text).with_context(|| format!("invalid configuration in {}", path.display()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented file states the real defaults.
+    #[test]
+    fn the_documented_config_file_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/qwen-ocr.toml");
+        let documented = serde_json::to_value(ServerConfig::from_file(&path).unwrap()).unwrap();
+        assert_eq!(documented, serde_json::to_value(ServerConfig::default()).unwrap());
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "port = 9000\ndtype = \"bf16\"\napi_keys = [\"a\"]\n[engine]\nmax_queue = 3\n").unwrap();
+        let args = ServeArgs { config: Some(file), port: Some(9100), ..ServeArgs::default() };
+        let config = ServerConfig::load(args).unwrap();
+        assert_eq!(
+            (config.port, config.dtype.as_str(), config.api_keys.as_slice(), config.engine.max_queue),
+            (9100, "bf16", &["a".to_string()][..], 3)
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "prot = 9000\n").unwrap();
+        let err = format!("{:#}", ServerConfig::from_file(&file).unwrap_err());
+        assert!(err.contains("prot"), "{err}");
+    }
+}

@@ -125,6 +125,37 @@ fn bad_input_gets_its_status_and_an_openai_error_and_the_server_stays_healthy() 
 }
 
 #[test]
+fn remote_images_are_fetched_only_from_allowed_hosts() {
+    // A one-shot HTTP server on loopback stands in for an allowed image host.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://127.0.0.1:{}/plate.png", listener.local_addr().unwrap().port());
+    let host = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut request = [0u8; 4096];
+        let _ = conn.read(&mut request).unwrap();
+        let png = image_bytes("plate.png");
+        conn.write_all(
+            format!("HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", png.len()).as_bytes(),
+        )
+        .unwrap();
+        conn.write_all(&png).unwrap();
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hosts.toml");
+    std::fs::write(&config, "allowed_image_hosts = [\"127.0.0.1\"]\n").unwrap();
+    let server = Server::start(&["--config", config.to_str().unwrap()]);
+    let content = json!([{ "type": "image_url", "image_url": { "url": url } }, { "type": "text", "text": PLATE_PROMPT }]);
+    let body = json!({ "messages": [{ "role": "user", "content": content }], "max_tokens": 8 });
+    let (status, reply) = server.post_json("/v1/chat/completions", &body, &[]);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["choices"][0]["message"]["content"], generate_text("plate.png", PLATE_PROMPT, 8, None));
+    host.join().unwrap();
+    let other = json!({ "messages": [{ "role": "user", "content": [{ "type": "image_url", "image_url": { "url": "http://localhost/plate.png" } }] }] });
+    assert_api_error(&server.post_json("/v1/chat/completions", &other, &[]), 400, "remote_image_not_allowed");
+}
+
+#[test]
 fn api_keys_are_required_when_configured() {
     let server = Server::start_with_env(&["--api-key", "k1"], &[("QWEN_OCR_API_KEYS", "k2,k3")]);
     let body = chat_body(None, &[], "hi", 2);
@@ -287,4 +318,27 @@ fn delete(server: &Server, path: &str) -> (u16, String) {
         Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap()),
         Err(e) => panic!("{e}"),
     }
+}
+
+/// The official `openai` Python package, unchanged, plain and streamed. Python comes from
+/// `QWEN_OCR_PYTHON` (CI installs the package into a venv); elsewhere the test says how to
+/// enable it, and fails under CI rather than skipping.
+#[test]
+fn the_official_openai_python_client_works_unchanged() {
+    let python = std::env::var("QWEN_OCR_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_openai = std::process::Command::new(&python).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success());
+    if !has_openai {
+        assert!(std::env::var_os("CI").is_none(), "CI must provide the openai package: set QWEN_OCR_PYTHON to a Python that has it");
+        eprintln!("skipped: no `openai` package for {python}; `pip install openai` and set QWEN_OCR_PYTHON to run it");
+        return;
+    }
+    let server = Server::start(&["--api-key", "test-key"]);
+    let expected = generate_text("plate.png", PLATE_PROMPT, 12, None);
+    let script = fixtures().join("../openai_client.py");
+    let out = std::process::Command::new(&python)
+        .arg(&script)
+        .args([&server.base, image_path("plate.png").to_str().unwrap(), &expected, "12"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderName, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
@@ -41,6 +42,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        // A bug in a handler answers 500 in the API's error shape instead of dropping the connection.
+        .layer(CatchPanicLayer::custom(|_| ApiError::internal("internal error while handling the request").into_response()))
         .layer(middleware::from_fn(crate::metrics::track))
         // Outermost last: the id is set before tracing sees the request and copied to the response.
         .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))

@@ -1,0 +1,56 @@
+"""The official `openai` package against a running qwen-ocr server, unchanged.
+
+    python tests/openai_client.py BASE_URL IMAGE EXPECTED_TEXT MAX_TOKENS
+
+Sends the image as a data: URL, once plain and once streamed, and checks both replies
+against EXPECTED_TEXT (what `qwen-ocr generate` printed for the same input).
+"""
+
+import base64
+import sys
+
+from openai import OpenAI
+
+base_url, image_path, expected, max_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+prompt = "Please extract the Vehicle Sr No, Engine No, and Model from this image. Response only json format nothing else."
+
+with open(image_path, "rb") as f:
+    data_url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+client = OpenAI(base_url=base_url + "/v1", api_key="test-key")
+messages = [
+    {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": data_url}},
+            {"type": "text", "text": prompt},
+        ],
+    }
+]
+
+models = [m.id for m in client.models.list()]
+assert "base" in models, models
+
+reply = client.chat.completions.create(model="base", messages=messages, max_tokens=max_tokens, temperature=0)
+assert reply.choices[0].message.content == expected, (reply.choices[0].message.content, expected)
+assert reply.choices[0].finish_reason == "length", reply.choices[0].finish_reason
+assert reply.usage.completion_tokens == max_tokens, reply.usage
+
+stream = client.chat.completions.create(
+    model="base",
+    messages=messages,
+    max_tokens=max_tokens,
+    temperature=0,
+    stream=True,
+    stream_options={"include_usage": True},
+)
+text, finish, usage = "", None, None
+for chunk in stream:
+    if chunk.usage is not None:
+        usage = chunk.usage
+    for choice in chunk.choices:
+        text += choice.delta.content or ""
+        finish = choice.finish_reason or finish
+assert text == expected, (text, expected)
+assert finish == "length", finish
+assert usage is not None and usage.completion_tokens == max_tokens, usage
+print("openai client: ok")
