@@ -228,6 +228,19 @@ pub enum FinishReason {
     Error,
 }
 
+impl FinishReason {
+    /// The name used in JSON output and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Timeout => "timeout",
+            FinishReason::Error => "error",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerateOutput {
     pub text: String,

@@ -324,7 +324,7 @@ impl Worker {
         for seq in done {
             self.kv.release(seq.max_tokens());
             let reason = seq.decoding.finish_reason().expect("finished");
-            metrics::counter!(m::FINISHED, "reason" => finish_label(reason)).increment(1);
+            metrics::counter!(m::FINISHED, "reason" => reason.as_str()).increment(1);
             seq.complete(&self.pipeline);
         }
     }
@@ -337,16 +337,6 @@ impl Worker {
         metrics::gauge!(m::RUNNING_SEQUENCES).set(self.running.len() as f64);
         metrics::gauge!(m::KV_CACHE_USED_BYTES).set(self.kv.used() as f64);
         metrics::gauge!(m::QUEUE_DEPTH).set(self.stats.queue_depth.load(r) as f64);
-    }
-}
-
-fn finish_label(reason: FinishReason) -> &'static str {
-    match reason {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-        FinishReason::Cancelled => "cancelled",
-        FinishReason::Timeout => "timeout",
-        FinishReason::Error => "error",
     }
 }
 

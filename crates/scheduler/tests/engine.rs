@@ -228,3 +228,24 @@ fn stop_strings_never_leak_into_the_stream() {
     assert_eq!(done.text, pipeline.generate(&stopped).unwrap().text);
     assert!(!done.text.contains(&stop) && full.starts_with(&done.text));
 }
+
+#[test]
+fn seeded_sampling_and_greedy_requests_share_a_batch_without_changing_each_other() {
+    let pipeline = pipeline();
+    let requests: Vec<GenerateRequest> = (0..6)
+        .map(|i| {
+            let mut r = request(&pipeline, &["plate.png"], PLATE_PROMPT, 12);
+            if i % 2 == 1 {
+                r.sampling = SamplingParams { temperature: 0.9, top_k: 50, top_p: 0.9, repetition_penalty: 1.1, seed: Some(i) };
+            }
+            r
+        })
+        .collect();
+    let alone: Vec<_> = requests.iter().map(|r| pipeline.generate(r).unwrap().token_ids).collect();
+    assert_ne!(alone[1], alone[0], "sampling really samples");
+    let engine = Engine::start(pipeline.clone(), EngineConfig::default());
+    let streams: Vec<_> = requests.iter().map(|r| engine.submit(r.clone().into()).unwrap()).collect();
+    for (i, stream) in streams.into_iter().enumerate() {
+        assert_eq!(finish(stream).token_ids, alone[i], "request {i}");
+    }
+}

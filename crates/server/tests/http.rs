@@ -156,6 +156,20 @@ fn remote_images_are_fetched_only_from_allowed_hosts() {
 }
 
 #[test]
+fn a_request_past_its_timeout_gets_504_and_the_server_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("impatient.toml");
+    std::fs::write(&config, "request_timeout_secs = 0\n").unwrap();
+    let server = Server::start(&["--config", config.to_str().unwrap()]);
+    assert_api_error(&server.post_json("/v1/chat/completions", &chat_body(None, &["plate.png"], "hi", 4), &[]), 504, "timeout");
+    let mut streamed = chat_body(None, &[], "hi", 4);
+    streamed["stream"] = json!(true);
+    let (status, _) = server.post_json("/v1/chat/completions", &streamed, &[]);
+    assert_eq!(status, 504, "a stream that cannot start is refused before any chunk");
+    assert_eq!(server.get("/health").0, 200);
+}
+
+#[test]
 fn api_keys_are_required_when_configured() {
     let server = Server::start_with_env(&["--api-key", "k1"], &[("QWEN_OCR_API_KEYS", "k2,k3")]);
     let body = chat_body(None, &[], "hi", 2);

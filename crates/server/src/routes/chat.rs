@@ -130,7 +130,7 @@ pub async fn completions(
     };
     let mut response = if request.stream {
         let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
-        stream_reply(reply, stream, include_usage).into_response()
+        stream_reply(reply, stream, include_usage).await?.into_response()
     } else {
         let done = inference::complete(stream, adapter_name.as_deref()).await?;
         Json(reply.completion(&done)).into_response()
@@ -274,51 +274,71 @@ fn usage(done: &Completion) -> Value {
 
 /// The SSE response: a role chunk, one chunk per text delta, the finish chunk, the usage
 /// chunk when asked for, then `[DONE]`. Dropping it (client gone) cancels the request.
-fn stream_reply(
+///
+/// It waits for the first event before answering, so that a request that fails before its
+/// first token (timeout, engine failure) gets a real error status instead of a 200 stream.
+async fn stream_reply(
     reply: Reply,
-    events: RequestStream,
+    mut events: RequestStream,
     include_usage: bool,
-) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
-    let first = reply.chunk(json!({ "role": "assistant", "content": "" }), None, include_usage);
-    let state = (reply, Some(events), VecDeque::from([first]));
-    let body = stream::unfold(state, move |(reply, mut events, mut pending)| async move {
+) -> ApiResult<Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>>> {
+    let first = events.next().await;
+    if let Some(Event::Done(done)) = &first {
+        if let Some(error) = inference::failure(done) {
+            inference::record(done, reply.adapter.as_deref());
+            return Err(error);
+        }
+    }
+    let mut pending = VecDeque::from([reply.chunk(json!({ "role": "assistant", "content": "" }), None, include_usage)]);
+    let mut events = Some(events);
+    reply.push_event(first, &mut pending, &mut events, include_usage);
+    let body = stream::unfold((reply, events, pending), move |(reply, mut events, mut pending)| async move {
         loop {
             if let Some(event) = pending.pop_front() {
                 return Some((Ok(event), (reply, events, pending)));
             }
-            match events.as_mut()?.next().await {
-                Some(Event::Token { text, .. }) if !text.is_empty() => {
-                    pending.push_back(reply.chunk(json!({ "content": text }), None, include_usage));
-                }
-                Some(Event::Token { .. }) => {}
-                Some(Event::Done(done)) => {
-                    inference::record(&done, reply.adapter.as_deref());
-                    if let Some(error) = inference::failure(&done) {
-                        pending.push_back(SseEvent::default().data(error.body().to_string()));
-                    } else {
-                        if !done.tail.is_empty() {
-                            pending.push_back(reply.chunk(json!({ "content": done.tail }), None, include_usage));
-                        }
-                        pending.push_back(reply.chunk(json!({}), Some(finish_reason_name(done.finish_reason)), include_usage));
-                        if include_usage {
-                            let chunk = json!({
-                                "id": reply.id, "object": "chat.completion.chunk", "created": reply.created,
-                                "model": reply.model, "choices": [], "usage": usage(&done),
-                            });
-                            pending.push_back(SseEvent::default().data(chunk.to_string()));
-                        }
-                    }
-                    pending.push_back(SseEvent::default().data("[DONE]"));
-                    events = None;
-                }
-                None => {
-                    let error = ApiError::internal("the engine stopped before the request finished");
-                    pending.push_back(SseEvent::default().data(error.body().to_string()));
-                    pending.push_back(SseEvent::default().data("[DONE]"));
-                    events = None;
-                }
-            }
+            let event = events.as_mut()?.next().await;
+            reply.push_event(event, &mut pending, &mut events, include_usage);
         }
     });
-    Sse::new(body).keep_alive(KeepAlive::default())
+    Ok(Sse::new(body).keep_alive(KeepAlive::default()))
+}
+
+impl Reply {
+    /// Turns one engine event (`None`: the engine went away) into SSE events; ends the stream
+    /// (`events = None`) after the last one.
+    fn push_event(&self, event: Option<Event>, pending: &mut VecDeque<SseEvent>, events: &mut Option<RequestStream>, include_usage: bool) {
+        match event {
+            Some(Event::Token { text, .. }) if !text.is_empty() => {
+                pending.push_back(self.chunk(json!({ "content": text }), None, include_usage));
+            }
+            Some(Event::Token { .. }) => {}
+            Some(Event::Done(done)) => {
+                inference::record(&done, self.adapter.as_deref());
+                if let Some(error) = inference::failure(&done) {
+                    pending.push_back(SseEvent::default().data(error.body().to_string()));
+                } else {
+                    if !done.tail.is_empty() {
+                        pending.push_back(self.chunk(json!({ "content": done.tail }), None, include_usage));
+                    }
+                    pending.push_back(self.chunk(json!({}), Some(finish_reason_name(done.finish_reason)), include_usage));
+                    if include_usage {
+                        let chunk = json!({
+                            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                            "model": self.model, "choices": [], "usage": usage(&done),
+                        });
+                        pending.push_back(SseEvent::default().data(chunk.to_string()));
+                    }
+                }
+                pending.push_back(SseEvent::default().data("[DONE]"));
+                *events = None;
+            }
+            None => {
+                let error = ApiError::internal("the engine stopped before the request finished");
+                pending.push_back(SseEvent::default().data(error.body().to_string()));
+                pending.push_back(SseEvent::default().data("[DONE]"));
+                *events = None;
+            }
+        }
+    }
 }
