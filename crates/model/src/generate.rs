@@ -176,7 +176,7 @@ impl Pipeline {
                     prompt_tokens: s.decoding.prompt_len(),
                     image_grid_thw: s.request.images.iter().map(|i| i.grid_thw).collect(),
                     finish_reason: s.decoding.finish_reason().expect("loop ends when all finished"),
-                    timings: Timings { prefill_ms: ms(prefill), decode_ms: ms(decode) },
+                    timings: Timings { queued_ms: 0.0, prefill_ms: ms(prefill), decode_ms: ms(decode) },
                 })
             })
             .collect()
@@ -251,13 +251,17 @@ pub struct GenerateOutput {
     pub timings: Timings,
 }
 
-/// Wall time of the two phases: prefill (vision tower and prompt) and decode (every later token).
-#[derive(Debug, Clone, Copy, Serialize)]
+/// Where a request's time went, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Timings {
+    /// Submission to admission (0 outside a scheduler).
+    pub queued_ms: f64,
+    /// Vision tower, prompt and first token.
     pub prefill_ms: f64,
+    /// Every later token.
     pub decode_ms: f64,
 }
 
-fn ms(d: Duration) -> f64 {
+pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }

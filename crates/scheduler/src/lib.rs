@@ -16,4 +16,5 @@ mod vision_cache;
 pub use config::EngineConfig;
 pub use engine::Engine;
 pub use metrics::Stats;
-pub use request::{Completion, Event, Request, RequestStream, SubmitError, Timings};
+pub use qwen_ocr_model::Timings;
+pub use request::{Completion, Event, Request, RequestStream, SubmitError};

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use qwen_ocr_model::{FinishReason, GenerateRequest};
+use qwen_ocr_model::{FinishReason, GenerateRequest, Timings};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -43,17 +43,6 @@ pub struct Completion {
     pub prompt_tokens: usize,
     pub image_grid_thw: Vec<[usize; 3]>,
     pub timings: Timings,
-}
-
-/// Where a request's time went, in milliseconds.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Timings {
-    /// Submission to admission.
-    pub queued_ms: f64,
-    /// The admission step: vision tower, prompt and first token.
-    pub prefill_ms: f64,
-    /// Every later token.
-    pub decode_ms: f64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,13 +1,14 @@
 //! One request's state inside the engine.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use qwen_ocr_model::decoding::Decoding;
+use qwen_ocr_model::generate::ms;
 use qwen_ocr_model::kv_cache::KvCache;
-use qwen_ocr_model::{FinishReason, GenerateRequest, Pipeline, PreparedPrompt};
+use qwen_ocr_model::{FinishReason, GenerateRequest, Pipeline, PreparedPrompt, Timings};
 use tokio::sync::mpsc;
 
-use crate::request::{Completion, Event, Timings};
+use crate::request::{Completion, Event};
 
 pub struct Sequence {
     pub request: GenerateRequest,
@@ -70,8 +71,4 @@ impl Sequence {
             timings,
         }));
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
