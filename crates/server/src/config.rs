@@ -111,8 +111,8 @@ pub struct ServeArgs {
     /// 0 picks a free port (the log says which).
     #[arg(long, env = "QWEN_OCR_PORT")]
     pub port: Option<u16>,
-    /// NAME=DIR: a LoRA adapter to load at start-up; repeatable.
-    #[arg(long = "adapter", value_parser = parse_adapter)]
+    /// NAME=DIR: a LoRA adapter to load at start-up; repeatable (env: comma-separated).
+    #[arg(long = "adapter", env = "QWEN_OCR_ADAPTERS", value_delimiter = ',', value_parser = parse_adapter)]
     pub adapters: Vec<(String, PathBuf)>,
     /// Directory that runtime adapter loading (`POST /v1/adapters`) is confined to.
     #[arg(long, env = "QWEN_OCR_ADAPTERS_DIR")]

@@ -24,6 +24,15 @@ fn start_with_adapters(extra: &[&str]) -> Server {
 }
 
 #[test]
+fn adapters_can_come_from_the_environment() {
+    let env = format!("lm={}", adapter_dir("lm-qv-r4").display());
+    let server = Server::start_with_env(&[], &[("QWEN_OCR_ADAPTERS", &env)]);
+    let (status, body) = server.post_json("/v1/chat/completions", &chat_body(Some("lm"), &["plate.png"], PLATE_PROMPT, 6), &[]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], generate_text("plate.png", PLATE_PROMPT, 6, Some("lm-qv-r4")));
+}
+
+#[test]
 fn extract_and_chat_return_what_generate_returns_with_and_without_adapters() {
     let server = start_with_adapters(&[]);
     for (image, adapter) in [("plate.png", None), ("plate.png", Some("lm-qv-r4")), ("resized.png", Some("vision-merger-pattern"))] {

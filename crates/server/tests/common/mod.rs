@@ -61,7 +61,11 @@ impl Server {
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_qwen-ocr"));
         cmd.args(["serve", "--model", &tiny_model(), "--host", "127.0.0.1", "--port", "0"]).args(extra);
-        cmd.env("RUST_LOG", "info").env("HF_HUB_OFFLINE", "1").env_remove("QWEN_OCR_API_KEYS").envs(env.iter().copied());
+        // Hermetic: no QWEN_OCR_* setting of the developer's shell leaks in.
+        for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("QWEN_OCR_")) {
+            cmd.env_remove(key);
+        }
+        cmd.env("RUST_LOG", "info").env("HF_HUB_OFFLINE", "1").envs(env.iter().copied());
         let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
         let logs = Arc::new(Mutex::new(String::new()));
         let (port_tx, port_rx) = std::sync::mpsc::channel();
