@@ -19,6 +19,8 @@ pub struct Decoding {
     /// Longest stop string in bytes: that much minus one is held back until it cannot start one.
     longest_stop: usize,
     max_new: usize,
+    /// Whether text is decoded as tokens arrive: for streaming, or to watch for stop strings.
+    track_text: bool,
     decoder: IncrementalDecoder,
     /// Text decoded so far and how much of it has been released.
     text: String,
@@ -34,9 +36,10 @@ pub struct Step {
 }
 
 impl Decoding {
-    pub fn new(prompt: &[u32], sampling: SamplingParams, eos: Vec<u32>, stop: Vec<String>, max_new: usize) -> Self {
+    pub fn new(prompt: &[u32], sampling: SamplingParams, eos: Vec<u32>, stop: Vec<String>, max_new: usize, stream: bool) -> Self {
         let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
         Self {
+            track_text: stream || !stop.is_empty(),
             sampler: Sampler::new(sampling),
             history: prompt.to_vec(),
             prompt_len: prompt.len(),
@@ -55,6 +58,10 @@ impl Decoding {
     pub fn step(&mut self, logits: &mut [f32], tokenizer: &Tokenizer) -> Result<Step> {
         let token = self.sampler.next_token(logits, &self.history);
         self.history.push(token);
+        if !self.track_text {
+            self.finish_after(token, false);
+            return Ok(Step { token, delta: String::new() });
+        }
         if let Some(piece) = self.decoder.push(tokenizer, token)? {
             self.text.push_str(&piece);
         }
@@ -66,12 +73,16 @@ impl Decoding {
         };
         let delta = self.text[self.released..safe.max(self.released)].to_string();
         self.released = safe.max(self.released);
-        if self.eos.contains(&token) || stop_at.is_some() {
+        self.finish_after(token, stop_at.is_some());
+        Ok(Step { token, delta })
+    }
+
+    fn finish_after(&mut self, token: u32, stopped: bool) {
+        if self.eos.contains(&token) || stopped {
             self.finish = Some(FinishReason::Stop);
         } else if self.generated().len() >= self.max_new {
             self.finish = Some(FinishReason::Length);
         }
-        Ok(Step { token, delta })
     }
 
     pub fn finish_reason(&self) -> Option<FinishReason> {

@@ -5,12 +5,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::checkpoint::{self, CheckpointFiles};
 use crate::config::{GenerationConfig, ModelConfig, PreprocessorConfig};
-use crate::decoding::Decoding;
+use crate::decoding::{Decoding, Step};
 use crate::error::{Error, Result};
 use crate::image::{self, ImageOptions, PreprocessedImage};
 use crate::kv_cache::KvCache;
@@ -96,9 +96,37 @@ impl Pipeline {
         Ok(PreparedPrompt { ids, positions: positions.positions, delta: positions.delta, max_new })
     }
 
-    /// A fresh decoding state for a prepared request.
-    pub fn decoding(&self, request: &GenerateRequest, prompt: &PreparedPrompt) -> Decoding {
-        Decoding::new(&prompt.ids, request.sampling.clone(), self.eos_token_ids(), request.stop.clone(), prompt.max_new)
+    /// A fresh decoding state for a prepared request. `stream`: release text token by token
+    /// (otherwise text is decoded only where stop strings need it, and once at the end).
+    pub fn decoding(&self, request: &GenerateRequest, prompt: &PreparedPrompt, stream: bool) -> Decoding {
+        Decoding::new(&prompt.ids, request.sampling.clone(), self.eos_token_ids(), request.stop.clone(), prompt.max_new, stream)
+    }
+
+    /// One forward pass over sequences that are prefilling (empty cache: the prompt, with
+    /// `images` spliced in) and sequences that are decoding (their last token), together;
+    /// then the next token of each, in order.
+    pub fn step(&self, seqs: &mut [ActiveSequence]) -> Result<Vec<Step>> {
+        let decoding = || seqs.iter().filter(|s| !s.cache.is_empty());
+        let last: Vec<u32> = decoding().map(|s| *s.decoding.generated().last().expect("a decoding sequence has a token")).collect();
+        let positions: Vec<[[u32; 3]; 1]> = decoding().map(|s| [decode_position(s.cache.len(), s.prompt.delta)]).collect();
+        let last_embeds = if last.is_empty() { None } else { Some(self.model.token_embeds(&last)?) };
+
+        let mut inputs = Vec::with_capacity(seqs.len());
+        let mut row = 0;
+        for s in seqs.iter_mut() {
+            let prompt: &PreparedPrompt = s.prompt;
+            let (embeds, positions) = if s.cache.is_empty() {
+                (self.model.prompt_embeds(&prompt.ids, &s.images)?, &prompt.positions[..])
+            } else {
+                row += 1;
+                (last_embeds.as_ref().expect("decode rows exist").narrow(0, row - 1, 1)?, &positions[row - 1][..])
+            };
+            inputs.push(SeqInput { embeds, positions, cache: &mut *s.cache, adapter: s.adapter });
+        }
+        let logits = self.model.forward(&mut inputs)?.to_vec2::<f32>()?;
+        drop(inputs);
+        let tokenizer = self.prompt.tokenizer();
+        seqs.iter_mut().zip(logits).map(|(s, mut row)| s.decoding.step(&mut row, tokenizer)).collect()
     }
 
     /// Runs several requests in lockstep: one prefill pass over all prompts, then one decode
@@ -111,7 +139,7 @@ impl Pipeline {
         let mut seqs = Vec::with_capacity(requests.len());
         for request in requests {
             let prompt = self.prepare(request)?;
-            let decoding = self.decoding(request, &prompt);
+            let decoding = self.decoding(request, &prompt, false);
             seqs.push(Sequence { request, prompt, decoding, cache: KvCache::new(self.model.num_layers()) });
         }
 
@@ -121,51 +149,27 @@ impl Pipeline {
         let images: Vec<&PreprocessedImage> = requests.iter().flat_map(|r| &r.images).collect();
         let image_adapters: Vec<_> = requests.iter().flat_map(|r| r.images.iter().map(|_| r.adapter.as_deref())).collect();
         let mut image_embeds = self.model.encode_images(&images, &image_adapters)?.into_iter();
-        let mut embeds = Vec::with_capacity(seqs.len());
-        for s in &seqs {
-            let own: Vec<_> = image_embeds.by_ref().take(s.request.images.len()).collect();
-            embeds.push(self.model.prompt_embeds(&s.prompt.ids, &own)?);
-        }
-        let mut inputs: Vec<SeqInput> = seqs
-            .iter_mut()
-            .zip(embeds)
-            .map(|(s, embeds)| SeqInput {
-                embeds,
-                positions: &s.prompt.positions,
-                cache: &mut s.cache,
-                adapter: s.request.adapter.as_deref(),
-            })
-            .collect();
-        let mut logits = self.model.forward(&mut inputs)?;
-        drop(inputs);
-        let prefill = started.elapsed();
-
+        let mut prefill = None;
         loop {
-            // Sample for every running sequence, in the order of the logits rows.
-            let tokenizer = self.prompt.tokenizer();
-            for (row, s) in seqs.iter_mut().filter(|s| s.decoding.finish_reason().is_none()).enumerate() {
-                let mut values: Vec<f32> = logits.get(row)?.to_vec1()?;
-                s.decoding.step(&mut values, tokenizer)?;
-            }
-            let running: Vec<&mut Sequence> = seqs.iter_mut().filter(|s| s.decoding.finish_reason().is_none()).collect();
+            let mut running: Vec<ActiveSequence> = seqs
+                .iter_mut()
+                .filter(|s| s.decoding.finish_reason().is_none())
+                .map(|s| ActiveSequence {
+                    images: if s.cache.is_empty() { image_embeds.by_ref().take(s.request.images.len()).collect() } else { Vec::new() },
+                    prompt: &s.prompt,
+                    decoding: &mut s.decoding,
+                    cache: &mut s.cache,
+                    adapter: s.request.adapter.as_deref(),
+                })
+                .collect();
             if running.is_empty() {
                 break;
             }
-            let last: Vec<u32> = running.iter().map(|s| *s.decoding.generated().last().expect("sampled above")).collect();
-            let step_embeds = self.model.token_embeds(&last)?;
-            let step_positions: Vec<[[u32; 3]; 1]> = running.iter().map(|s| [decode_position(s.cache.len(), s.prompt.delta)]).collect();
-            let mut inputs = Vec::with_capacity(running.len());
-            for (row, seq) in running.into_iter().enumerate() {
-                inputs.push(SeqInput {
-                    embeds: step_embeds.narrow(0, row, 1)?,
-                    positions: &step_positions[row],
-                    cache: &mut seq.cache,
-                    adapter: seq.request.adapter.as_deref(),
-                });
-            }
-            logits = self.model.forward(&mut inputs)?;
+            self.step(&mut running)?;
+            prefill.get_or_insert_with(|| started.elapsed());
         }
 
+        let prefill = prefill.expect("at least one step ran");
         let decode = started.elapsed() - prefill;
         seqs.into_iter()
             .map(|s| {
@@ -181,6 +185,17 @@ impl Pipeline {
             })
             .collect()
     }
+}
+
+/// One sequence's part of a [`Pipeline::step`], borrowed from whoever keeps its state.
+pub struct ActiveSequence<'a> {
+    pub prompt: &'a PreparedPrompt,
+    pub decoding: &'a mut Decoding,
+    /// Empty until the prefill step appends the prompt.
+    pub cache: &'a mut KvCache,
+    pub adapter: Option<&'a LoraAdapter>,
+    /// Visual embeddings of the prompt's images, in order; read only by the prefill step.
+    pub images: Vec<Tensor>,
 }
 
 /// A request ready for the decoder.

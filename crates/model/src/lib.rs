@@ -21,4 +21,4 @@ pub mod vision;
 
 pub use candle_core::{DType, Device};
 pub use error::{Error, ImageError, Result};
-pub use generate::{FinishReason, GenerateOutput, GenerateRequest, Pipeline, PreparedPrompt, Timings};
+pub use generate::{ActiveSequence, FinishReason, GenerateOutput, GenerateRequest, Pipeline, PreparedPrompt, Timings};

@@ -11,9 +11,7 @@ use candle_core::Tensor;
 use qwen_ocr_model::image::PreprocessedImage;
 use qwen_ocr_model::kv_cache::KvCache;
 use qwen_ocr_model::lora::LoraAdapter;
-use qwen_ocr_model::positions::decode_position;
-use qwen_ocr_model::text::SeqInput;
-use qwen_ocr_model::{Error, FinishReason, Pipeline};
+use qwen_ocr_model::{ActiveSequence, Error, FinishReason, Pipeline};
 use tokio::sync::mpsc;
 
 use crate::config::EngineConfig;
@@ -92,7 +90,7 @@ impl Engine {
         let (events, receiver) = mpsc::unbounded_channel();
         let prompt_tokens = prompt.ids.len();
         let seq = Sequence {
-            decoding: self.pipeline.decoding(&generate, &prompt),
+            decoding: self.pipeline.decoding(&generate, &prompt, true),
             cache: KvCache::with_capacity(self.pipeline.model.num_layers(), tokens),
             request: generate,
             deadline,
@@ -219,38 +217,24 @@ impl Worker {
 
     /// One forward pass: prefill for newly admitted sequences, one decode token for the rest.
     fn step(&mut self) -> Result<(), Error> {
-        let pipeline = self.pipeline.clone();
-        let model = &pipeline.model;
-        let mut image_embeds = self.encode_new_images()?;
-
-        let decode_tokens: Vec<u32> =
-            self.running.iter().filter(|s| !s.cache.is_empty()).map(|s| *s.decoding.generated().last().expect("decoding")).collect();
-        let decode_embeds = if decode_tokens.is_empty() { None } else { Some(model.token_embeds(&decode_tokens)?) };
-        let decode_positions: Vec<[[u32; 3]; 1]> =
-            self.running.iter().filter(|s| !s.cache.is_empty()).map(|s| [decode_position(s.cache.len(), s.prompt.delta)]).collect();
-
-        let mut inputs = Vec::with_capacity(self.running.len());
-        let mut decode_row = 0;
-        let mut prefill_tokens = 0;
-        for seq in self.running.iter_mut() {
-            let adapter = seq.request.adapter.as_deref();
-            if seq.cache.is_empty() {
-                let embeds = model.prompt_embeds(&seq.prompt.ids, &image_embeds.pop_front().expect("one entry per new sequence"))?;
-                prefill_tokens += seq.prompt.ids.len();
-                inputs.push(SeqInput { embeds, positions: &seq.prompt.positions, cache: &mut seq.cache, adapter });
-            } else {
-                let embeds = decode_embeds.as_ref().expect("decode rows exist").narrow(0, decode_row, 1)?;
-                inputs.push(SeqInput { embeds, positions: &decode_positions[decode_row], cache: &mut seq.cache, adapter });
-                decode_row += 1;
-            }
-        }
-        let logits = model.forward(&mut inputs)?.to_vec2::<f32>()?;
-        drop(inputs);
+        let mut images = self.encode_new_images()?.into_iter();
+        let prefill_tokens: usize = self.running.iter().filter(|s| s.cache.is_empty()).map(|s| s.prompt.ids.len()).sum();
+        let mut active: Vec<ActiveSequence> = self
+            .running
+            .iter_mut()
+            .map(|s| ActiveSequence {
+                images: if s.cache.is_empty() { images.next().expect("one entry per new sequence") } else { Vec::new() },
+                prompt: &s.prompt,
+                decoding: &mut s.decoding,
+                cache: &mut s.cache,
+                adapter: s.request.adapter.as_deref(),
+            })
+            .collect();
+        let steps = self.pipeline.step(&mut active)?;
+        drop(active);
 
         let now = Instant::now();
-        let tokenizer = pipeline.prompt.tokenizer();
-        for (seq, mut row) in self.running.iter_mut().zip(logits) {
-            let step = seq.decoding.step(&mut row, tokenizer)?;
+        for (seq, step) in self.running.iter_mut().zip(steps) {
             seq.first_token.get_or_insert(now);
             let _ = seq.events.send(Event::Token { id: step.token, text: step.delta });
         }
@@ -265,10 +249,10 @@ impl Worker {
     }
 
     /// Visual embeddings for every newly admitted sequence (in order), from the cache where
-    /// possible; the misses go through the vision tower in one pass.
-    fn encode_new_images(&mut self) -> Result<VecDeque<Vec<Tensor>>, Error> {
+    /// possible; the misses, each distinct image once, go through the vision tower in one pass.
+    fn encode_new_images(&mut self) -> Result<Vec<Vec<Tensor>>, Error> {
         let mut keys: Vec<Vec<ImageKey>> = Vec::new();
-        // Distinct images to encode this step; repeats within the step share one encoding.
+        let mut found: HashMap<ImageKey, Tensor> = HashMap::new();
         let mut misses: Vec<(ImageKey, &PreprocessedImage, Option<&LoraAdapter>)> = Vec::new();
         let mut hits = 0;
         for seq in self.running.iter().filter(|s| s.cache.is_empty()) {
@@ -276,8 +260,11 @@ impl Worker {
             let mut seq_keys = Vec::with_capacity(seq.request.images.len());
             for image in &seq.request.images {
                 let key = ImageKey::new(image, adapter);
-                if self.vision.contains(&key) || misses.iter().any(|m| m.0 == key) {
+                if found.contains_key(&key) || misses.iter().any(|m| m.0 == key) {
                     hits += 1;
+                } else if let Some(embeds) = self.vision.get(&key) {
+                    hits += 1;
+                    found.insert(key, embeds);
                 } else {
                     misses.push((key, image, key.vision_adapter(adapter)));
                 }
@@ -285,24 +272,19 @@ impl Worker {
             }
             keys.push(seq_keys);
         }
-        let mut fresh = HashMap::with_capacity(misses.len());
         if !misses.is_empty() {
             let images: Vec<_> = misses.iter().map(|m| m.1).collect();
             let adapters: Vec<_> = misses.iter().map(|m| m.2).collect();
             for (miss, embeds) in misses.iter().zip(self.pipeline.model.encode_images(&images, &adapters)?) {
-                fresh.insert(miss.0, embeds);
+                self.vision.put(miss.0, embeds.clone());
+                found.insert(miss.0, embeds);
             }
         }
-        self.stats.vision_encodes.fetch_add(fresh.len() as u64, Ordering::Relaxed);
+        self.stats.vision_encodes.fetch_add(misses.len() as u64, Ordering::Relaxed);
         self.stats.vision_cache_hits.fetch_add(hits, Ordering::Relaxed);
-        metrics::counter!(m::VISION_CACHE_MISSES).increment(fresh.len() as u64);
+        metrics::counter!(m::VISION_CACHE_MISSES).increment(misses.len() as u64);
         metrics::counter!(m::VISION_CACHE_HITS).increment(hits);
-        let mut lookup = |key: &ImageKey| fresh.get(key).cloned().or_else(|| self.vision.get(key)).expect("cached or encoded this step");
-        let embeds = keys.iter().map(|seq_keys| seq_keys.iter().map(&mut lookup).collect()).collect();
-        for (key, embeds) in fresh {
-            self.vision.put(key, embeds);
-        }
-        Ok(embeds)
+        Ok(keys.iter().map(|seq_keys| seq_keys.iter().map(|k| found[k].clone()).collect()).collect())
     }
 
     /// Running sequences whose client left or whose deadline passed stop here, within one step.
@@ -333,7 +315,6 @@ impl Worker {
         let r = Ordering::Relaxed;
         self.stats.running.store(self.running.len(), r);
         self.stats.kv_cache_used_bytes.store(self.kv.used(), r);
-        self.stats.kv_cache_capacity_bytes.store(self.kv.capacity(), r);
         metrics::gauge!(m::RUNNING_SEQUENCES).set(self.running.len() as f64);
         metrics::gauge!(m::KV_CACHE_USED_BYTES).set(self.kv.used() as f64);
         metrics::gauge!(m::QUEUE_DEPTH).set(self.stats.queue_depth.load(r) as f64);

@@ -31,8 +31,4 @@ impl KvBudget {
     pub fn used(&self) -> usize {
         self.used
     }
-
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
 }

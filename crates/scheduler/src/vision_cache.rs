@@ -41,10 +41,6 @@ impl VisionCache {
         Self { entries: NonZeroUsize::new(capacity).map(LruCache::new) }
     }
 
-    pub fn contains(&self, key: &ImageKey) -> bool {
-        self.entries.as_ref().is_some_and(|e| e.contains(key))
-    }
-
     pub fn get(&mut self, key: &ImageKey) -> Option<Tensor> {
         self.entries.as_mut()?.get(key).cloned()
     }
