@@ -156,12 +156,6 @@ async fn convert_messages(state: &AppState, messages: Vec<InMessage>) -> ApiResu
                     match part {
                         InPart::Text { text } => converted.push(ContentPart::Text { text }),
                         InPart::ImageUrl { image_url: ImageUrl::Object { url } | ImageUrl::Url(url) } => {
-                            if images.len() >= state.config.max_images_per_request {
-                                return Err(ApiError::bad_request(
-                                    "too_many_images",
-                                    format!("more than {} images in one request", state.config.max_images_per_request),
-                                ));
-                            }
                             images.push(image_bytes(state, &url).await?);
                             converted.push(ContentPart::Image);
                         }
@@ -253,15 +247,21 @@ impl Reply {
     }
 
     fn chunk(&self, delta: Value, finish_reason: Option<&str>, include_usage: bool) -> SseEvent {
+        let choices = json!([{ "index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": null }]);
+        self.chunk_event(choices, include_usage.then_some(Value::Null))
+    }
+
+    /// A `chat.completion.chunk` event; `usage` is present (possibly null) only when asked for.
+    fn chunk_event(&self, choices: Value, usage: Option<Value>) -> SseEvent {
         let mut chunk = json!({
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [{ "index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": null }],
+            "choices": choices,
         });
-        if include_usage {
-            chunk["usage"] = Value::Null;
+        if let Some(usage) = usage {
+            chunk["usage"] = usage;
         }
         SseEvent::default().data(chunk.to_string())
     }
@@ -323,11 +323,7 @@ impl Reply {
                     }
                     pending.push_back(self.chunk(json!({}), Some(finish_reason_name(done.finish_reason)), include_usage));
                     if include_usage {
-                        let chunk = json!({
-                            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                            "model": self.model, "choices": [], "usage": usage(&done),
-                        });
-                        pending.push_back(SseEvent::default().data(chunk.to_string()));
+                        pending.push_back(self.chunk_event(json!([]), Some(usage(&done))));
                     }
                 }
                 pending.push_back(SseEvent::default().data("[DONE]"));
