@@ -1,25 +1,19 @@
 //! The `qwen-ocr` binary as scripts use it: JSON output of `generate` and `preprocess`, and a
 //! one-line error with a non-zero exit for every kind of bad input.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::{Command, Output};
 
+use common::{fixtures, image_path, qwen_ocr};
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
 fn image(name: &str) -> String {
-    fixtures().join("images").join(name).display().to_string()
+    image_path(name).display().to_string()
 }
 
 fn checkpoint(name: &str) -> String {
     fixtures().join(name).display().to_string()
-}
-
-fn qwen_ocr(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qwen-ocr")).args(args).env("HF_HUB_OFFLINE", "1").output().expect("run qwen-ocr")
 }
 
 fn goldens() -> Value {

@@ -16,11 +16,9 @@ fn adapter_flags() -> Vec<String> {
         .collect()
 }
 
-fn start_with_adapters(extra: &[&str]) -> Server {
+fn start_with_adapters() -> Server {
     let flags = adapter_flags();
-    let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
-    args.extend(extra);
-    Server::start(&args)
+    Server::start(&flags.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 #[test]
@@ -34,7 +32,7 @@ fn adapters_can_come_from_the_environment() {
 
 #[test]
 fn extract_and_chat_return_what_generate_returns_with_and_without_adapters() {
-    let server = start_with_adapters(&[]);
+    let server = start_with_adapters();
     for (image, adapter) in [("plate.png", None), ("plate.png", Some("lm-qv-r4")), ("resized.png", Some("vision-merger-pattern"))] {
         let expected = generate_text(image, PLATE_PROMPT, 16, adapter);
         let header: Vec<(&str, &str)> = adapter.map(|a| ("X-Adapter", a)).into_iter().collect();
@@ -74,15 +72,11 @@ fn extract_and_chat_return_what_generate_returns_with_and_without_adapters() {
 
 #[test]
 fn extract_defaults_to_the_adapters_configured_prompt() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("qwen-ocr.toml");
     let prompt = "Read the plate. Reply in JSON.";
-    std::fs::write(
-        &config,
-        format!("[adapters.plates]\npath = {:?}\nprompt = {prompt:?}\n", adapter_dir("lm-qv-r4").display().to_string()),
-    )
-    .unwrap();
-    let server = Server::start(&["--config", config.to_str().unwrap()]);
+    let server = Server::start_with_config(
+        &format!("[adapters.plates]\npath = {:?}\nprompt = {prompt:?}\n", adapter_dir("lm-qv-r4").display().to_string()),
+        &[],
+    );
     let (status, body) =
         server.extract_multipart(&[("image", "plate.png", &image_bytes("plate.png"))], &[("max_tokens", "8")], &[("X-Adapter", "plates")]);
     assert_eq!(status, 200, "{body}");
@@ -91,11 +85,10 @@ fn extract_defaults_to_the_adapters_configured_prompt() {
 
 #[test]
 fn bad_input_gets_its_status_and_an_openai_error_and_the_server_stays_healthy() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("limits.toml");
-    std::fs::write(&config, "max_body_bytes = 300000\nmax_image_pixels = 20000\nmax_images_per_request = 2\nmax_tokens_limit = 64\n")
-        .unwrap();
-    let server = start_with_adapters(&["--config", config.to_str().unwrap()]);
+    let server = Server::start_with_config(
+        "max_body_bytes = 300000\nmax_image_pixels = 20000\nmax_images_per_request = 2\nmax_tokens_limit = 64\n",
+        &adapter_flags().iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     let plate = image_bytes("plate.png");
     let chat = |body: &Value| server.post_json("/v1/chat/completions", body, &[]);
 
@@ -150,10 +143,7 @@ fn remote_images_are_fetched_only_from_allowed_hosts() {
         .unwrap();
         conn.write_all(&png).unwrap();
     });
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("hosts.toml");
-    std::fs::write(&config, "allowed_image_hosts = [\"127.0.0.1\"]\n").unwrap();
-    let server = Server::start(&["--config", config.to_str().unwrap()]);
+    let server = Server::start_with_config("allowed_image_hosts = [\"127.0.0.1\"]\n", &[]);
     let content = json!([{ "type": "image_url", "image_url": { "url": url } }, { "type": "text", "text": PLATE_PROMPT }]);
     let body = json!({ "messages": [{ "role": "user", "content": content }], "max_tokens": 8 });
     let (status, reply) = server.post_json("/v1/chat/completions", &body, &[]);
@@ -166,10 +156,7 @@ fn remote_images_are_fetched_only_from_allowed_hosts() {
 
 #[test]
 fn a_request_past_its_timeout_gets_504_and_the_server_carries_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("impatient.toml");
-    std::fs::write(&config, "request_timeout_secs = 0\n").unwrap();
-    let server = Server::start(&["--config", config.to_str().unwrap()]);
+    let server = Server::start_with_config("request_timeout_secs = 0\n", &[]);
     assert_api_error(&server.post_json("/v1/chat/completions", &chat_body(None, &["plate.png"], "hi", 4), &[]), 504, "timeout");
     let mut streamed = chat_body(None, &[], "hi", 4);
     streamed["stream"] = json!(true);
@@ -245,10 +232,7 @@ fn adapters_load_replace_and_unload_at_runtime_while_requests_run() {
 
 #[test]
 fn a_full_queue_answers_429_with_retry_after_and_a_dropped_client_frees_its_slot() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("small.toml");
-    std::fs::write(&config, "retry_after_secs = 7\n[engine]\nmax_batch_size = 1\nmax_queue = 1\n").unwrap();
-    let server = Server::start(&["--config", config.to_str().unwrap()]);
+    let server = Server::start_with_config("retry_after_secs = 7\n[engine]\nmax_batch_size = 1\nmax_queue = 1\n", &[]);
     let engine = |field: &str| json_get(&server, "/ready").1["engine"][field].as_u64().unwrap();
     let wait = |what: &str, cond: &dyn Fn() -> bool| {
         let started = std::time::Instant::now();
@@ -286,7 +270,7 @@ fn a_full_queue_answers_429_with_retry_after_and_a_dropped_client_frees_its_slot
 
 #[test]
 fn operations_health_ready_metrics_and_request_ids() {
-    let server = start_with_adapters(&[]);
+    let server = start_with_adapters();
     assert_eq!(server.get("/health"), (200, json!({ "status": "ok" }).to_string()));
     let response = ureq::post(&server.url("/v1/chat/completions"))
         .set("x-request-id", "trace-me-42")

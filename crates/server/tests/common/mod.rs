@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,15 +32,20 @@ pub fn tiny_model() -> String {
     fixtures().join("tiny-tied").display().to_string()
 }
 
+/// Runs the `qwen-ocr` binary offline.
+pub fn qwen_ocr(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qwen-ocr")).args(args).env("HF_HUB_OFFLINE", "1").output().expect("run qwen-ocr")
+}
+
 /// What `qwen-ocr generate` prints for one image and prompt (optionally with an adapter).
 pub fn generate_text(image: &str, prompt: &str, max_tokens: usize, adapter: Option<&str>) -> String {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qwen-ocr"));
-    cmd.args(["generate", "--model", &tiny_model(), "--prompt", prompt, "--json", "--max-tokens", &max_tokens.to_string()]);
-    cmd.arg("--image").arg(image_path(image));
-    if let Some(a) = adapter {
-        cmd.arg("--adapter").arg(adapter_dir(a));
+    let (model, image, max_tokens) = (tiny_model(), image_path(image).display().to_string(), max_tokens.to_string());
+    let adapter = adapter.map(|a| adapter_dir(a).display().to_string());
+    let mut args = vec!["generate", "--model", &model, "--prompt", prompt, "--json", "--max-tokens", &max_tokens, "--image", &image];
+    if let Some(a) = &adapter {
+        args.extend(["--adapter", a.as_str()]);
     }
-    let out = cmd.output().unwrap();
+    let out = qwen_ocr(&args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     json["text"].as_str().unwrap().to_string()
@@ -50,12 +55,27 @@ pub struct Server {
     child: Child,
     pub base: String,
     logs: Arc<Mutex<String>>,
+    /// Holds the `--config` file of `start_with_config` for the server's lifetime.
+    _config: Option<tempfile::TempDir>,
 }
 
 impl Server {
     /// Starts the server on the tiny checkpoint with extra flags and waits until it is ready.
     pub fn start(extra: &[&str]) -> Self {
         Self::start_with_env(extra, &[])
+    }
+
+    /// Starts it with `toml` as its configuration file, plus extra flags.
+    pub fn start_with_config(toml: &str, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("qwen-ocr.toml");
+        std::fs::write(&config, toml).unwrap();
+        let config = config.display().to_string();
+        let mut args = vec!["--config", config.as_str()];
+        args.extend(extra);
+        let mut server = Self::start(&args);
+        server._config = Some(dir);
+        server
     }
 
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
@@ -81,7 +101,7 @@ impl Server {
         });
         let addr =
             port_rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("server did not start: {}", logs.lock().unwrap()));
-        let server = Self { child, base: format!("http://{addr}"), logs };
+        let server = Self { child, base: format!("http://{addr}"), logs, _config: None };
         server.wait_ready();
         server
     }
