@@ -13,7 +13,7 @@ use qwen_ocr_model::GenerateRequest;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::body_error;
+use super::{body_error, unreadable_body};
 use crate::error::{ApiError, ApiResult};
 use crate::extract_json::extract_json;
 use crate::inference::{self, finish_reason_name};
@@ -95,12 +95,11 @@ pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, req
 async fn read_multipart(request: Request) -> ApiResult<(Vec<u8>, ExtractOptions)> {
     let mut form = Multipart::from_request(request, &())
         .await
-        .map_err(|e| ApiError::new(e.status(), "invalid_multipart", format!("invalid multipart body: {}", e.body_text())))?;
+        .map_err(|e| unreadable_body(e.status(), format!("invalid multipart body: {}", e.body_text()), "invalid_multipart"))?;
     let mut image = None;
     let mut options = ExtractOptions::default();
     let broken = |e: axum::extract::multipart::MultipartError| {
-        let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "invalid_multipart" };
-        ApiError::new(e.status(), code, format!("invalid multipart body: {}", e.body_text()))
+        unreadable_body(e.status(), format!("invalid multipart body: {}", e.body_text()), "invalid_multipart")
     };
     while let Some(field) = form.next_field().await.map_err(broken)? {
         let name = field.name().unwrap_or("").to_string();

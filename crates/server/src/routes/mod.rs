@@ -87,9 +87,13 @@ fn parse_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request("invalid_json", format!("invalid request body: {e}")))
 }
 
-/// A body that could not be read: over the size limit (413) or broken.
 fn body_error(rejection: axum::extract::rejection::BytesRejection) -> ApiError {
-    let status = rejection.status();
-    let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "invalid_body" };
-    ApiError::new(status, code, rejection.body_text())
+    unreadable_body(rejection.status(), rejection.body_text(), "invalid_body")
+}
+
+/// A body that could not be read: over the size limit (413, `body_too_large`) or broken
+/// (`code`), with the status axum's extractor chose.
+fn unreadable_body(status: StatusCode, detail: String, code: &'static str) -> ApiError {
+    let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { code };
+    ApiError::new(status, code, detail)
 }
