@@ -17,6 +17,7 @@ fn env_or(key: &str, default: &str) -> String {
 }
 
 fn main() {
+    qwen_ocr_model::threads::pin_cpu_thread_count();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
     let model = env_or("QWEN_OCR_BENCH_MODEL", root.join("tiny-tied").to_str().unwrap());
     let default_adapters = ["lm-qv-r4", "lm-all-rslora-regex", "vision-merger-pattern"]

@@ -26,6 +26,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    qwen_ocr_model::threads::pin_cpu_thread_count();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let model = env_or("QWEN_OCR_BENCH_MODEL", root.join("tests/fixtures/tiny-tied").to_str().unwrap());
     let image = PathBuf::from(env_or("QWEN_OCR_BENCH_IMAGE", root.join("tests/fixtures/images/large.png").to_str().unwrap()));

@@ -17,6 +17,7 @@ pub mod positions;
 pub mod prompt;
 pub mod sampling;
 pub mod text;
+pub mod threads;
 pub mod vision;
 
 pub use candle_core::{DType, Device};
