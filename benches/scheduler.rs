@@ -1,8 +1,14 @@
 //! Continuous batching throughput: generated tokens/s with 1, 4, 8 and 16 concurrent requests
 //! through the engine, against the same requests run one after another.
 //!
+//! Runs on the committed tiny checkpoint and on a small random one whose decoder weights
+//! matter (`support/random_checkpoint.rs`, written to `target/` on first use).
+//!
 //!     cargo bench --bench scheduler
 //!     QWEN_OCR_BENCH_MODEL=DIR QWEN_OCR_BENCH_TOKENS=64 cargo bench --bench scheduler
+
+#[path = "support/random_checkpoint.rs"]
+mod random_checkpoint;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,12 +27,20 @@ fn env_or(key: &str, default: &str) -> String {
 fn main() {
     qwen_ocr_model::threads::pin_cpu_thread_count();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-    let model = env_or("QWEN_OCR_BENCH_MODEL", root.join("tiny-tied").to_str().unwrap());
     let tokens: usize = env_or("QWEN_OCR_BENCH_TOKENS", "64").parse().unwrap();
     let image = env_or("QWEN_OCR_BENCH_IMAGE", root.join("images/plate.png").to_str().unwrap());
+    match std::env::var("QWEN_OCR_BENCH_MODEL") {
+        Ok(model) => bench(&model, &image, tokens),
+        Err(_) => {
+            bench(root.join("tiny-tied").to_str().unwrap(), &image, tokens);
+            bench(random_checkpoint::small_checkpoint(512, 8).to_str().unwrap(), &image, tokens);
+        }
+    }
+}
 
-    let pipeline = Arc::new(Pipeline::load(&model, DType::F32, &Device::Cpu).expect("load model"));
-    let img = pipeline.preprocess_file(Path::new(&image), &ImageOptions::default()).expect("preprocess");
+fn bench(model: &str, image: &str, tokens: usize) {
+    let pipeline = Arc::new(Pipeline::load(model, DType::F32, &Device::Cpu).expect("load model"));
+    let img = pipeline.preprocess_file(Path::new(image), &ImageOptions::default()).expect("preprocess");
     // Distinct prompts, so no two requests are the same work.
     let request = |i: usize| GenerateRequest {
         messages: vec![ChatMessage::user_with_images(1, &format!("Extract the plate number as JSON. Copy {i}."))],

@@ -79,8 +79,13 @@ impl Server {
     }
 
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_model(&tiny_model(), extra, env)
+    }
+
+    /// Starts the server on any checkpoint.
+    pub fn start_model(model: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_qwen-ocr"));
-        cmd.args(["serve", "--model", &tiny_model(), "--host", "127.0.0.1", "--port", "0"]).args(extra);
+        cmd.args(["serve", "--model", model, "--host", "127.0.0.1", "--port", "0"]).args(extra);
         // Hermetic: no QWEN_OCR_* setting of the developer's shell leaks in.
         for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("QWEN_OCR_")) {
             cmd.env_remove(key);
