@@ -10,7 +10,7 @@ use std::time::Instant;
 use qwen_ocr_model::image::ImageOptions;
 use qwen_ocr_model::prompt::ChatMessage;
 use qwen_ocr_model::sampling::SamplingParams;
-use qwen_ocr_model::{DType, Device, GenerateRequest, Pipeline};
+use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline};
 
 fn env_or(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_string())
@@ -29,7 +29,7 @@ fn main() {
     let runs: usize = env_or("QWEN_OCR_BENCH_RUNS", "5").parse().unwrap();
     let image = env_or("QWEN_OCR_BENCH_IMAGE", root.join("images/large.png").to_str().unwrap());
 
-    let pipeline = Pipeline::load(&model, DType::F32, &Device::Cpu).expect("load model");
+    let pipeline = Pipeline::load(&model, &LoadOptions::default()).expect("load model");
     let adapters: Vec<_> = adapter_dirs.split(',').map(|d| pipeline.model.load_adapter(d, Path::new(d)).expect("load adapter")).collect();
     let img = pipeline.preprocess_file(Path::new(&image), &ImageOptions::default()).expect("preprocess");
     let requests = |mixed: bool| -> Vec<GenerateRequest> {

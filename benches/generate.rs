@@ -12,7 +12,7 @@ use qwen_ocr_model::image::ImageOptions;
 use qwen_ocr_model::model::{parse_device, parse_dtype};
 use qwen_ocr_model::prompt::ChatMessage;
 use qwen_ocr_model::sampling::SamplingParams;
-use qwen_ocr_model::{GenerateRequest, Pipeline};
+use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline, Quant};
 
 const PROMPT: &str = "Please extract the Vehicle Sr No, Engine No, and Model from this image. Response only json format nothing else.";
 
@@ -34,8 +34,10 @@ fn main() {
     let runs: usize = env_or("QWEN_OCR_BENCH_RUNS", "5").parse().expect("QWEN_OCR_BENCH_RUNS");
     let dtype = parse_dtype(&env_or("QWEN_OCR_BENCH_DTYPE", "f32")).unwrap();
     let device = parse_device(&env_or("QWEN_OCR_BENCH_DEVICE", "cpu")).unwrap();
+    let quant = Quant::parse(&env_or("QWEN_OCR_BENCH_QUANT", "none"), &device).unwrap();
+    let options = LoadOptions { dtype, device, quant };
 
-    let pipeline = Pipeline::load(&model, dtype, &device).expect("load model");
+    let pipeline = Pipeline::load(&model, &options).expect("load model");
     let img = pipeline.preprocess_file(&image, &ImageOptions::default()).expect("preprocess");
     let request = GenerateRequest {
         messages: vec![ChatMessage::user_with_images(1, PROMPT)],
@@ -56,7 +58,9 @@ fn main() {
     }
     let out = out.unwrap();
     println!(
-        "model={model} dtype={dtype:?} image={} prompt_tokens={} generated={} runs={runs}\n  time to first token {:.1} ms (median)\n  decode {:.1} tokens/s (median)",
+        "model={model} dtype={:?} quant={} image={} prompt_tokens={} generated={} runs={runs}\n  time to first token {:.1} ms (median)\n  decode {:.1} tokens/s (median)",
+        options.dtype,
+        options.quant.as_str(),
         image.display(),
         out.prompt_tokens,
         out.token_ids.len(),

@@ -17,7 +17,7 @@ use std::time::Instant;
 use qwen_ocr_model::image::ImageOptions;
 use qwen_ocr_model::prompt::ChatMessage;
 use qwen_ocr_model::sampling::SamplingParams;
-use qwen_ocr_model::{DType, Device, GenerateRequest, Pipeline};
+use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline};
 use qwen_ocr_scheduler::{Engine, EngineConfig};
 
 fn env_or(key: &str, default: &str) -> String {
@@ -39,7 +39,7 @@ fn main() {
 }
 
 fn bench(model: &str, image: &str, tokens: usize) {
-    let pipeline = Arc::new(Pipeline::load(model, DType::F32, &Device::Cpu).expect("load model"));
+    let pipeline = Arc::new(Pipeline::load(model, &LoadOptions::default()).expect("load model"));
     let img = pipeline.preprocess_file(Path::new(image), &ImageOptions::default()).expect("preprocess");
     // Distinct prompts, so no two requests are the same work.
     let request = |i: usize| GenerateRequest {

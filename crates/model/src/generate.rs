@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::checkpoint::{self, CheckpointFiles};
@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::image::{self, ImageOptions, PreprocessedImage};
 use crate::kv_cache::KvCache;
 use crate::lora::LoraAdapter;
-use crate::model::Qwen2VL;
+use crate::model::{LoadOptions, Qwen2VL};
 use crate::positions::{decode_position, prompt_positions};
 use crate::prompt::{ChatMessage, PromptBuilder};
 use crate::sampling::SamplingParams;
@@ -34,8 +34,8 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Loads `model` (a directory or a hub id) for computing in `dtype` on `device`.
-    pub fn load(model: &str, dtype: DType, device: &Device) -> Result<Self> {
+    /// Loads `model` (a directory or a hub id) to run as `options` say.
+    pub fn load(model: &str, options: &LoadOptions) -> Result<Self> {
         let files = checkpoint::resolve(model)?;
         let config = ModelConfig::from_file(&files.config)?;
         let preprocessor = match &files.preprocessor_config {
@@ -47,7 +47,7 @@ impl Pipeline {
             None => GenerationConfig::default(),
         };
         let prompt = PromptBuilder::load(&files, config.tokens)?;
-        let model = Qwen2VL::load(&files, &config, dtype, device)?;
+        let model = Qwen2VL::load(&files, &config, options)?;
         Ok(Self { model, prompt, preprocessor, generation, files })
     }
 
@@ -149,6 +149,7 @@ impl Pipeline {
         let images: Vec<&PreprocessedImage> = requests.iter().flat_map(|r| &r.images).collect();
         let image_adapters: Vec<_> = requests.iter().flat_map(|r| r.images.iter().map(|_| r.adapter.as_deref())).collect();
         let mut image_embeds = self.model.encode_images(&images, &image_adapters)?.into_iter();
+        let vision = started.elapsed();
         let mut prefill = None;
         loop {
             let mut running: Vec<ActiveSequence> = seqs
@@ -180,7 +181,7 @@ impl Pipeline {
                     prompt_tokens: s.decoding.prompt_len(),
                     image_grid_thw: s.request.images.iter().map(|i| i.grid_thw).collect(),
                     finish_reason: s.decoding.finish_reason().expect("loop ends when all finished"),
-                    timings: Timings { queued_ms: 0.0, prefill_ms: ms(prefill), decode_ms: ms(decode) },
+                    timings: Timings { queued_ms: 0.0, prefill_ms: ms(prefill), vision_ms: ms(vision), decode_ms: ms(decode) },
                 })
             })
             .collect()
@@ -273,6 +274,8 @@ pub struct Timings {
     pub queued_ms: f64,
     /// Vision tower, prompt and first token.
     pub prefill_ms: f64,
+    /// The vision tower's part of `prefill_ms`.
+    pub vision_ms: f64,
     /// Every later token.
     pub decode_ms: f64,
 }

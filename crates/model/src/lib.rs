@@ -3,6 +3,7 @@
 pub mod adapter_registry;
 pub mod checkpoint;
 pub mod config;
+pub mod cpu_kernels;
 pub mod decoding;
 pub mod detokenize;
 pub mod error;
@@ -15,11 +16,17 @@ pub mod merge;
 pub mod model;
 pub mod positions;
 pub mod prompt;
+pub mod q8;
+pub mod quality;
+pub mod quant;
 pub mod sampling;
 pub mod text;
 pub mod threads;
 pub mod vision;
+pub mod weights;
 
 pub use candle_core::{DType, Device};
+pub use model::LoadOptions;
+pub use quant::Quant;
 pub use error::{Error, ImageError, Result};
 pub use generate::{ActiveSequence, FinishReason, GenerateOutput, GenerateRequest, Pipeline, PreparedPrompt, Timings};

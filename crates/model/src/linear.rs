@@ -1,28 +1,67 @@
-//! The one linear layer every projection of the model goes through, so that later additions
-//! (LoRA deltas, quantised weights) land in a single place.
+//! The one linear layer every projection of the model goes through, so that LoRA deltas and
+//! quantized weights land in a single place.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::VarBuilder;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Module, Result, Tensor};
 
 use crate::lora::{canonical_module, RowAdapters};
+use crate::q8::Q8Weights;
+use crate::quant::{Q8MatMul, Quant};
+use crate::weights::Loader;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
+enum Weight {
+    /// `[out, in]` in the compute dtype.
+    Dense(Tensor),
+    Q8(Q8MatMul),
+    Ggml(QMatMul),
+}
+
+#[derive(Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
+    out_dim: usize,
+    in_dim: usize,
     /// Canonical module path (`model.layers.0.self_attn.q_proj`), the key adapters use.
     name: String,
 }
 
 impl Linear {
-    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Self { weight, bias, name: canonical_module(&vb.prefix()) })
+    /// `weight` (and `bias`) under `loader`'s prefix, quantized as the loader says.
+    pub fn load(loader: Loader, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let bias = if bias { Some(loader.get(out_dim, "bias")?) } else { None };
+        Self::from_checkpoint(&loader, &loader.path("weight"), bias, out_dim, in_dim, &canonical_module(&loader.prefix()))
     }
 
-    pub fn from_weights(weight: Tensor, bias: Option<Tensor>, name: &str) -> Self {
-        Self { weight, bias, name: name.to_string() }
+    /// The projection whose weight is the checkpoint tensor `path`, stored with `out_dim` rows
+    /// of `in_dim` values (whatever its stored rank, e.g. a convolution kernel whose stride
+    /// equals its size). Quantized straight from the mapped bytes when the loader quantizes.
+    pub fn from_checkpoint(loader: &Loader, path: &str, bias: Option<Tensor>, out_dim: usize, in_dim: usize, name: &str) -> Result<Self> {
+        let (_, stored) = loader.mapped().stored(path)?;
+        if stored.first() != Some(&out_dim) || stored.iter().product::<usize>() != out_dim * in_dim {
+            candle_core::bail!("shape mismatch for {path}: the checkpoint has {stored:?}, the config implies [{out_dim}, {in_dim}]")
+        }
+        let weight = match loader.quant() {
+            Quant::None => {
+                let w = loader.mapped().tensor(path, &candle_core::Device::Cpu)?;
+                Weight::Dense(w.reshape((out_dim, in_dim))?.to_dtype(loader.dtype())?.to_device(loader.device())?)
+            }
+            Quant::Q4K if in_dim % GgmlDType::Q4K.block_size() == 0 => {
+                let w = loader.mapped().tensor(path, &candle_core::Device::Cpu)?.reshape((out_dim, in_dim))?.to_dtype(DType::F32)?;
+                Weight::Ggml(QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4K)?)?)
+            }
+            Quant::Q8_0 | Quant::Q4K => Weight::Q8(Q8MatMul(Arc::new(quantize_q8(loader, path, out_dim, in_dim)?))),
+        };
+        Ok(Self { weight, bias, out_dim, in_dim, name: name.to_string() })
+    }
+
+    /// A dense projection sharing an existing `[out, in]` tensor (a tied output head).
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>, name: &str) -> Result<Self> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        Ok(Self { weight: Weight::Dense(weight), bias, out_dim, in_dim, name: name.to_string() })
     }
 
     /// `x W^T + b`, plus the LoRA delta of whichever adapter covers each row span.
@@ -31,24 +70,65 @@ impl Linear {
         rows.apply(&self.name, x, y)
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// `(out, in)`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.out_dim, self.in_dim)
     }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Bytes the weight takes in memory.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Weight::Q8(q) => q.0.bytes(),
+            Weight::Ggml(_) => self.out_dim * self.in_dim / GgmlDType::Q4K.block_size() * GgmlDType::Q4K.type_size(),
+        }
+    }
+}
+
+/// Q8_0 blocks built row by row from the stored values, never holding an f32 copy of the
+/// whole matrix.
+fn quantize_q8(loader: &Loader, path: &str, out_dim: usize, in_dim: usize) -> Result<Q8Weights> {
+    loader.mapped().with_bytes(path, |bytes, dtype, _| {
+        let width = dtype.size_in_bytes();
+        let row_bytes = in_dim * width;
+        let read_row = |i: usize, out: &mut [f32]| {
+            let row = &bytes[i * row_bytes..(i + 1) * row_bytes];
+            for (dst, src) in out.iter_mut().zip(row.chunks_exact(width)) {
+                *dst = match dtype {
+                    DType::BF16 => f32::from_bits((u16::from_le_bytes([src[0], src[1]]) as u32) << 16),
+                    DType::F16 => half::f16::from_le_bytes([src[0], src[1]]).to_f32(),
+                    _ => f32::from_le_bytes([src[0], src[1], src[2], src[3]]),
+                };
+            }
+        };
+        match dtype {
+            DType::BF16 | DType::F16 | DType::F32 => Ok(Q8Weights::quantize(out_dim, in_dim, read_row)),
+            other => candle_core::bail!("{path}: cannot quantize {other:?} weights"),
+        }
+    })
 }
 
 impl Module for Linear {
     /// `x W^T + b` for `x` of shape `[..., in]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
-        let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, self.in_dim))?;
+        let y = match &self.weight {
+            Weight::Dense(w) => x2.matmul(&w.t()?)?,
+            Weight::Q8(op) => x2.contiguous()?.apply_op1_no_bwd(op)?,
+            Weight::Ggml(q) => q.forward(&x2.contiguous()?)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
         let mut out_shape = dims[..dims.len() - 1].to_vec();
-        out_shape.push(self.weight.dim(0)?);
+        out_shape.push(self.out_dim);
         y.reshape(out_shape)
     }
 }

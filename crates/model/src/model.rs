@@ -6,15 +6,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 
 use crate::checkpoint::CheckpointFiles;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::image::PreprocessedImage;
 use crate::lora::LoraAdapter;
+use crate::quant::Quant;
 use crate::text::{SeqInput, TextModel};
 use crate::vision::VisionTower;
+use crate::weights::{Loader, MappedWeights};
 
 pub struct Qwen2VL {
     vision: VisionTower,
@@ -22,6 +23,7 @@ pub struct Qwen2VL {
     config: ModelConfig,
     device: Device,
     dtype: DType,
+    quant: Quant,
 }
 
 /// Tensor-name prefixes of the two layouts in circulation.
@@ -33,28 +35,66 @@ struct Layout {
 const PUBLISHED: Layout = Layout { text: "model", vision: "visual" };
 const TRANSFORMERS_5: Layout = Layout { text: "model.language_model", vision: "model.visual" };
 
+/// How to hold and run the weights.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Compute dtype of activations (and of the weights when not quantized).
+    pub dtype: DType,
+    pub device: Device,
+    pub quant: Quant,
+}
+
+impl Default for LoadOptions {
+    /// The token-exact mode: f32 weights and activations on the CPU.
+    fn default() -> Self {
+        Self { dtype: DType::F32, device: Device::Cpu, quant: Quant::None }
+    }
+}
+
+impl LoadOptions {
+    /// Refuses combinations that would be wrong or a trap: quantized weights exist for the CPU
+    /// only, with f32 activations; and candle's bf16/f16 CPU kernels are 10-20x slower than f32.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |m: String| Err(Error::InvalidRequest(m));
+        if self.quant != Quant::None && !self.device.is_cpu() {
+            return invalid(format!("quantized weights ({}) run on the CPU only: use --quant none on CUDA", self.quant.as_str()));
+        }
+        if self.quant != Quant::None && self.dtype != DType::F32 && !self.device.is_cpu() {
+            return invalid(format!("quantized weights ({}) compute in f32: drop --dtype or use --quant none", self.quant.as_str()));
+        }
+        if self.device.is_cpu() && self.dtype != DType::F32 {
+            return invalid(format!(
+                "--dtype {:?} is many times slower than f32 on the CPU: use --quant q8_0 (fast) or --dtype f32 --quant none (exact)",
+                self.dtype
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Qwen2VL {
-    pub fn load(files: &CheckpointFiles, config: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(files: &CheckpointFiles, config: &ModelConfig, options: &LoadOptions) -> Result<Self> {
+        options.validate()?;
+        let LoadOptions { dtype, device, quant } = options;
         for path in &files.weights {
             std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         }
-        // SAFETY: the files are memory-mapped read-only; we never mutate them while mapped.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }
-            .map_err(|e| Error::Weights(format!("cannot read safetensors: {e}")))?;
-        let layout = if vb.contains_tensor("model.language_model.embed_tokens.weight") { TRANSFORMERS_5 } else { PUBLISHED };
-        if !vb.contains_tensor(&format!("{}.embed_tokens.weight", layout.text)) {
+        let mapped = MappedWeights::open(&files.weights).map_err(|e| Error::Weights(format!("cannot read safetensors: {e}")))?;
+        let vb = Loader::new(Arc::new(mapped), *dtype, device, *quant);
+        let layout = if vb.contains("model.language_model.embed_tokens.weight") { TRANSFORMERS_5 } else { PUBLISHED };
+        if !vb.contains(&format!("{}.embed_tokens.weight", layout.text)) {
             return Err(Error::Weights(
                 "no `model.embed_tokens.weight` or `model.language_model.embed_tokens.weight`: not a Qwen2-VL checkpoint".into(),
             ));
         }
-        let lm_head = vb.contains_tensor("lm_head.weight").then(|| vb.pp("lm_head"));
+        let lm_head = vb.contains("lm_head.weight").then(|| vb.pp("lm_head"));
         if lm_head.is_none() && !config.text.tie_word_embeddings {
             return Err(Error::Weights("`lm_head.weight` is missing and tie_word_embeddings is false".into()));
         }
         let weights_err = |e: candle_core::Error| Error::Weights(e.to_string());
         let text = TextModel::load(vb.pp(layout.text), lm_head, &config.text).map_err(weights_err)?;
         let vision = VisionTower::load(vb.pp(layout.vision), &config.vision, config.vision.rope_theta).map_err(weights_err)?;
-        Ok(Self { vision, text, config: config.clone(), device: device.clone(), dtype })
+        Ok(Self { vision, text, config: config.clone(), device: device.clone(), dtype: *dtype, quant: *quant })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -67,6 +107,10 @@ impl Qwen2VL {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    pub fn quant(&self) -> Quant {
+        self.quant
     }
 
     /// Merged visual embeddings `[visual_tokens, hidden]`, one tensor per image, each image

@@ -5,12 +5,15 @@
 //! that sequence's cache, so prefill and decode steps of different lengths share one pass.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, VarBuilder};
+use candle_nn::Embedding;
 
 use crate::config::TextConfig;
+use crate::cpu_kernels;
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::lora::{LoraAdapter, RowAdapters};
+use crate::quant::Quant;
+use crate::weights::Loader;
 
 /// One sequence's part of a batch: its new input embeddings, their `(t, h, w)` positions and
 /// its cache, which `forward` extends by `embeds.dim(0)` tokens.
@@ -32,7 +35,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &TextConfig) -> Result<Self> {
+    fn load(vb: Loader, cfg: &TextConfig) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         Ok(Self {
             q_proj: Linear::load(vb.pp("q_proj"), h, cfg.num_attention_heads * d, true)?,
@@ -112,7 +115,7 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, cfg: &TextConfig) -> Result<Self> {
+    fn load(vb: Loader, cfg: &TextConfig) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
             gate_proj: Linear::load(vb.pp("gate_proj"), h, i, false)?,
@@ -122,7 +125,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, rows: &RowAdapters) -> Result<Tensor> {
-        let gated = (self.gate_proj.forward_with(x, rows)?.silu()? * self.up_proj.forward_with(x, rows)?)?;
+        let gated = cpu_kernels::silu_mul(&self.gate_proj.forward_with(x, rows)?, &self.up_proj.forward_with(x, rows)?)?;
         self.down_proj.forward_with(&gated, rows)
     }
 }
@@ -133,7 +136,7 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+    fn load(vb: Loader, size: usize, eps: f64) -> Result<Self> {
         Ok(Self { weight: vb.get(size, "weight")?, eps: eps as f32 })
     }
 
@@ -157,14 +160,23 @@ pub struct TextModel {
     /// For each rotary frequency, which position row (0 = t, 1 = h, 2 = w) drives it.
     freq_rows: Vec<usize>,
     inv_freq: Vec<f32>,
+    /// Embeddings may be stored narrower than this; the decoder computes in it.
+    compute_dtype: DType,
     cfg: TextConfig,
 }
 
 impl TextModel {
     /// `vb` points at the decoder (`model` or `model.language_model`); `lm_head` is separate
     /// and absent when tied.
-    pub fn load(vb: VarBuilder, lm_head_vb: Option<VarBuilder>, cfg: &TextConfig) -> Result<Self> {
-        let embed_weight = vb.get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?;
+    pub fn load(vb: Loader, lm_head_vb: Option<Loader>, cfg: &TextConfig) -> Result<Self> {
+        let quantized = vb.quant() != Quant::None;
+        // Quantized, the table stays in its stored dtype (bf16 in published checkpoints) and only
+        // looked-up rows are widened: an f32 copy would be the largest tensor of the model.
+        let embed_weight = if quantized {
+            vb.get_stored((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?
+        } else {
+            vb.get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?
+        };
         let embed_tokens = Embedding::new(embed_weight.clone(), cfg.hidden_size);
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
@@ -180,7 +192,11 @@ impl TextModel {
         let norm = RmsNorm::load(vb.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         let lm_head = match lm_head_vb {
             Some(vb) if !cfg.tie_word_embeddings => Linear::load(vb, cfg.hidden_size, cfg.vocab_size, false)?,
-            _ => Linear::from_weights(embed_weight, None, "lm_head"),
+            // Tied and dense: share the embedding table; tied and quantized: quantize it.
+            _ if quantized => {
+                Linear::from_checkpoint(&vb, &vb.path("embed_tokens.weight"), None, cfg.vocab_size, cfg.hidden_size, "lm_head")?
+            }
+            _ => Linear::from_weights(embed_weight, None, "lm_head")?,
         };
         let half = cfg.head_dim / 2;
         let inv_freq = (0..half).map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / cfg.head_dim as f32)).collect();
@@ -196,7 +212,7 @@ impl TextModel {
                 }
             })
             .collect();
-        Ok(Self { embed_tokens, layers, norm, lm_head, freq_rows, inv_freq, cfg: cfg.clone() })
+        Ok(Self { embed_tokens, layers, norm, lm_head, freq_rows, inv_freq, compute_dtype: vb.dtype(), cfg: cfg.clone() })
     }
 
     pub fn config(&self) -> &TextConfig {
@@ -204,7 +220,7 @@ impl TextModel {
     }
 
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        self.embed_tokens.forward(ids)
+        self.embed_tokens.forward(ids)?.to_dtype(self.compute_dtype)
     }
 
     /// cos/sin `[n, head_dim / 2]` for M-RoPE: frequency `j` rotates by the position row that

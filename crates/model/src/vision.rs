@@ -3,11 +3,13 @@
 //! `merge x merge` patches to language-model embeddings.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{layer_norm, LayerNorm, LayerNormConfig, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, LayerNormConfig};
 
 use crate::config::VisionConfig;
+use crate::cpu_kernels;
 use crate::linear::Linear;
 use crate::lora::{LoraAdapter, RowAdapters};
+use crate::weights::Loader;
 
 const LAYER_NORM_EPS: f64 = 1e-6;
 
@@ -19,7 +21,7 @@ struct VisionAttention {
 }
 
 impl VisionAttention {
-    fn load(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
+    fn load(vb: Loader, cfg: &VisionConfig) -> Result<Self> {
         Ok(Self {
             qkv: Linear::load(vb.pp("qkv"), cfg.embed_dim, cfg.embed_dim * 3, true)?,
             proj: Linear::load(vb.pp("proj"), cfg.embed_dim, cfg.embed_dim, true)?,
@@ -42,15 +44,19 @@ impl VisionAttention {
         let (q, k) = (rot(0)?, rot(1)?);
         let v = qkv.get(2)?.unsqueeze(0)?.contiguous()?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut outs = Vec::with_capacity(spans.len());
-        for &(start, len) in spans {
-            let (q, k, v) = (q.narrow(2, start, len)?, k.narrow(2, start, len)?, v.narrow(2, start, len)?);
-            let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-            outs.push(probs.matmul(&v.contiguous()?)?);
-        }
-        // [1, heads, seq, head_dim] -> [seq, heads * head_dim]
-        let out = Tensor::cat(&outs, 2)?.squeeze(0)?.transpose(0, 1)?.reshape((seq, self.num_heads * self.head_dim))?;
+        let out = if x.device().is_cpu() && dtype == DType::F32 {
+            cpu_kernels::attention_within_spans(&q.squeeze(0)?, &k.squeeze(0)?, &v.squeeze(0)?, spans, scale as f32)?
+        } else {
+            let mut outs = Vec::with_capacity(spans.len());
+            for &(start, len) in spans {
+                let (q, k, v) = (q.narrow(2, start, len)?, k.narrow(2, start, len)?, v.narrow(2, start, len)?);
+                let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+                let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+                outs.push(probs.matmul(&v.contiguous()?)?);
+            }
+            // [1, heads, seq, head_dim] -> [seq, heads * head_dim]
+            Tensor::cat(&outs, 2)?.squeeze(0)?.transpose(0, 1)?.reshape((seq, self.num_heads * self.head_dim))?
+        };
         self.proj.forward_with(&out, rows)
     }
 }
@@ -63,16 +69,12 @@ struct VisionBlock {
     fc2: Linear,
 }
 
-fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
-}
-
 impl VisionBlock {
-    fn load(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
+    fn load(vb: Loader, cfg: &VisionConfig) -> Result<Self> {
         let ln = LayerNormConfig { eps: LAYER_NORM_EPS, ..Default::default() };
         Ok(Self {
-            norm1: layer_norm(cfg.embed_dim, ln, vb.pp("norm1"))?,
-            norm2: layer_norm(cfg.embed_dim, ln, vb.pp("norm2"))?,
+            norm1: layer_norm(cfg.embed_dim, ln, vb.vb().pp("norm1"))?,
+            norm2: layer_norm(cfg.embed_dim, ln, vb.vb().pp("norm2"))?,
             attn: VisionAttention::load(vb.pp("attn"), cfg)?,
             fc1: Linear::load(vb.pp("mlp.fc1"), cfg.embed_dim, cfg.mlp_hidden(), true)?,
             fc2: Linear::load(vb.pp("mlp.fc2"), cfg.mlp_hidden(), cfg.embed_dim, true)?,
@@ -81,7 +83,7 @@ impl VisionBlock {
 
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, spans: &[(usize, usize)], rows: &RowAdapters) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.norm1.forward(x)?, cos, sin, spans, rows)?)?;
-        let h = self.fc2.forward_with(&quick_gelu(&self.fc1.forward_with(&self.norm2.forward(&x)?, rows)?)?, rows)?;
+        let h = self.fc2.forward_with(&cpu_kernels::quick_gelu(&self.fc1.forward_with(&self.norm2.forward(&x)?, rows)?)?, rows)?;
         x + h
     }
 }
@@ -94,11 +96,11 @@ struct PatchMerger {
 }
 
 impl PatchMerger {
-    fn load(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
+    fn load(vb: Loader, cfg: &VisionConfig) -> Result<Self> {
         let group = cfg.embed_dim * cfg.spatial_merge_size * cfg.spatial_merge_size;
         let ln = LayerNormConfig { eps: LAYER_NORM_EPS, ..Default::default() };
         Ok(Self {
-            ln_q: layer_norm(cfg.embed_dim, ln, vb.pp("ln_q"))?,
+            ln_q: layer_norm(cfg.embed_dim, ln, vb.vb().pp("ln_q"))?,
             fc1: Linear::load(vb.pp("mlp.0"), group, group, true)?,
             fc2: Linear::load(vb.pp("mlp.2"), group, cfg.hidden_size, true)?,
             group,
@@ -120,11 +122,11 @@ pub struct VisionTower {
 }
 
 impl VisionTower {
-    pub fn load(vb: VarBuilder, cfg: &VisionConfig, rope_theta: f64) -> Result<Self> {
+    pub fn load(vb: Loader, cfg: &VisionConfig, rope_theta: f64) -> Result<Self> {
         // The Conv3d's kernel equals its stride, so it is one matmul over flattened patches.
-        let w =
-            vb.get((cfg.embed_dim, cfg.in_chans, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size), "patch_embed.proj.weight")?;
-        let patch_embed = Linear::from_weights(w.reshape((cfg.embed_dim, cfg.patch_len()))?, None, "visual.patch_embed.proj");
+        let patch = vb.pp("patch_embed.proj");
+        let patch_embed =
+            Linear::from_checkpoint(&patch, &patch.path("weight"), None, cfg.embed_dim, cfg.patch_len(), "visual.patch_embed.proj")?;
         let blocks = (0..cfg.depth).map(|i| VisionBlock::load(vb.pp(format!("blocks.{i}")), cfg)).collect::<Result<_>>()?;
         let merger = PatchMerger::load(vb.pp("merger"), cfg)?;
         // Axial rotary: head_dim / 4 frequencies, each used for the row and for the column.

@@ -7,7 +7,7 @@ use qwen_ocr_model::config::PreprocessorConfig;
 use qwen_ocr_model::image::{self, ImageOptions, PreprocessedImage};
 use qwen_ocr_model::prompt::ChatMessage;
 use qwen_ocr_model::sampling::SamplingParams;
-use qwen_ocr_model::{DType, Device, GenerateRequest, Pipeline};
+use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline};
 use serde_json::Value;
 
 /// Below this top-1/top-2 logit gap, f32 rounding differences may legitimately flip a choice.
@@ -24,7 +24,7 @@ fn goldens() -> Value {
 }
 
 fn load(checkpoint: &str) -> Pipeline {
-    Pipeline::load(fixtures().join(checkpoint).to_str().unwrap(), DType::F32, &Device::Cpu).unwrap()
+    Pipeline::load(fixtures().join(checkpoint).to_str().unwrap(), &LoadOptions::default()).unwrap()
 }
 
 fn preprocess(pipeline: &Pipeline, names: &[Value]) -> Vec<PreprocessedImage> {

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use qwen_ocr_model::{DType, Pipeline};
+use qwen_ocr_model::{LoadOptions, Pipeline};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -32,7 +32,7 @@ fn refusal(pipeline: &Pipeline, dir: &Path) -> String {
 
 #[test]
 fn mismatched_adapters_are_refused_with_the_reason() {
-    let pipeline = Pipeline::load(fixtures().join("tiny-tied").to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let pipeline = Pipeline::load(fixtures().join("tiny-tied").to_str().unwrap(), &LoadOptions::default()).unwrap();
     assert!(pipeline.model.load_adapter("ok", &good_adapter()).is_ok());
 
     let renamed = edited(|t| t.into_iter().map(|(k, v)| (k.replace("base_model.model.model.", "base_model.model.decoder."), v)).collect());
@@ -83,7 +83,7 @@ fn mismatched_adapters_are_refused_with_the_reason() {
 #[test]
 fn registry_replaces_atomically_unloads_and_caps() {
     use qwen_ocr_model::adapter_registry::AdapterRegistry;
-    let pipeline = Pipeline::load(fixtures().join("tiny-tied").to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let pipeline = Pipeline::load(fixtures().join("tiny-tied").to_str().unwrap(), &LoadOptions::default()).unwrap();
     let dir = |a: &str| fixtures().join("adapters/tiny-tied").join(a);
     let registry = AdapterRegistry::new(2);
     assert!(registry.load(&pipeline.model, "plates", &dir("lm-qv-r4")).unwrap().is_none());

@@ -99,6 +99,7 @@ impl Engine {
             submitted: Instant::now(),
             admitted: None,
             first_token: None,
+            vision: Default::default(),
             error: None,
         };
         if inbox.send(seq).is_err() {
@@ -255,6 +256,7 @@ impl Worker {
         let mut found: HashMap<ImageKey, Tensor> = HashMap::new();
         let mut misses: Vec<(ImageKey, &PreprocessedImage, Option<&LoraAdapter>)> = Vec::new();
         let mut hits = 0;
+        let mut vision_time = std::time::Duration::ZERO;
         for seq in self.running.iter().filter(|s| s.cache.is_empty()) {
             let adapter = seq.request.adapter.as_deref();
             let mut seq_keys = Vec::with_capacity(seq.request.images.len());
@@ -275,7 +277,10 @@ impl Worker {
         if !misses.is_empty() {
             let images: Vec<_> = misses.iter().map(|m| m.1).collect();
             let adapters: Vec<_> = misses.iter().map(|m| m.2).collect();
-            for (miss, embeds) in misses.iter().zip(self.pipeline.model.encode_images(&images, &adapters)?) {
+            let started = Instant::now();
+            let encoded = self.pipeline.model.encode_images(&images, &adapters)?;
+            vision_time = started.elapsed();
+            for (miss, embeds) in misses.iter().zip(encoded) {
                 self.vision.put(miss.0, embeds.clone());
                 found.insert(miss.0, embeds);
             }
@@ -284,6 +289,10 @@ impl Worker {
         self.stats.vision_cache_hits.fetch_add(hits, Ordering::Relaxed);
         metrics::counter!(m::VISION_CACHE_MISSES).increment(misses.len() as u64);
         metrics::counter!(m::VISION_CACHE_HITS).increment(hits);
+        // One pass serves every sequence admitted in this step: each waited for all of it.
+        for seq in self.running.iter_mut().filter(|s| s.cache.is_empty()) {
+            seq.vision = vision_time;
+        }
         Ok(keys.iter().map(|seq_keys| seq_keys.iter().map(|k| found[k].clone()).collect()).collect())
     }
 

@@ -1,6 +1,6 @@
 //! One request's state inside the engine.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use qwen_ocr_model::decoding::Decoding;
 use qwen_ocr_model::generate::ms;
@@ -20,6 +20,8 @@ pub struct Sequence {
     pub submitted: Instant,
     pub admitted: Option<Instant>,
     pub first_token: Option<Instant>,
+    /// Time in the vision tower during prefill (part of the prefill time).
+    pub vision: Duration,
     pub error: Option<String>,
 }
 
@@ -58,6 +60,7 @@ impl Sequence {
         let timings = Timings {
             queued_ms: ms(admitted - self.submitted),
             prefill_ms: ms(first_token.saturating_duration_since(admitted)),
+            vision_ms: ms(self.vision),
             decode_ms: ms(now.saturating_duration_since(first_token)),
         };
         let _ = self.events.send(Event::Done(Completion {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use qwen_ocr_model::image::ImageOptions;
 use qwen_ocr_model::prompt::ChatMessage;
 use qwen_ocr_model::sampling::SamplingParams;
-use qwen_ocr_model::{DType, Device, FinishReason, GenerateRequest, Pipeline};
+use qwen_ocr_model::{FinishReason, GenerateRequest, LoadOptions, Pipeline};
 use qwen_ocr_scheduler::{Completion, Engine, EngineConfig, Event, Request, RequestStream, SubmitError};
 
 const PLATE_PROMPT: &str =
@@ -19,7 +19,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn pipeline() -> Arc<Pipeline> {
-    Arc::new(Pipeline::load(fixtures().join("tiny-tied").to_str().unwrap(), DType::F32, &Device::Cpu).unwrap())
+    Arc::new(Pipeline::load(fixtures().join("tiny-tied").to_str().unwrap(), &LoadOptions::default()).unwrap())
 }
 
 fn request(pipeline: &Pipeline, images: &[&str], prompt: &str, max_new: usize) -> GenerateRequest {

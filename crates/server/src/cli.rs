@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use qwen_ocr_model::checkpoint::{self, DEFAULT_MODEL};
 use qwen_ocr_model::config::PreprocessorConfig;
 use qwen_ocr_model::image::{ImageOptions, DEFAULT_MAX_DECODED_PIXELS};
-use qwen_ocr_model::model::{parse_device, parse_dtype};
+use qwen_ocr_model::model::parse_dtype;
 use qwen_ocr_model::prompt::ChatMessage;
 use qwen_ocr_model::{GenerateRequest, Pipeline};
 use serde_json::json;
@@ -67,6 +67,9 @@ struct ModelArgs {
     /// Compute dtype: f32, bf16 or f16.
     #[arg(long, env = "QWEN_OCR_DTYPE", default_value = "f32")]
     dtype: String,
+    /// Weights: auto (q8_0 on CPU, none on CUDA), none (exact), q8_0 or q4k.
+    #[arg(long, env = "QWEN_OCR_QUANT", default_value = "auto")]
+    quant: String,
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "QWEN_OCR_DEVICE", default_value = "cpu")]
     device: String,
@@ -151,12 +154,11 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    let dtype = parse_dtype(&args.model.dtype)?;
-    let device = parse_device(&args.model.device)?;
+    let options = crate::config::load_options(&args.model.dtype, &args.model.device, &args.model.quant)?;
     if args.max_tokens == Some(0) {
         anyhow::bail!("--max-tokens must be at least 1");
     }
-    let pipeline = Pipeline::load(&args.model.model, dtype, &device).with_context(|| format!("loading {}", args.model.model))?;
+    let pipeline = Pipeline::load(&args.model.model, &options).with_context(|| format!("loading {}", args.model.model))?;
     let adapter = match &args.adapter {
         Some(dir) => {
             let adapter = pipeline.model.load_adapter(&dir.display().to_string(), dir)?;
@@ -235,7 +237,7 @@ fn merge(args: MergeArgs) -> Result<()> {
         anyhow::bail!("--dtype must be f32 or bf16");
     }
     // The adapter is validated against the base in f32, the precision the merge is computed in.
-    let pipeline = Pipeline::load(&args.model, candle_core::DType::F32, &candle_core::Device::Cpu)
+    let pipeline = Pipeline::load(&args.model, &qwen_ocr_model::LoadOptions::default())
         .with_context(|| format!("loading {}", args.model))?;
     let adapter = pipeline.model.load_adapter(&args.adapter.display().to_string(), &args.adapter)?;
     let changed = qwen_ocr_model::merge::merge_adapter(&pipeline.files, &adapter, &args.out, dtype)?;

@@ -9,6 +9,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use qwen_ocr_model::checkpoint::DEFAULT_MODEL;
 use qwen_ocr_model::image::DEFAULT_MAX_DECODED_PIXELS;
+use qwen_ocr_model::model::{parse_device, parse_dtype};
+use qwen_ocr_model::{LoadOptions, Quant};
 use qwen_ocr_scheduler::EngineConfig;
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +23,8 @@ pub struct ServerConfig {
     /// A checkpoint directory or a Hugging Face hub id.
     pub model: String,
     pub dtype: String,
+    /// Weight quantization: auto, none, q8_0 or q4k.
+    pub quant: String,
     pub device: String,
     pub host: IpAddr,
     pub port: u16,
@@ -68,6 +72,7 @@ impl Default for ServerConfig {
         Self {
             model: DEFAULT_MODEL.into(),
             dtype: "f32".into(),
+            quant: "auto".into(),
             device: "cpu".into(),
             host: [0, 0, 0, 0].into(),
             port: 8080,
@@ -103,6 +108,9 @@ pub struct ServeArgs {
     /// Compute dtype: f32, bf16 or f16.
     #[arg(long, env = "QWEN_OCR_DTYPE")]
     pub dtype: Option<String>,
+    /// Weights: auto (q8_0 on CPU, none on CUDA), none (exact), q8_0 or q4k.
+    #[arg(long, env = "QWEN_OCR_QUANT")]
+    pub quant: Option<String>,
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "QWEN_OCR_DEVICE")]
     pub device: Option<String>,
@@ -130,15 +138,21 @@ fn parse_adapter(s: &str) -> Result<(String, PathBuf), String> {
 }
 
 impl ServerConfig {
+    /// The dtype, device and quantization to load the model with.
+    pub fn load_options(&self) -> Result<LoadOptions> {
+        load_options(&self.dtype, &self.device, &self.quant)
+    }
+
     /// The file (if any), then the environment and flags on top.
     pub fn load(args: ServeArgs) -> Result<Self> {
         let mut config = match &args.config {
             Some(path) => Self::from_file(path)?,
             None => Self::default(),
         };
-        let ServeArgs { config: _, model, dtype, device, host, port, adapters, adapters_dir, api_keys } = args;
+        let ServeArgs { config: _, model, dtype, quant, device, host, port, adapters, adapters_dir, api_keys } = args;
         config.model = model.unwrap_or(config.model);
         config.dtype = dtype.unwrap_or(config.dtype);
+        config.quant = quant.unwrap_or(config.quant);
         config.device = device.unwrap_or(config.device);
         config.host = host.unwrap_or(config.host);
         config.port = port.unwrap_or(config.port);
@@ -157,6 +171,14 @@ impl ServerConfig {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("invalid configuration in {}", path.display()))
     }
+}
+
+/// Parses the three settings together: `auto` quantization depends on the device.
+pub fn load_options(dtype: &str, device: &str, quant: &str) -> Result<LoadOptions> {
+    let device = parse_device(device)?;
+    let options = LoadOptions { dtype: parse_dtype(dtype)?, quant: Quant::parse(quant, &device)?, device };
+    options.validate()?;
+    Ok(options)
 }
 
 #[cfg(test)]

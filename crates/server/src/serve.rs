@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use qwen_ocr_model::model::{parse_device, parse_dtype};
 use qwen_ocr_model::Pipeline;
 use qwen_ocr_scheduler::Engine;
 use tokio::net::TcpListener;
@@ -67,10 +66,9 @@ async fn serve(config: ServerConfig) -> Result<()> {
 /// Loads the model and the configured adapters, then starts the engine.
 fn load(state: &AppState) -> Result<()> {
     let config = &state.config;
-    let dtype = parse_dtype(&config.dtype)?;
-    let device = parse_device(&config.device)?;
+    let options = config.load_options()?;
     let started = std::time::Instant::now();
-    let pipeline = Pipeline::load(&config.model, dtype, &device).with_context(|| format!("loading {}", config.model))?;
+    let pipeline = Pipeline::load(&config.model, &options).with_context(|| format!("loading {}", config.model))?;
     for (name, adapter) in &config.adapters {
         state.adapters.load(&pipeline.model, name, &adapter.path).with_context(|| format!("loading adapter `{name}`"))?;
         if let Some(prompt) = &adapter.prompt {

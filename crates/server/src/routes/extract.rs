@@ -80,7 +80,7 @@ pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, req
             "completion_tokens": done.token_ids.len(),
             "total_tokens": done.prompt_tokens + done.token_ids.len(),
         },
-        "timings": { "queued_ms": t.queued_ms, "prefill_ms": t.prefill_ms, "decode_ms": t.decode_ms },
+        "timings": { "queued_ms": t.queued_ms, "prefill_ms": t.prefill_ms, "vision_ms": t.vision_ms, "decode_ms": t.decode_ms },
     });
     match extract_json(&done.text) {
         Ok(data) => body["data"] = data,

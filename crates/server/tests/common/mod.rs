@@ -84,6 +84,11 @@ impl Server {
 
     /// Starts the server on any checkpoint.
     pub fn start_model(model: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_model_within(model, extra, env, Duration::from_secs(60))
+    }
+
+    /// Starts the server and waits up to `ready_within` for the model to load.
+    pub fn start_model_within(model: &str, extra: &[&str], env: &[(&str, &str)], ready_within: Duration) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_qwen-ocr"));
         cmd.args(["serve", "--model", model, "--host", "127.0.0.1", "--port", "0"]).args(extra);
         // Hermetic: no QWEN_OCR_* setting of the developer's shell leaks in.
@@ -107,14 +112,14 @@ impl Server {
         let addr =
             port_rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("server did not start: {}", logs.lock().unwrap()));
         let server = Self { child, base: format!("http://{addr}"), logs, _config: None };
-        server.wait_ready();
+        server.wait_ready(ready_within);
         server
     }
 
-    fn wait_ready(&self) {
+    fn wait_ready(&self, within: Duration) {
         let started = Instant::now();
         while self.get("/ready").0 != 200 {
-            assert!(started.elapsed() < Duration::from_secs(30), "server never became ready: {}", self.logs());
+            assert!(started.elapsed() < within, "server never became ready: {}", self.logs());
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -1,0 +1,105 @@
+//! The seed task through the real serving path: `qwen-ocr serve` on a checkpoint, then
+//! `/v1/extract` with one plate photo and the seed prompt, 64 greedy tokens, a new image per
+//! request (so the vision cache never hits). Prints one JSON object with the same fields as
+//! `benches/seed_task/reference.py`, which times transformers on the same task.
+//!
+//!     QWEN_OCR_BENCH_MODEL=/path/to/checkpoint QWEN_OCR_BENCH_IMAGES=/path/to/images \
+//!         cargo bench --bench seed_task
+//!
+//! `QWEN_OCR_BENCH_QUANT` (q8_0), `QWEN_OCR_BENCH_DTYPE` (f32), `QWEN_OCR_BENCH_REQUESTS` (3),
+//! `QWEN_OCR_BENCH_TOKENS` (64). Without a model it runs on the committed tiny checkpoint and
+//! image, which measures overhead only.
+
+#[path = "../crates/server/tests/common/mod.rs"]
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{fixtures, Server};
+use serde_json::{json, Value};
+
+const PROMPT: &str = "Please extract the Vehicle Sr No, Engine No, and Model from this image. Response only json format nothing else.";
+
+fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_string())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Peak resident memory of a process, from `/proc` (Linux).
+fn peak_rss_gib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / (1024.0 * 1024.0))
+}
+
+fn main() {
+    let model = env_or("QWEN_OCR_BENCH_MODEL", fixtures().join("tiny-tied").to_str().unwrap());
+    let quant = env_or("QWEN_OCR_BENCH_QUANT", "q8_0");
+    let dtype = env_or("QWEN_OCR_BENCH_DTYPE", "f32");
+    let requests: usize = env_or("QWEN_OCR_BENCH_REQUESTS", "3").parse().expect("QWEN_OCR_BENCH_REQUESTS");
+    let tokens = env_or("QWEN_OCR_BENCH_TOKENS", "64");
+    let images: Vec<PathBuf> = match std::env::var("QWEN_OCR_BENCH_IMAGES") {
+        Ok(dir) => {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir).expect("QWEN_OCR_BENCH_IMAGES").map(|e| e.unwrap().path()).collect();
+            files.sort();
+            files
+        }
+        Err(_) => vec![fixtures().join("images/photo.jpg"); requests + 1],
+    };
+    assert!(images.len() > requests, "need {} images (one warm-up and one per request)", requests + 1);
+
+    let started = Instant::now();
+    let server = Server::start_model_within(&model, &["--quant", &quant, "--dtype", &dtype], &[], Duration::from_secs(1800));
+    let load_s = started.elapsed().as_secs_f64();
+
+    let extract = |image: &PathBuf| -> (f64, Value) {
+        let bytes = std::fs::read(image).unwrap();
+        let started = Instant::now();
+        let (status, body) =
+            server.extract_multipart(&[("image", "plate.jpg", &bytes)], &[("prompt", PROMPT), ("max_tokens", &tokens), ("temperature", "0")], &[]);
+        let e2e = started.elapsed().as_secs_f64();
+        assert_eq!(status, 200, "{body}");
+        (e2e, body)
+    };
+    extract(&images[0]);
+
+    let mut runs = Vec::new();
+    for image in &images[1..=requests] {
+        let (e2e, body) = extract(image);
+        let t = &body["timings"];
+        let generated = body["usage"]["completion_tokens"].as_u64().unwrap();
+        let decode_s = t["decode_ms"].as_f64().unwrap() / 1e3;
+        runs.push(json!({
+            "e2e_s": e2e,
+            // Everything before the first token, as the client sees it: upload, preprocessing,
+            // queueing, vision tower and prompt.
+            "ttft_s": e2e - decode_s,
+            "vision_s": t["vision_ms"].as_f64().unwrap() / 1e3,
+            "decode_tok_s": (generated.saturating_sub(1)) as f64 / decode_s,
+            "prompt_tokens": body["usage"]["prompt_tokens"],
+            "generated_tokens": generated,
+        }));
+    }
+    let med = |key: &str| median(runs.iter().map(|r| r[key].as_f64().unwrap()).collect());
+    let report = json!({
+        "system": "qwen-ocr",
+        "quant": quant,
+        "dtype": dtype,
+        "model": model,
+        "load_s": load_s,
+        "vision_s": med("vision_s"),
+        "ttft_s": med("ttft_s"),
+        "decode_tok_s": med("decode_tok_s"),
+        "e2e_s": med("e2e_s"),
+        "peak_rss_gib": peak_rss_gib(server.pid()),
+        "prompt_tokens": runs[0]["prompt_tokens"],
+        "generated_tokens": runs[0]["generated_tokens"],
+        "runs": runs,
+    });
+    println!("{report}");
+}

@@ -1,0 +1,73 @@
+//! Quantized weights stay close to the exact model: per position, the same most likely token
+//! nearly always, and next-token distributions a small KL divergence away. A broken kernel,
+//! layout or scale shows up here as logits with a relative error near 1.
+
+use std::path::{Path, PathBuf};
+
+use qwen_ocr_model::image::ImageOptions;
+use qwen_ocr_model::prompt::ChatMessage;
+use qwen_ocr_model::quality::{compare, Agreement};
+use qwen_ocr_model::sampling::SamplingParams;
+use qwen_ocr_model::{Device, GenerateRequest, LoadOptions, Pipeline, Quant};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn load(checkpoint: &str, quant: Quant) -> Pipeline {
+    let options = LoadOptions { quant, ..LoadOptions::default() };
+    Pipeline::load(fixtures().join(checkpoint).to_str().unwrap(), &options).unwrap()
+}
+
+fn request(pipeline: &Pipeline, image: &str) -> GenerateRequest {
+    let image = pipeline.preprocess_file(&fixtures().join("images").join(image), &ImageOptions::default()).unwrap();
+    GenerateRequest {
+        messages: vec![ChatMessage::user_with_images(1, "Extract the plate number as JSON.")],
+        images: vec![image],
+        max_new_tokens: None,
+        sampling: SamplingParams::default(),
+        stop: vec![],
+        adapter: None,
+    }
+}
+
+fn agreement(checkpoint: &str, quant: Quant) -> Agreement {
+    let (exact, quantized) = (load(checkpoint, Quant::None), load(checkpoint, quant));
+    assert_eq!(quantized.model.quant(), quant);
+    let mut total = Agreement { positions: 0, greedy_agreement: 0.0, mean_kl: 0.0, logits_rel_error: 0.0 };
+    for image in ["plate.png", "photo.jpg"] {
+        let a = compare(&exact, &quantized, &request(&exact, image), 24).unwrap();
+        eprintln!("{checkpoint} {quant:?} {image}: {a:?}");
+        total.positions += a.positions;
+        total.greedy_agreement += a.greedy_agreement / 2.0;
+        total.mean_kl += a.mean_kl / 2.0;
+        total.logits_rel_error += a.logits_rel_error / 2.0;
+    }
+    total
+}
+
+#[test]
+fn q8_0_stays_close_to_f32() {
+    for checkpoint in ["tiny-tied", "tiny-untied-sharded"] {
+        let a = agreement(checkpoint, Quant::Q8_0);
+        assert!(a.logits_rel_error < 0.05, "{checkpoint}: {a:?}");
+        assert!(a.greedy_agreement >= 0.9, "{checkpoint}: {a:?}");
+        assert!(a.mean_kl < 1e-3, "{checkpoint}: {a:?}");
+    }
+}
+
+#[test]
+fn q4k_stays_close_to_f32() {
+    let a = agreement("tiny-tied", Quant::Q4K);
+    assert!(a.logits_rel_error < 0.25, "{a:?}");
+    assert!(a.greedy_agreement >= 0.7, "{a:?}");
+}
+
+#[test]
+fn quantized_modes_are_refused_where_they_cannot_run() {
+    let bf16 = LoadOptions { dtype: qwen_ocr_model::DType::BF16, ..LoadOptions::default() };
+    let err = bf16.validate().unwrap_err().to_string();
+    assert!(err.contains("--quant"), "{err}");
+    assert_eq!(Quant::parse("auto", &Device::Cpu).unwrap(), Quant::Q8_0);
+    assert!(Quant::parse("q3", &Device::Cpu).is_err());
+}
