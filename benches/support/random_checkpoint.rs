@@ -15,11 +15,25 @@ const TINY_HIDDEN: usize = 16;
 const TINY_INTERMEDIATE: usize = 48;
 const TINY_KV: usize = 8;
 
-/// The checkpoint directory for a decoder `hidden` wide with `layers` layers (head size 64).
+/// The checkpoint directory for a decoder `hidden` wide with `layers` layers (head size 64,
+/// an MLP three times as wide, a quarter as many key/value heads as query heads).
+#[allow(dead_code)]
 pub fn small_checkpoint(hidden: usize, layers: usize) -> PathBuf {
+    decoder_checkpoint(hidden, layers, hidden * 3, (hidden / 64 / 4).max(1))
+}
+
+/// Qwen2-0.5B's decoder shape (896 wide, 24 layers, 4864-wide MLP, 14 heads, 2 key/value heads).
+#[allow(dead_code)]
+pub fn qwen2_0_5b_shaped_checkpoint() -> PathBuf {
+    decoder_checkpoint(896, 24, 4864, 2)
+}
+
+/// The checkpoint directory for a decoder of the given shape (head size 64).
+pub fn decoder_checkpoint(hidden: usize, layers: usize, intermediate: usize, kv_heads: usize) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let tiny = root.join("tests/fixtures/tiny-tied");
-    let dir = root.join(format!("target/bench-checkpoints/h{hidden}-l{layers}"));
+    let suffix = if intermediate == hidden * 3 && kv_heads == (hidden / 64 / 4).max(1) { String::new() } else { format!("-i{intermediate}-kv{kv_heads}") };
+    let dir = root.join(format!("target/bench-checkpoints/h{hidden}-l{layers}{suffix}"));
     if dir.join("model.safetensors").is_file() {
         return dir;
     }
@@ -32,8 +46,6 @@ pub fn small_checkpoint(hidden: usize, layers: usize) -> PathBuf {
         }
     }
     let (heads, head_dim) = (hidden / 64, 64);
-    let kv_heads = (heads / 4).max(1);
-    let intermediate = hidden * 3;
     let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny.join("config.json")).unwrap()).unwrap();
     config["hidden_size"] = hidden.into();
     config["intermediate_size"] = intermediate.into();

@@ -262,20 +262,48 @@ impl<'a> RowAdapters<'a> {
     }
 
     /// `y` plus every span's LoRA delta for `module`; `y` itself when no span adapts it.
+    ///
+    /// All adapters of the batch go through two matmuls together, so the cost does not grow
+    /// with the number of spans: `U = x [A_1; A_2; ...]ᵀ` gives every row every adapter's
+    /// low-rank projection, a mask keeps (and scales) only the columns of the row's own
+    /// adapter, and `U [B_1, B_2, ...]ᵀ` adds the deltas.
     pub fn apply(&self, module: &str, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
         // The common case (no adapter on this module in this batch) costs no allocation.
         if !self.spans.iter().any(|(_, _, a)| a.is_some_and(|a| a.module(module).is_some())) {
             return Ok(y);
         }
-        let adapted = self.spans.iter().map(|(_, _, a)| a.and_then(|a| a.module(module)));
-        let mut parts = Vec::with_capacity(self.spans.len());
-        for (&(start, len, _), lora) in self.spans.iter().zip(adapted) {
-            let base = y.narrow(0, start, len)?;
-            parts.push(match lora {
-                Some(m) => (base + (x.narrow(0, start, len)?.matmul(&m.a.t()?)?.matmul(&m.b.t()?)? * m.scale)?)?,
-                None => base,
-            });
+        // Distinct adapters adapting this module, in order of first appearance.
+        let mut used: Vec<(u64, &LoraModule)> = Vec::new();
+        for (_, _, a) in &self.spans {
+            if let Some((id, m)) = a.and_then(|a| a.module(module).map(|m| (a.id, m))) {
+                if !used.iter().any(|(u, _)| *u == id) {
+                    used.push((id, m));
+                }
+            }
         }
-        Tensor::cat(&parts, 0)
+        let rows = x.dim(0)?;
+        if let [(_, m)] = used[..] {
+            if self.spans.iter().all(|(_, _, a)| a.is_some_and(|a| a.module(module).is_some())) {
+                // One adapter on every row: no mask needed. Scaled before `B` as the masked path
+                // is, so a sequence gets the same numbers alone and in a mixed batch.
+                return y + (x.matmul(&m.a.t()?)? * m.scale)?.matmul(&m.b.t()?)?;
+            }
+        }
+        let ranks: Vec<usize> = used.iter().map(|(_, m)| m.a.dim(0)).collect::<candle_core::Result<_>>()?;
+        let total: usize = ranks.iter().sum();
+        let mut mask = vec![0f32; rows * total];
+        for &(start, len, a) in &self.spans {
+            let Some(a) = a else { continue };
+            let Some(j) = used.iter().position(|(id, _)| *id == a.id) else { continue };
+            let offset: usize = ranks[..j].iter().sum();
+            for row in start..start + len {
+                mask[row * total + offset..][..ranks[j]].fill(used[j].1.scale as f32);
+            }
+        }
+        let a_all = Tensor::cat(&used.iter().map(|(_, m)| &m.a).collect::<Vec<_>>(), 0)?;
+        let b_all = Tensor::cat(&used.iter().map(|(_, m)| &m.b).collect::<Vec<_>>(), 1)?;
+        let mask = Tensor::from_vec(mask, (rows, total), x.device())?.to_dtype(x.dtype())?;
+        let low = (x.matmul(&a_all.t()?)? * mask)?;
+        y + low.matmul(&b_all.t()?)?
     }
 }

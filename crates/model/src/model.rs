@@ -11,6 +11,7 @@ use crate::checkpoint::CheckpointFiles;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::image::PreprocessedImage;
+use crate::linear::Linear;
 use crate::lora::LoraAdapter;
 use crate::quant::Quant;
 use crate::text::{SeqInput, TextModel};
@@ -200,31 +201,12 @@ impl Qwen2VL {
 
     /// `(out, in)` of every projection an adapter may target, by canonical module path.
     pub fn adaptable_modules(&self) -> HashMap<String, (usize, usize)> {
-        let (t, v) = (&self.config.text, &self.config.vision);
-        let mut m = HashMap::new();
-        let (h, d, i) = (t.hidden_size, t.head_dim, t.intermediate_size);
-        for l in 0..t.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            m.insert(format!("{p}.self_attn.q_proj"), (t.num_attention_heads * d, h));
-            m.insert(format!("{p}.self_attn.k_proj"), (t.num_key_value_heads * d, h));
-            m.insert(format!("{p}.self_attn.v_proj"), (t.num_key_value_heads * d, h));
-            m.insert(format!("{p}.self_attn.o_proj"), (h, t.num_attention_heads * d));
-            m.insert(format!("{p}.mlp.gate_proj"), (i, h));
-            m.insert(format!("{p}.mlp.up_proj"), (i, h));
-            m.insert(format!("{p}.mlp.down_proj"), (h, i));
-        }
-        let (e, mlp) = (v.embed_dim, v.mlp_hidden());
-        for b in 0..v.depth {
-            let p = format!("visual.blocks.{b}");
-            m.insert(format!("{p}.attn.qkv"), (3 * e, e));
-            m.insert(format!("{p}.attn.proj"), (e, e));
-            m.insert(format!("{p}.mlp.fc1"), (mlp, e));
-            m.insert(format!("{p}.mlp.fc2"), (e, mlp));
-        }
-        let group = e * v.spatial_merge_size * v.spatial_merge_size;
-        m.insert("visual.merger.mlp.0".into(), (group, group));
-        m.insert("visual.merger.mlp.2".into(), (v.hidden_size, group));
-        m
+        self.text.adaptable().chain(self.vision.adaptable()).map(|l| (l.name().to_string(), l.shape())).collect()
+    }
+
+    /// Bytes the weights of every projection take (quantized or not).
+    pub fn projection_bytes(&self) -> usize {
+        self.text.adaptable().chain(self.vision.adaptable()).map(Linear::weight_bytes).sum()
     }
 }
 

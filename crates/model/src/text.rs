@@ -277,4 +277,12 @@ impl TextModel {
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
+
+    /// The projections adapters may target (not the output head).
+    pub fn adaptable(&self) -> impl Iterator<Item = &Linear> {
+        self.layers.iter().flat_map(|l| {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+        })
+    }
 }

@@ -193,6 +193,12 @@ impl VisionTower {
         Ok((angles.cos()?, angles.sin()?))
     }
 
+    /// The projections adapters may target (not the patch embedding).
+    pub fn adaptable(&self) -> impl Iterator<Item = &Linear> {
+        let blocks = self.blocks.iter().flat_map(|b| [&b.attn.qkv, &b.attn.proj, &b.fc1, &b.fc2]);
+        blocks.chain([&self.merger.fc1, &self.merger.fc2])
+    }
+
     pub fn merge_size(&self) -> usize {
         self.cfg.spatial_merge_size
     }

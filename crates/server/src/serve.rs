@@ -69,6 +69,12 @@ fn load(state: &AppState) -> Result<()> {
     let options = config.load_options()?;
     let started = std::time::Instant::now();
     let pipeline = Pipeline::load(&config.model, &options).with_context(|| format!("loading {}", config.model))?;
+    tracing::info!(
+        quant = options.quant.as_str(),
+        projection_mib = pipeline.model.projection_bytes() >> 20,
+        seconds = started.elapsed().as_secs_f64(),
+        "weights loaded"
+    );
     for (name, adapter) in &config.adapters {
         state.adapters.load(&pipeline.model, name, &adapter.path).with_context(|| format!("loading adapter `{name}`"))?;
         if let Some(prompt) = &adapter.prompt {

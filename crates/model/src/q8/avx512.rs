@@ -1,12 +1,16 @@
 //! AVX-512 VNNI micro-kernels.
 //!
 //! A call computes an R-row × C-panel (16·C columns) tile over the whole of k, keeping
-//! R·C i32 block accumulators and R·C f32 accumulators in registers (R·C ≤ 12, so with the
-//! C weight vectors and C scale vectors it fits the 32 zmm without spills). Per 32-block:
+//! R·C i32 block accumulators and R·C f32 accumulators in registers (R·C ≤ 12: with the C
+//! weight and C scale vectors that nearly fills the 32 zmm; LLVM spills about three f32
+//! accumulators per block at 6×2, which measured no slower than the spill-free 4×2 and
+//! halves the weight reloads of 3×2). Per 32-block:
 //! the i32 accumulators start at `-128·Σq_x` (cancelling the u8 weight offset exactly), take
 //! 8 `vpdpbusd` each, and are folded into f32 with one convert, one scale multiply
 //! (`dw·dx`) and one FMA. Each weight zmm load is reused R times, each activation broadcast
 //! C times.
+
+#![allow(clippy::needless_range_loop)] // index loops over the R × C register tile read clearer
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -16,6 +20,7 @@ use super::{ActQ, OutPtr, Q8Weights, ROW_GROUP};
 
 /// # Safety
 /// CPU must have avx512f/bw/vnni; `wp` points at C consecutive panels `pstride` apart;
+/// `pf` is null or the next panel group, prefetched into L2 block by block (never dereferenced);
 /// `xq`/`xd`/`xs` at R rows (strides `kb·32` bytes / `kb` elements); `y` at R rows of
 /// `ystride` with at least `ncols` writable columns each.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -24,7 +29,6 @@ unsafe fn kernel<const R: usize, const C: usize>(
     wp: *const u8,
     pstride: usize,
     kb: usize,
-    blocks: (usize, usize),
     pf: *const u8,
     xq: *const i8,
     xd: *const f32,
@@ -36,21 +40,8 @@ unsafe fn kernel<const R: usize, const C: usize>(
     unsafe {
         let kp = kb * QK;
         let sc = wp.add(kb * BLOCK_BYTES);
-        let (b0, b1) = blocks;
         let mut facc = [[_mm512_setzero_ps(); C]; R];
-        if b0 > 0 {
-            // Later k-chunk: continue from the partial sums left in y.
-            for r in 0..R {
-                for c in 0..C {
-                    if ncols > c * PANEL {
-                        let left = (ncols - c * PANEL).min(PANEL);
-                        let m = ((1u32 << left) - 1) as __mmask16;
-                        facc[r][c] = _mm512_maskz_loadu_ps(m, y.add(r * ystride + c * PANEL));
-                    }
-                }
-            }
-        }
-        for b in b0..b1 {
+        for b in 0..kb {
             let mut acc = [[_mm512_setzero_si512(); C]; R];
             for r in 0..R {
                 let s = _mm512_set1_epi32(*xs.add(r * kb + b));
@@ -109,10 +100,10 @@ unsafe fn kernel<const R: usize, const C: usize>(
     }
 }
 
-type Kern = unsafe fn(*const u8, usize, usize, (usize, usize), *const u8, *const i8, *const f32, *const i32, *mut f32, usize, usize);
+type Kern = unsafe fn(*const u8, usize, usize, *const u8, *const i8, *const f32, *const i32, *mut f32, usize, usize);
 
-/// Kernel for an R × C tile. C = 3, 4 only for R ≤ 2 (more would spill registers); they give
-/// decode more independent weight streams per core.
+/// Kernel for an R × C tile (C = 1 only for an odd last panel). Wider C for decode
+/// (R = 1) was measured no faster: decode is bound by DRAM, not by streams per core.
 fn pick(r: usize, c: usize) -> Kern {
     macro_rules! table {
         ($(($r:literal, $c:literal)),*) => {
@@ -122,31 +113,16 @@ fn pick(r: usize, c: usize) -> Kern {
             }
         };
     }
-    table!((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (2, 3), (2, 4), (3, 1), (3, 2), (4, 1), (4, 2), (5, 1), (5, 2), (6, 1), (6, 2), (3, 3), (3, 4), (4, 3), (4, 4), (7, 1), (8, 1), (5,3), (6,3))
+    table!((1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2), (4, 1), (4, 2), (5, 1), (5, 2), (6, 1), (6, 2))
 }
-
-pub(crate) static PREFETCH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// # Safety
 /// As `kernel`, for the whole tile: CPU features checked, `y` m × n, tile owned by the caller.
 pub(crate) unsafe fn run_tile(w: &Q8Weights, a: &ActQ, rows: Range<usize>, panels: Range<usize>, y: OutPtr) {
     let kb = w.kb;
     let kp = kb * QK;
-    static RC: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
-    let (rg, cs) = *RC.get_or_init(|| {
-        let e = |n: &str, d: usize| std::env::var(n).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
-        (e("Q8_R", ROW_GROUP), e("Q8_C", 2))
-    });
-    let cstep = if rows.len() <= 2 { 4 } else { cs };
+    let cstep = 2;
     let base = w.raw().as_ptr();
-    // k-chunks keep a panel group's slice of weights (KC KiB per panel pair) in L1 while all
-    // row groups of the tile pass over it; the full-k panel pair would only fit in L2.
-    static KC: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let kc = *KC.get_or_init(|| std::env::var("Q8_KC").ok().and_then(|v| v.parse().ok()).unwrap_or(16));
-    let kc = if rows.len() <= 2 { kb } else { kc.max(1) };
-    let mut b0 = 0;
-    while b0 < kb {
-    let b1 = (b0 + kc).min(kb);
     let mut p = panels.start;
     while p < panels.end {
         let c = cstep.min(panels.end - p);
@@ -154,22 +130,17 @@ pub(crate) unsafe fn run_tile(w: &Q8Weights, a: &ActQ, rows: Range<usize>, panel
         let ncols = w.n.min((p + c) * PANEL) - col0;
         let mut r = rows.start;
         while r < rows.end {
-            let rr = rg.min(rows.end - r);
+            let rr = ROW_GROUP.min(rows.end - r);
             // The first row group pulls the next panel group towards L2 while it computes, so
             // the following group does not start with a DRAM/L3 stall (hardware prefetchers
             // do not guess the jump to the next panel).
-            let pf = if PREFETCH.load(std::sync::atomic::Ordering::Relaxed) && r == rows.start && p + c < panels.end {
-                base.wrapping_add((p + c) * w.pstride)
-            } else {
-                std::ptr::null()
-            };
+            let pf = if r == rows.start && p + c < panels.end { base.wrapping_add((p + c) * w.pstride) } else { std::ptr::null() };
             // SAFETY: pointers stay inside the panel data, ActQ and y (caller's contract).
             unsafe {
                 pick(rr, c)(
                     base.add(p * w.pstride),
                     w.pstride,
                     kb,
-                    (b0, b1),
                     pf,
                     a.q.as_ptr().add(r * kp),
                     a.d.as_ptr().add(r * kb),
@@ -182,8 +153,6 @@ pub(crate) unsafe fn run_tile(w: &Q8Weights, a: &ActQ, rows: Range<usize>, panel
             r += rr;
         }
         p += c;
-    }
-    b0 = b1;
     }
 }
 
@@ -198,20 +167,28 @@ pub(crate) unsafe fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mu
     let k = x.len();
     let half = _mm512_set1_ps(0.5);
     let one = _mm512_set1_ps(1.0);
-    let sign = _mm512_set1_ps(-0.0);
+    let sign = _mm512_set1_epi32(i32::MIN);
     // f32::round (ties away from zero), exactly: truncate, then step away from zero when the
     // (exactly representable) fraction is at least one half.
     let round = |v: __m512| {
         let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
         let frac = _mm512_abs_ps(_mm512_sub_ps(v, t));
         let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, half);
-        _mm512_mask_add_ps(t, up, t, _mm512_or_ps(one, _mm512_and_ps(v, sign)))
+        // (and/or on ps are AVX512DQ, which we do not enable; the integer forms are AVX512F)
+        let away = _mm512_or_si512(_mm512_castps_si512(one), _mm512_and_si512(_mm512_castps_si512(v), sign));
+        _mm512_mask_add_ps(t, up, t, _mm512_castsi512_ps(away))
     };
     for b in 0..d.len() {
         let lo = b * QK;
         let n = k.saturating_sub(lo).min(QK);
         let m0 = if n >= 16 { 0xffff } else { (1u32 << n) - 1 } as __mmask16;
-        let m1 = if n >= 32 { 0xffff } else if n > 16 { (1u32 << (n - 16)) - 1 } else { 0 } as __mmask16;
+        let m1 = if n >= 32 {
+            0xffff
+        } else if n > 16 {
+            (1u32 << (n - 16)) - 1
+        } else {
+            0
+        } as __mmask16;
         unsafe {
             let v0 = _mm512_maskz_loadu_ps(m0, x.as_ptr().add(lo));
             let v1 = _mm512_maskz_loadu_ps(m1, x.as_ptr().wrapping_add(lo + 16));

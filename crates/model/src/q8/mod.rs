@@ -58,9 +58,7 @@ impl Backend {
         {
             static HAS_VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
             let ok = *HAS_VNNI.get_or_init(|| {
-                is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bw")
-                    && is_x86_feature_detected!("avx512vnni")
+                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
             });
             if ok {
                 return Backend::Avx512Vnni;
@@ -92,7 +90,7 @@ impl ActQ {
         a.q.resize(m * kp, 0);
         a.d.resize(m * kb, 0.0);
         a.s.resize(m * kb, 0);
-        let row = |(((q, d), s), x): (((&mut [i8], &mut [f32]), &mut [i32]), &[f32])| match backend {
+        let row = |(((q, d), s), x): RowBufs| match backend {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: this backend is only chosen after feature detection; lengths as documented.
             Backend::Avx512Vnni => unsafe { avx512::quantize_row(x, q, d, s) },
@@ -109,19 +107,25 @@ impl ActQ {
         if m * k < 1 << 16 {
             q.chunks_mut(kp).zip(d.chunks_mut(kb)).zip(s.chunks_mut(kb)).zip(x.chunks(k)).for_each(row);
         } else {
-            q.par_chunks_mut(kp)
-                .zip(d.par_chunks_mut(kb))
-                .zip(s.par_chunks_mut(kb))
-                .zip(x.par_chunks(k))
-                .for_each(row);
+            q.par_chunks_mut(kp).zip(d.par_chunks_mut(kb)).zip(s.par_chunks_mut(kb)).zip(x.par_chunks(k)).for_each(row);
         }
         a
     }
 
+    /// Keeps the buffers for this thread's next call, unless they are unusually large: a
+    /// thread-local cache is never freed, so it must stay small for threads that call rarely.
     fn recycle(self) {
-        SCRATCH.with(|c| c.set(Some(self)));
+        if self.q.capacity() <= SCRATCH_MAX_BYTES {
+            SCRATCH.with(|c| c.set(Some(self)));
+        }
     }
 }
+
+/// Largest quantized-activation buffer kept between calls (a 1564 × 5120 prefill needs 8 MB).
+const SCRATCH_MAX_BYTES: usize = 32 << 20;
+
+/// One row's (quants, scales, offset sums) and its input, as zipped chunk iterators yield them.
+type RowBufs<'a> = (((&'a mut [i8], &'a mut [f32]), &'a mut [i32]), &'a [f32]);
 
 thread_local! {
     static SCRATCH: std::cell::Cell<Option<ActQ>> = const { std::cell::Cell::new(None) };
@@ -133,6 +137,10 @@ pub(crate) struct OutPtr(pub *mut f32);
 // SAFETY: tiles are disjoint (see `for_each_tile`), so no two threads write the same element.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
+
+/// Quantized activation bytes per row block: a third of a Zen 4 L2 (1 MiB), leaving room for
+/// the panel being reused and the one being prefetched.
+const X_BLOCK_BYTES: usize = 192 << 10;
 
 /// Rows handled per micro-kernel call in the AVX-512 path; row blocks are multiples of it.
 pub(crate) const ROW_GROUP: usize = 6;
@@ -150,9 +158,7 @@ fn for_each_tile(m: usize, np: usize, kb: usize, f: impl Fn(Range<usize>, Range<
     let mb = if m <= 8 {
         m
     } else {
-        static XB: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        let xb = *XB.get_or_init(|| std::env::var("Q8_XB").ok().and_then(|v| v.parse().ok()).unwrap_or(192));
-        let fit = ((xb << 10) / kp).max(ROW_GROUP) / ROW_GROUP * ROW_GROUP;
+        let fit = (X_BLOCK_BYTES / kp).max(ROW_GROUP) / ROW_GROUP * ROW_GROUP;
         fit.min(m.div_ceil(ROW_GROUP) * ROW_GROUP)
     };
     let rb = m.div_ceil(mb);
@@ -267,8 +273,6 @@ fn lines_as_bytes_mut(l: &mut [Line]) -> &mut [u8] {
 #[doc(hidden)]
 pub fn __bench_kernels_only(w: &Q8Weights, x: &[f32], m: usize, y: &mut [f32], reps: usize) {
     let backend = Backend::detect();
-    #[cfg(target_arch = "x86_64")]
-    avx512::PREFETCH.store(std::env::var("Q8_PF").map(|v| v != "0").unwrap_or(true), std::sync::atomic::Ordering::Relaxed);
     let act = ActQ::new(backend, x, m, w.k);
     let out = OutPtr(y.as_mut_ptr());
     assert_eq!(y.len(), m * w.n);

@@ -41,12 +41,7 @@ fn check_vs_reference(backend: Backend, m: usize, n: usize, k: usize, rng: &mut 
     q.matmul_with(backend, &x, m, &mut y);
     let scale = want.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
     for (idx, (a, b)) in y.iter().zip(&want).enumerate() {
-        assert!(
-            (a - b).abs() <= 1e-5 * scale,
-            "{backend:?} m={m} n={n} k={k} at ({}, {}): {a} vs {b} (scale {scale})",
-            idx / n,
-            idx % n
-        );
+        assert!((a - b).abs() <= 1e-5 * scale, "{backend:?} m={m} n={n} k={k} at ({}, {}): {a} vs {b} (scale {scale})", idx / n, idx % n);
     }
 }
 
