@@ -6,8 +6,9 @@
 //!     QWEN_OCR_BENCH_MODEL=/path/to/checkpoint QWEN_OCR_BENCH_IMAGES=/path/to/images \
 //!         cargo bench --bench seed_task
 //!
-//! `QWEN_OCR_BENCH_QUANT` (q8_0), `QWEN_OCR_BENCH_DTYPE` (f32), `QWEN_OCR_BENCH_REQUESTS` (3),
-//! `QWEN_OCR_BENCH_TOKENS` (64). Without a model it runs on the committed tiny checkpoint and
+//! `QWEN_OCR_BENCH_QUANT` (q8_0; empty passes no `--quant`, for builds from before it existed),
+//! `QWEN_OCR_BENCH_DTYPE` (f32), `QWEN_OCR_BENCH_REQUESTS` (3), `QWEN_OCR_BENCH_TOKENS` (64),
+//! `QWEN_OCR_BENCH_BINARY` (another build of `qwen-ocr` to time, e.g. an older commit's). Without a model it runs on the committed tiny checkpoint and
 //! image, which measures overhead only.
 
 #[path = "../crates/server/tests/common/mod.rs"]
@@ -54,7 +55,11 @@ fn main() {
     assert!(images.len() > requests, "need {} images (one warm-up and one per request)", requests + 1);
 
     let started = Instant::now();
-    let server = Server::start_model_within(&model, &["--quant", &quant, "--dtype", &dtype], &[], Duration::from_secs(1800));
+    let mut args = vec!["--dtype", dtype.as_str()];
+    if !quant.is_empty() {
+        args.extend(["--quant", quant.as_str()]);
+    }
+    let server = Server::start_model_within(&model, &args, &[], Duration::from_secs(1800));
     let load_s = started.elapsed().as_secs_f64();
 
     let extract = |image: &PathBuf| -> (f64, Value) {
@@ -79,7 +84,8 @@ fn main() {
             // Everything before the first token, as the client sees it: upload, preprocessing,
             // queueing, vision tower and prompt.
             "ttft_s": e2e - decode_s,
-            "vision_s": t["vision_ms"].as_f64().unwrap() / 1e3,
+            // Builds from before the vision timer report none.
+            "vision_s": t["vision_ms"].as_f64().map(|ms| ms / 1e3),
             "decode_tok_s": (generated.saturating_sub(1)) as f64 / decode_s,
             "prompt_tokens": body["usage"]["prompt_tokens"],
             "generated_tokens": generated,
@@ -92,7 +98,7 @@ fn main() {
         "dtype": dtype,
         "model": model,
         "load_s": load_s,
-        "vision_s": med("vision_s"),
+        "vision_s": runs[0]["vision_s"].is_number().then(|| med("vision_s")),
         "ttft_s": med("ttft_s"),
         "decode_tok_s": med("decode_tok_s"),
         "e2e_s": med("e2e_s"),

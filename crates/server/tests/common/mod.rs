@@ -87,9 +87,11 @@ impl Server {
         Self::start_model_within(model, extra, env, Duration::from_secs(60))
     }
 
-    /// Starts the server and waits up to `ready_within` for the model to load.
+    /// Starts the server and waits up to `ready_within` for the model to load. Benchmarks may
+    /// time another build of the binary (`QWEN_OCR_BENCH_BINARY`) with the same harness.
     pub fn start_model_within(model: &str, extra: &[&str], env: &[(&str, &str)], ready_within: Duration) -> Self {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_qwen-ocr"));
+        let binary = std::env::var("QWEN_OCR_BENCH_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_qwen-ocr").to_string());
+        let mut cmd = Command::new(binary);
         cmd.args(["serve", "--model", model, "--host", "127.0.0.1", "--port", "0"]).args(extra);
         // Hermetic: no QWEN_OCR_* setting of the developer's shell leaks in.
         for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("QWEN_OCR_")) {
