@@ -6,7 +6,7 @@
 //! activation is one pass with a vectorised `exp`, and attention works on one block of queries
 //! at a time, so its scores stay in cache and never exist for the whole image.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `e^x` for f32 to about 2 ulp, written so that LLVM vectorises loops over it: range
@@ -124,28 +124,96 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
 }
 
+struct SiluMul;
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul"
+    }
+
+    fn cpu_fwd(&self, gate: &CpuStorage, gate_layout: &Layout, up: &CpuStorage, up_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mut out = contiguous_f32(gate, gate_layout, "silu_mul")?.to_vec();
+        let up = contiguous_f32(up, up_layout, "silu_mul")?;
+        out.par_chunks_mut(PAR_CHUNK).zip(up.par_chunks(PAR_CHUNK)).for_each(|(g, u)| silu_mul_in_place(g, u));
+        Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
+    }
+}
+
 /// `silu(gate) * up` (the decoder's gated MLP).
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if !(gate.device().is_cpu() && gate.dtype() == candle_core::DType::F32 && gate.shape() == up.shape()) {
-        return gate.silu()? * up;
+    if gate.device().is_cpu() && gate.dtype() == candle_core::DType::F32 && gate.shape() == up.shape() {
+        return gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &SiluMul);
     }
-    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
-    let mut out = gate.flatten_all()?.to_vec1::<f32>()?;
-    let up_values = up.flatten_all()?.to_vec1::<f32>()?;
-    out.par_chunks_mut(PAR_CHUNK).zip(up_values.par_chunks(PAR_CHUNK)).for_each(|(g, u)| silu_mul_in_place(g, u));
-    Tensor::from_vec(out, gate.shape(), gate.device())
+    gate.silu()? * up
 }
 
 /// Queries handled together: their scores (`QUERY_BLOCK x keys` f32) stay in L2.
 const QUERY_BLOCK: usize = 128;
 
+/// Where each head's `[rows, head_dim]` operand lives in a flat buffer: element `(r, c)` of
+/// head `h` is at `offset + h * head_stride + r * row_stride + c`.
+#[derive(Clone, Copy)]
+struct Heads<'a> {
+    data: &'a [f32],
+    offset: usize,
+    head_stride: usize,
+    row_stride: usize,
+}
+
+impl Heads<'_> {
+    fn contiguous(data: &[f32], n: usize, d: usize) -> Heads<'_> {
+        Heads { data, offset: 0, head_stride: n * d, row_stride: d }
+    }
+
+    /// Pointer to row `r` of head `h`.
+    fn row(&self, h: usize, r: usize) -> *const f32 {
+        self.data[self.offset + h * self.head_stride + r * self.row_stride..].as_ptr()
+    }
+}
+
 /// Bidirectional attention within each span of rows (one span per image), all heads.
-/// `q`, `k`, `v`: `[heads, n, head_dim]` contiguous f32; returns `[n, heads * head_dim]`, the
-/// layout the output projection takes.
+/// `q`, `k`, `v`: `[heads, n, head_dim]` f32; returns `[n, heads * head_dim]`, the layout the
+/// output projection takes.
 pub fn attention_within_spans(q: &Tensor, k: &Tensor, v: &Tensor, spans: &[(usize, usize)], scale: f32) -> Result<Tensor> {
     let (heads, n, d) = q.dims3()?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let (qs, ks, vs) = (slice_of(&q)?, slice_of(&k)?, slice_of(&v)?);
+    let (q, k, v) = (Heads::contiguous(qs, n, d), Heads::contiguous(ks, n, d), Heads::contiguous(vs, n, d));
+    Tensor::from_vec(attend(q, k, v, heads, n, d, spans, scale), (n, heads * d), &candle_core::Device::Cpu)
+}
+
+/// The vision tower's attention from its fused projection `qkv` (`[n, 3 * heads * head_dim]`,
+/// as `[n, 3, heads, head_dim]`): rotary on queries and keys (`cos`/`sin`: `[n, head_dim / 2]`,
+/// rotate-half convention) in one pass that also lays them out per head, values read in place,
+/// then attention within each span. Returns `[n, heads * head_dim]`.
+pub fn vision_self_attention(qkv: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize, spans: &[(usize, usize)], scale: f32) -> Result<Tensor> {
+    let (n, width) = qkv.dims2()?;
+    let d = width / (3 * heads);
+    let half = d / 2;
+    let (qkv, cos, sin) = (qkv.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    let (x, cos_v, sin_v) = (slice_of(&qkv)?, slice_of(&cos)?, slice_of(&sin)?);
+    let rotated = |which: usize| -> Vec<f32> {
+        let mut out = vec![0f32; heads * n * d];
+        out.par_chunks_mut(n * d).enumerate().for_each(|(h, head)| {
+            for (r, dst) in head.chunks_exact_mut(d).enumerate() {
+                let src = &x[r * width + which * heads * d + h * d..][..d];
+                let (c, s) = (&cos_v[r * half..][..half], &sin_v[r * half..][..half]);
+                for i in 0..half {
+                    dst[i] = src[i] * c[i] - src[i + half] * s[i];
+                    dst[i + half] = src[i + half] * c[i] + src[i] * s[i];
+                }
+            }
+        });
+        out
+    };
+    let (q, k) = (rotated(0), rotated(1));
+    let v = Heads { data: x, offset: 2 * heads * d, head_stride: d, row_stride: width };
+    let out = attend(Heads::contiguous(&q, n, d), Heads::contiguous(&k, n, d), v, heads, n, d, spans, scale);
+    Tensor::from_vec(out, (n, heads * d), qkv.device())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend(q: Heads, k: Heads, v: Heads, heads: usize, n: usize, d: usize, spans: &[(usize, usize)], scale: f32) -> Vec<f32> {
     let mut out = vec![0f32; n * heads * d];
     // Work items: (head, span, first query); each writes its own rows of one head's columns.
     let mut tasks = Vec::new();
@@ -158,7 +226,6 @@ pub fn attention_within_spans(q: &Tensor, k: &Tensor, v: &Tensor, spans: &[(usiz
     }
     let out_ptr = SendPtr(out.as_mut_ptr());
     tasks.par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, &(h, start, len, q0, rows)| {
-        let head = h * n * d;
         scores.resize(rows * len, 0.0);
         // SAFETY: all pointers stay inside their buffers (rows <= QUERY_BLOCK within the span,
         // `len` keys of `d` values); every task writes a disjoint set of output elements.
@@ -172,11 +239,11 @@ pub fn attention_within_spans(q: &Tensor, k: &Tensor, v: &Tensor, spans: &[(usiz
                 1,
                 len as isize,
                 false,
-                qs.as_ptr().add(head + q0 * d),
+                q.row(h, q0),
                 1,
-                d as isize,
-                ks.as_ptr().add(head + start * d),
-                d as isize,
+                q.row_stride as isize,
+                k.row(h, start),
+                k.row_stride as isize,
                 1,
                 0.0,
                 1.0,
@@ -206,9 +273,9 @@ pub fn attention_within_spans(q: &Tensor, k: &Tensor, v: &Tensor, spans: &[(usiz
                 scores.as_ptr(),
                 1,
                 len as isize,
-                vs.as_ptr().add(head + start * d),
+                v.row(h, start),
                 1,
-                d as isize,
+                v.row_stride as isize,
                 0.0,
                 1.0,
                 false,
@@ -223,7 +290,7 @@ pub fn attention_within_spans(q: &Tensor, k: &Tensor, v: &Tensor, spans: &[(usiz
             }
         }
     });
-    Tensor::from_vec(out, (n, heads * d), q.device())
+    out
 }
 
 struct SendPtr(*mut f32);
@@ -282,6 +349,25 @@ mod tests {
         let want = (x.silu().unwrap() * &y).unwrap();
         let diff = (silu_mul(&x, &y).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "silu_mul differs by {diff}");
+    }
+
+    #[test]
+    fn vision_attention_applies_rotary_and_reads_the_fused_projection() {
+        let (heads, d, n) = (2, 8, 23);
+        let spans = [(0, 15), (15, 8)];
+        let qkv = Tensor::randn(0f32, 1.0, (n, 3 * heads * d), &Device::Cpu).unwrap();
+        let angles = Tensor::randn(0f32, 1.0, (n, d / 2), &Device::Cpu).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let got = vision_self_attention(&qkv, &cos, &sin, heads, &spans, 0.3).unwrap();
+        let parts = qkv.reshape((n, 3, heads, d)).unwrap().permute((1, 2, 0, 3)).unwrap();
+        let rot = |i: usize| {
+            let t = parts.get(i).unwrap().unsqueeze(0).unwrap().contiguous().unwrap();
+            candle_nn::rotary_emb::rope(&t, &cos, &sin).unwrap().squeeze(0).unwrap()
+        };
+        let v = parts.get(2).unwrap().contiguous().unwrap();
+        let want = attention_within_spans(&rot(0), &rot(1), &v, &spans, 0.3).unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "fused vision attention differs by {diff}");
     }
 
     #[test]

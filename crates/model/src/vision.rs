@@ -33,20 +33,21 @@ impl VisionAttention {
     /// `x` holds the patches of several images back to back; `spans` gives each image's range.
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, spans: &[(usize, usize)], rows: &RowAdapters) -> Result<Tensor> {
         let seq = x.dim(0)?;
-        // [seq, 3, heads, head_dim] -> three [1, heads, seq, head_dim]
-        let qkv = self.qkv.forward_with(x, rows)?.reshape((seq, 3, self.num_heads, self.head_dim))?.permute((1, 2, 0, 3))?;
+        let qkv = self.qkv.forward_with(x, rows)?;
         let dtype = x.dtype();
-        // Rotary in f32, as the reference does.
-        let rot = |i: usize| -> Result<Tensor> {
-            let t = qkv.get(i)?.unsqueeze(0)?.to_dtype(DType::F32)?.contiguous()?;
-            candle_nn::rotary_emb::rope(&t, cos, sin)?.to_dtype(dtype)
-        };
-        let (q, k) = (rot(0)?, rot(1)?);
-        let v = qkv.get(2)?.unsqueeze(0)?.contiguous()?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = if x.device().is_cpu() && dtype == DType::F32 {
-            cpu_kernels::attention_within_spans(&q.squeeze(0)?, &k.squeeze(0)?, &v.squeeze(0)?, spans, scale as f32)?
+            cpu_kernels::vision_self_attention(&qkv, cos, sin, self.num_heads, spans, scale as f32)?
         } else {
+            // [seq, 3, heads, head_dim] -> three [1, heads, seq, head_dim]
+            let qkv = qkv.reshape((seq, 3, self.num_heads, self.head_dim))?.permute((1, 2, 0, 3))?;
+            // Rotary in f32, as the reference does.
+            let rot = |i: usize| -> Result<Tensor> {
+                let t = qkv.get(i)?.unsqueeze(0)?.to_dtype(DType::F32)?.contiguous()?;
+                candle_nn::rotary_emb::rope(&t, cos, sin)?.to_dtype(dtype)
+            };
+            let (q, k) = (rot(0)?, rot(1)?);
+            let v = qkv.get(2)?.unsqueeze(0)?.contiguous()?;
             let mut outs = Vec::with_capacity(spans.len());
             for &(start, len) in spans {
                 let (q, k, v) = (q.narrow(2, start, len)?, k.narrow(2, start, len)?, v.narrow(2, start, len)?);
