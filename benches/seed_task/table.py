@@ -8,8 +8,12 @@ rows = [json.load(open(path)) for path in sys.argv[1:]]
 
 def name(r):
     if r.get("system") == "qwen-ocr":
-        return f"qwen-ocr `--quant {r['quant']}`"
+        return f"qwen-ocr `--quant {r['quant']}`" if r["quant"] else f"qwen-ocr `--dtype {r['dtype']}` (a build without `--quant`)"
     return f"transformers {r['dtype']}"
+
+
+def seconds(value):
+    return "–" if value is None else f"{value:.1f} s"
 
 
 base = rows[0]
@@ -18,7 +22,7 @@ print("|---|---|---|---|---|---|---|")
 for r in rows:
     speed = lambda key, higher=False: (r[key] / base[key]) if higher else (base[key] / r[key])
     print(
-        f"| {name(r)} | {r['load_s']:.1f} s | {r['vision_s']:.1f} s | {r['ttft_s']:.1f} s ({speed('ttft_s'):.2f}x) "
+        f"| {name(r)} | {r['load_s']:.1f} s | {seconds(r['vision_s'])} | {r['ttft_s']:.1f} s ({speed('ttft_s'):.2f}x) "
         f"| {r['decode_tok_s']:.1f} tok/s ({speed('decode_tok_s', True):.2f}x) | {r['e2e_s']:.1f} s ({speed('e2e_s'):.2f}x) "
         f"| {r['peak_rss_gib']:.2f} GiB |"
     )

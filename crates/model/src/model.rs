@@ -54,14 +54,12 @@ impl Default for LoadOptions {
 
 impl LoadOptions {
     /// Refuses combinations that would be wrong or a trap: quantized weights exist for the CPU
-    /// only, with f32 activations; and candle's bf16/f16 CPU kernels are 10-20x slower than f32.
+    /// only, and candle's bf16/f16 CPU kernels are 10-20x slower than f32 (so on the CPU,
+    /// quantized or not, activations are f32).
     pub fn validate(&self) -> Result<()> {
         let invalid = |m: String| Err(Error::InvalidRequest(m));
         if self.quant != Quant::None && !self.device.is_cpu() {
             return invalid(format!("quantized weights ({}) run on the CPU only: use --quant none on CUDA", self.quant.as_str()));
-        }
-        if self.quant != Quant::None && self.dtype != DType::F32 && !self.device.is_cpu() {
-            return invalid(format!("quantized weights ({}) compute in f32: drop --dtype or use --quant none", self.quant.as_str()));
         }
         if self.device.is_cpu() && self.dtype != DType::F32 {
             return invalid(format!(
