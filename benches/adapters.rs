@@ -8,6 +8,9 @@
 //! every language-model projection of the model (under `target/bench-adapters/`) and uses them;
 //! `QWEN_OCR_BENCH_IMAGE=none` sends text-only requests; `QWEN_OCR_BENCH_QUANT` picks weights.
 
+#[path = "support/settings.rs"]
+mod settings;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -17,6 +20,7 @@ use qwen_ocr_model::image::ImageOptions;
 use qwen_ocr_model::prompt::ChatMessage;
 use qwen_ocr_model::sampling::SamplingParams;
 use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline, Quant};
+use settings::env_or;
 
 /// `count` PEFT adapters of rank 8 on every decoder projection of `pipeline`'s model.
 fn random_adapters(pipeline: &Pipeline, count: usize) -> Vec<String> {
@@ -45,9 +49,6 @@ fn random_adapters(pipeline: &Pipeline, count: usize) -> Vec<String> {
         .collect()
 }
 
-fn env_or(key: &str, default: &str) -> String {
-    std::env::var(key).unwrap_or_else(|_| default.to_string())
-}
 
 fn main() {
     qwen_ocr_model::threads::pin_cpu_thread_count();

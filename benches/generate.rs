@@ -6,6 +6,9 @@
 //!
 //! Defaults to the tiny committed checkpoint, which measures overheads rather than arithmetic.
 
+#[path = "support/settings.rs"]
+mod settings;
+
 use std::path::{Path, PathBuf};
 
 use qwen_ocr_model::image::ImageOptions;
@@ -13,17 +16,10 @@ use qwen_ocr_model::model::{parse_device, parse_dtype};
 use qwen_ocr_model::prompt::ChatMessage;
 use qwen_ocr_model::sampling::SamplingParams;
 use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline, Quant};
+use settings::{env_or, median, SEED_PROMPT};
 
-const PROMPT: &str = "Please extract the Vehicle Sr No, Engine No, and Model from this image. Response only json format nothing else.";
 
-fn env_or(key: &str, default: &str) -> String {
-    std::env::var(key).unwrap_or_else(|_| default.to_string())
-}
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn main() {
     qwen_ocr_model::threads::pin_cpu_thread_count();
@@ -40,7 +36,7 @@ fn main() {
     let pipeline = Pipeline::load(&model, &options).expect("load model");
     let img = pipeline.preprocess_file(&image, &ImageOptions::default()).expect("preprocess");
     let request = GenerateRequest {
-        messages: vec![ChatMessage::user_with_images(1, PROMPT)],
+        messages: vec![ChatMessage::user_with_images(1, SEED_PROMPT)],
         images: vec![img],
         max_new_tokens: Some(tokens),
         sampling: SamplingParams::default(),

@@ -6,6 +6,9 @@
 //!
 //!     cargo bench --bench quant_quality
 
+#[path = "support/settings.rs"]
+mod settings;
+
 #[path = "support/random_checkpoint.rs"]
 mod random_checkpoint;
 
@@ -16,8 +19,8 @@ use qwen_ocr_model::prompt::ChatMessage;
 use qwen_ocr_model::quality::compare;
 use qwen_ocr_model::sampling::SamplingParams;
 use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline, Quant};
+use settings::SEED_PROMPT;
 
-const PROMPT: &str = "Please extract the Vehicle Sr No, Engine No, and Model from this image. Response only json format nothing else.";
 
 fn main() {
     qwen_ocr_model::threads::pin_cpu_thread_count();
@@ -35,7 +38,7 @@ fn main() {
             for image in ["plate.png", "photo.jpg"] {
                 let img = exact.preprocess_file(&fixtures.join("images").join(image), &ImageOptions::default()).unwrap();
                 let request = GenerateRequest {
-                    messages: vec![ChatMessage::user_with_images(1, PROMPT)],
+                    messages: vec![ChatMessage::user_with_images(1, SEED_PROMPT)],
                     images: vec![img],
                     max_new_tokens: None,
                     sampling: SamplingParams::default(),

@@ -7,6 +7,9 @@
 //!     cargo bench --bench scheduler
 //!     QWEN_OCR_BENCH_MODEL=DIR QWEN_OCR_BENCH_TOKENS=64 cargo bench --bench scheduler
 
+#[path = "support/settings.rs"]
+mod settings;
+
 #[path = "support/random_checkpoint.rs"]
 mod random_checkpoint;
 
@@ -19,10 +22,8 @@ use qwen_ocr_model::prompt::ChatMessage;
 use qwen_ocr_model::sampling::SamplingParams;
 use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline};
 use qwen_ocr_scheduler::{Engine, EngineConfig};
+use settings::env_or;
 
-fn env_or(key: &str, default: &str) -> String {
-    std::env::var(key).unwrap_or_else(|_| default.to_string())
-}
 
 fn main() {
     qwen_ocr_model::threads::pin_cpu_thread_count();

@@ -11,6 +11,9 @@
 //! `QWEN_OCR_BENCH_BINARY` (another build of `qwen-ocr` to time, e.g. an older commit's). Without a model it runs on the committed tiny checkpoint and
 //! image, which measures overhead only.
 
+#[path = "support/settings.rs"]
+mod settings;
+
 #[path = "../crates/server/tests/common/mod.rs"]
 mod common;
 
@@ -19,17 +22,10 @@ use std::time::{Duration, Instant};
 
 use common::{fixtures, Server};
 use serde_json::{json, Value};
+use settings::{env_or, median, SEED_PROMPT};
 
-const PROMPT: &str = "Please extract the Vehicle Sr No, Engine No, and Model from this image. Response only json format nothing else.";
 
-fn env_or(key: &str, default: &str) -> String {
-    std::env::var(key).unwrap_or_else(|_| default.to_string())
-}
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// Peak resident memory of a process, from `/proc` (Linux).
 fn peak_rss_gib(pid: u32) -> Option<f64> {
@@ -66,7 +62,7 @@ fn main() {
         let bytes = std::fs::read(image).unwrap();
         let started = Instant::now();
         let (status, body) =
-            server.extract_multipart(&[("image", "plate.jpg", &bytes)], &[("prompt", PROMPT), ("max_tokens", &tokens), ("temperature", "0")], &[]);
+            server.extract_multipart(&[("image", "plate.jpg", &bytes)], &[("prompt", SEED_PROMPT), ("max_tokens", &tokens), ("temperature", "0")], &[]);
         let e2e = started.elapsed().as_secs_f64();
         assert_eq!(status, 200, "{body}");
         (e2e, body)

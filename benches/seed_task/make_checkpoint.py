@@ -14,6 +14,7 @@ transformers' default init (std 0.02), seeded, saved under the published key nam
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, Qwen2VLForConditionalGeneration
 
-TINY = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "tiny-tied"
+FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
+sys.path.insert(0, str(FIXTURES))
+from make_fixtures import published_name  # noqa: E402  (the fixtures' own key renaming)
+
+TINY = FIXTURES / "tiny-tied"
 PUBLISHED_TOTAL_SIZE = 4417971200  # metadata.total_size in the published model.safetensors.index.json
 MAX_SHARD = 4_000_000_000  # the published shards were cut at "4GB" (decimal)
 
@@ -74,15 +79,6 @@ PREPROCESSOR = {
     "image_processor_type": "Qwen2VLImageProcessor",
     "processor_class": "Qwen2VLProcessor",
 }
-
-
-def published_name(key: str) -> str:
-    """transformers 5 writes `model.language_model.*` / `model.visual.*`; the hub repo has `model.*` / `visual.*`."""
-    if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model."):]
-    if key.startswith("model.visual."):
-        return "visual." + key[len("model.visual."):]
-    return key
 
 
 def main():

@@ -229,30 +229,8 @@ fn attend(q: Heads, k: Heads, v: Heads, heads: usize, n: usize, d: usize, spans:
         scores.resize(rows * len, 0.0);
         // SAFETY: all pointers stay inside their buffers (rows <= QUERY_BLOCK within the span,
         // `len` keys of `d` values); every task writes a disjoint set of output elements.
-        unsafe {
-            // scores[rows, len] = Q[q0.., :] · K[start.., :]ᵀ
-            gemm::gemm(
-                rows,
-                len,
-                d,
-                scores.as_mut_ptr(),
-                1,
-                len as isize,
-                false,
-                q.row(h, q0),
-                1,
-                q.row_stride as isize,
-                k.row(h, start),
-                k.row_stride as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        // scores[rows, len] = Q[q0.., :] · K[start.., :]ᵀ
+        unsafe { matmul_1t(rows, len, d, scores.as_mut_ptr(), len, q.row(h, q0), q.row_stride, k.row(h, start), 1, k.row_stride) };
         let mut sums = [0f32; QUERY_BLOCK];
         for (row, sum) in scores.chunks_exact_mut(len).zip(sums.iter_mut()) {
             softmax_row_unnormalised(row, scale, sum);
@@ -262,27 +240,7 @@ fn attend(q: Heads, k: Heads, v: Heads, heads: usize, n: usize, d: usize, spans:
         // SAFETY: as above; the destination is rows q0..q0+rows, columns h*d..(h+1)*d.
         unsafe {
             let dst = out_ptr.0.add(q0 * heads * d + h * d);
-            gemm::gemm(
-                rows,
-                d,
-                len,
-                dst,
-                1,
-                out_row_stride,
-                false,
-                scores.as_ptr(),
-                1,
-                len as isize,
-                v.row(h, start),
-                1,
-                v.row_stride as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+            matmul_1t(rows, d, len, dst, heads * d, scores.as_ptr(), len, v.row(h, start), v.row_stride, 1);
             for (r, sum) in sums.iter().take(rows).enumerate() {
                 let row = std::slice::from_raw_parts_mut(dst.offset(r as isize * out_row_stride), d);
                 let inv = 1.0 / sum;
@@ -291,6 +249,51 @@ fn attend(q: Heads, k: Heads, v: Heads, heads: usize, n: usize, d: usize, spans:
         }
     });
     out
+}
+
+/// `dst[m, n] = lhs[m, k] · rhs[k, n]` on this thread, for row-major `dst` and `lhs` with the
+/// given row strides and `rhs` with any strides (element `(i, j)` at `i * rhs_rs + j * rhs_cs`).
+///
+/// # Safety
+/// Every addressed element must lie inside its buffer, and nothing else may write `dst`'s.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_1t(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    lhs_rs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+) {
+    // SAFETY: forwarded to the caller; gemm computes `alpha * dst + beta * lhs · rhs` and
+    // does not read `dst` when told so.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            lhs,
+            1,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 struct SendPtr(*mut f32);
