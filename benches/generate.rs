@@ -31,7 +31,7 @@ fn main() {
     let dtype = parse_dtype(&env_or("QWEN_OCR_BENCH_DTYPE", "f32")).unwrap();
     let device = parse_device(&env_or("QWEN_OCR_BENCH_DEVICE", "cpu")).unwrap();
     let quant = Quant::parse(&env_or("QWEN_OCR_BENCH_QUANT", "none"), &device).unwrap();
-    let options = LoadOptions { dtype, device, quant };
+    let options = LoadOptions { dtype, device, quant, quant_cache: None };
 
     let pipeline = Pipeline::load(&model, &options).expect("load model");
     let img = pipeline.preprocess_file(&image, &ImageOptions::default()).expect("preprocess");

@@ -19,6 +19,7 @@ pub mod prompt;
 pub mod q8;
 pub mod quality;
 pub mod quant;
+pub mod quant_cache;
 pub mod sampling;
 pub mod text;
 pub mod threads;

@@ -53,7 +53,20 @@ impl Linear {
                 let w = loader.mapped().tensor(path, &candle_core::Device::Cpu)?.reshape((out_dim, in_dim))?.to_dtype(DType::F32)?;
                 Weight::Ggml(QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4K)?)?)
             }
-            Quant::Q8_0 | Quant::Q4K => Weight::Q8(Q8MatMul(Arc::new(quantize_q8(loader, path, out_dim, in_dim)?))),
+            Quant::Q8_0 | Quant::Q4K => {
+                let cached = loader.cache().and_then(|c| c.get(path, out_dim, in_dim));
+                let weights = match cached {
+                    Some(w) => Arc::new(w),
+                    None => {
+                        let w = Arc::new(quantize_q8(loader, path, out_dim, in_dim)?);
+                        if let Some(cache) = loader.cache() {
+                            cache.record(path, w.clone());
+                        }
+                        w
+                    }
+                };
+                Weight::Q8(Q8MatMul(weights))
+            }
         };
         Ok(Self { weight, bias, out_dim, in_dim, name: name.to_string() })
     }

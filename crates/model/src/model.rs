@@ -2,7 +2,7 @@
 //! splices image embeddings into the prompt.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -14,6 +14,7 @@ use crate::image::PreprocessedImage;
 use crate::linear::Linear;
 use crate::lora::LoraAdapter;
 use crate::quant::Quant;
+use crate::quant_cache::QuantCache;
 use crate::text::{SeqInput, TextModel};
 use crate::vision::VisionTower;
 use crate::weights::{Loader, MappedWeights};
@@ -43,12 +44,15 @@ pub struct LoadOptions {
     pub dtype: DType,
     pub device: Device,
     pub quant: Quant,
+    /// Where quantized weights are kept between starts (see [`crate::quant_cache`]); `None`
+    /// quantizes at every load.
+    pub quant_cache: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
     /// The token-exact mode: f32 weights and activations on the CPU.
     fn default() -> Self {
-        Self { dtype: DType::F32, device: Device::Cpu, quant: Quant::None }
+        Self { dtype: DType::F32, device: Device::Cpu, quant: Quant::None, quant_cache: None }
     }
 }
 
@@ -74,12 +78,16 @@ impl LoadOptions {
 impl Qwen2VL {
     pub fn load(files: &CheckpointFiles, config: &ModelConfig, options: &LoadOptions) -> Result<Self> {
         options.validate()?;
-        let LoadOptions { dtype, device, quant } = options;
+        let LoadOptions { dtype, device, quant, quant_cache } = options;
         for path in &files.weights {
             std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         }
         let mapped = MappedWeights::open(&files.weights).map_err(|e| Error::Weights(format!("cannot read safetensors: {e}")))?;
-        let vb = Loader::new(Arc::new(mapped), *dtype, device, *quant);
+        let cache = match quant_cache {
+            Some(dir) if *quant != Quant::None => Some(Arc::new(QuantCache::open(dir, &files.weights, *quant))),
+            _ => None,
+        };
+        let vb = Loader::new(Arc::new(mapped), *dtype, device, *quant, cache.clone());
         let layout = if vb.contains("model.language_model.embed_tokens.weight") { TRANSFORMERS_5 } else { PUBLISHED };
         if !vb.contains(&format!("{}.embed_tokens.weight", layout.text)) {
             return Err(Error::Weights(
@@ -93,6 +101,14 @@ impl Qwen2VL {
         let weights_err = |e: candle_core::Error| Error::Weights(e.to_string());
         let text = TextModel::load(vb.pp(layout.text), lm_head, &config.text).map_err(weights_err)?;
         let vision = VisionTower::load(vb.pp(layout.vision), &config.vision, config.vision.rope_theta).map_err(weights_err)?;
+        if let Some(cache) = cache {
+            match cache.save() {
+                Ok(true) => tracing::info!(path = %cache.path().display(), "quantized weights cached for the next start"),
+                Ok(false) => {}
+                // A read-only or full disk costs the next start time, not this one its weights.
+                Err(e) => tracing::warn!(path = %cache.path().display(), "cannot cache quantized weights: {e}"),
+            }
+        }
         Ok(Self { vision, text, config: config.clone(), device: device.clone(), dtype: *dtype, quant: *quant })
     }
 

@@ -16,6 +16,7 @@ use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::{Dtype as StDtype, TensorInfo};
 
 use crate::quant::Quant;
+use crate::quant_cache::QuantCache;
 
 struct Entry {
     file: usize,
@@ -130,16 +131,22 @@ pub struct Loader<'a> {
     vb: VarBuilder<'a>,
     mapped: Arc<MappedWeights>,
     quant: Quant,
+    cache: Option<Arc<QuantCache>>,
 }
 
 impl<'a> Loader<'a> {
-    pub fn new(mapped: Arc<MappedWeights>, dtype: DType, device: &Device, quant: Quant) -> Self {
+    pub fn new(mapped: Arc<MappedWeights>, dtype: DType, device: &Device, quant: Quant, cache: Option<Arc<QuantCache>>) -> Self {
         let vb = VarBuilder::from_backend(Box::new(Backend(mapped.clone())), dtype, device.clone());
-        Self { vb, mapped, quant }
+        Self { vb, mapped, quant, cache }
     }
 
     pub fn pp(&self, s: impl ToString) -> Self {
-        Self { vb: self.vb.pp(s), mapped: self.mapped.clone(), quant: self.quant }
+        Self { vb: self.vb.pp(s), mapped: self.mapped.clone(), quant: self.quant, cache: self.cache.clone() }
+    }
+
+    /// Where quantized weights are read from and recorded to, if anywhere.
+    pub fn cache(&self) -> Option<&QuantCache> {
+        self.cache.as_deref()
     }
 
     /// The full tensor path of `name` under this prefix.

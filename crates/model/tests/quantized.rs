@@ -63,6 +63,27 @@ fn q4k_stays_close_to_f32() {
     assert!(a.greedy_agreement >= 0.7, "{a:?}");
 }
 
+/// A second load reads the quantized weights the first one cached, and computes the same.
+#[test]
+fn quantized_weights_are_cached_between_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = LoadOptions { quant: Quant::Q8_0, quant_cache: Some(dir.path().to_path_buf()), ..LoadOptions::default() };
+    let model = fixtures().join("tiny-untied-sharded").display().to_string();
+    let first = Pipeline::load(&model, &options).unwrap();
+    let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "one cache file: {files:?}");
+    let written = std::fs::metadata(&files[0]).unwrap().modified().unwrap();
+    let second = Pipeline::load(&model, &options).unwrap();
+    assert_eq!(std::fs::metadata(&files[0]).unwrap().modified().unwrap(), written, "the second load only reads");
+    let request = request(&first, "photo.jpg");
+    let a = compare(&first, &second, &request, 8).unwrap();
+    assert_eq!((a.mean_kl, a.logits_rel_error), (0.0, 0.0), "{a:?}");
+    // A cache file that is not one (truncated, say) is ignored, not trusted.
+    std::fs::write(&files[0], b"garbage").unwrap();
+    let third = Pipeline::load(&model, &options).unwrap();
+    assert_eq!(compare(&first, &third, &request, 8).unwrap().logits_rel_error, 0.0);
+}
+
 #[test]
 fn quantized_modes_are_refused_where_they_cannot_run() {
     let bf16 = LoadOptions { dtype: qwen_ocr_model::DType::BF16, ..LoadOptions::default() };

@@ -70,6 +70,9 @@ struct ModelArgs {
     /// Weights: auto (q8_0 on CPU, none on CUDA), none (exact), q8_0 or q4k.
     #[arg(long, env = "QWEN_OCR_QUANT", default_value = "auto")]
     quant: String,
+    /// Where quantized weights are kept between starts: auto, off, or a directory.
+    #[arg(long, env = "QWEN_OCR_QUANT_CACHE", default_value = "auto")]
+    quant_cache: String,
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "QWEN_OCR_DEVICE", default_value = "cpu")]
     device: String,
@@ -154,7 +157,7 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    let options = crate::config::load_options(&args.model.dtype, &args.model.device, &args.model.quant)?;
+    let options = crate::config::load_options(&args.model.dtype, &args.model.device, &args.model.quant, &args.model.quant_cache)?;
     if args.max_tokens == Some(0) {
         anyhow::bail!("--max-tokens must be at least 1");
     }

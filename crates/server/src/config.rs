@@ -25,6 +25,8 @@ pub struct ServerConfig {
     pub dtype: String,
     /// Weight quantization: auto, none, q8_0 or q4k.
     pub quant: String,
+    /// Where quantized weights are kept between starts: auto, off, or a directory.
+    pub quant_cache: String,
     pub device: String,
     pub host: IpAddr,
     pub port: u16,
@@ -73,6 +75,7 @@ impl Default for ServerConfig {
             model: DEFAULT_MODEL.into(),
             dtype: "f32".into(),
             quant: "auto".into(),
+            quant_cache: "auto".into(),
             device: "cpu".into(),
             host: [0, 0, 0, 0].into(),
             port: 8080,
@@ -111,6 +114,9 @@ pub struct ServeArgs {
     /// Weights: auto (q8_0 on CPU, none on CUDA), none (exact), q8_0 or q4k.
     #[arg(long, env = "QWEN_OCR_QUANT")]
     pub quant: Option<String>,
+    /// Where quantized weights are kept between starts: auto, off, or a directory.
+    #[arg(long, env = "QWEN_OCR_QUANT_CACHE")]
+    pub quant_cache: Option<String>,
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "QWEN_OCR_DEVICE")]
     pub device: Option<String>,
@@ -140,7 +146,7 @@ fn parse_adapter(s: &str) -> Result<(String, PathBuf), String> {
 impl ServerConfig {
     /// The dtype, device and quantization to load the model with.
     pub fn load_options(&self) -> Result<LoadOptions> {
-        load_options(&self.dtype, &self.device, &self.quant)
+        load_options(&self.dtype, &self.device, &self.quant, &self.quant_cache)
     }
 
     /// The file (if any), then the environment and flags on top.
@@ -149,10 +155,11 @@ impl ServerConfig {
             Some(path) => Self::from_file(path)?,
             None => Self::default(),
         };
-        let ServeArgs { config: _, model, dtype, quant, device, host, port, adapters, adapters_dir, api_keys } = args;
+        let ServeArgs { config: _, model, dtype, quant, quant_cache, device, host, port, adapters, adapters_dir, api_keys } = args;
         config.model = model.unwrap_or(config.model);
         config.dtype = dtype.unwrap_or(config.dtype);
         config.quant = quant.unwrap_or(config.quant);
+        config.quant_cache = quant_cache.unwrap_or(config.quant_cache);
         config.device = device.unwrap_or(config.device);
         config.host = host.unwrap_or(config.host);
         config.port = port.unwrap_or(config.port);
@@ -173,12 +180,25 @@ impl ServerConfig {
     }
 }
 
-/// Parses the three settings together: `auto` quantization depends on the device.
-pub fn load_options(dtype: &str, device: &str, quant: &str) -> Result<LoadOptions> {
+/// Parses the load settings together: `auto` quantization depends on the device.
+pub fn load_options(dtype: &str, device: &str, quant: &str, quant_cache: &str) -> Result<LoadOptions> {
     let device = parse_device(device)?;
-    let options = LoadOptions { dtype: parse_dtype(dtype)?, quant: Quant::parse(quant, &device)?, device };
+    let quant_cache = match quant_cache {
+        "off" | "" => None,
+        "auto" => default_quant_cache(),
+        dir => Some(PathBuf::from(dir)),
+    };
+    let options = LoadOptions { dtype: parse_dtype(dtype)?, quant: Quant::parse(quant, &device)?, device, quant_cache };
     options.validate()?;
     Ok(options)
+}
+
+/// `$XDG_CACHE_HOME/qwen-ocr/quantized`, else `~/.cache/qwen-ocr/quantized`.
+fn default_quant_cache() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("qwen-ocr").join("quantized"))
 }
 
 #[cfg(test)]

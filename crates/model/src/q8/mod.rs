@@ -214,6 +214,25 @@ impl Q8Weights {
         lines_as_bytes(&self.data)
     }
 
+    /// The packed bytes, to store quantized weights and skip quantizing next time.
+    pub fn packed(&self) -> &[u8] {
+        self.raw()
+    }
+
+    /// Weights of shape `[n, k]` from bytes that [`Q8Weights::packed`] returned for that shape;
+    /// `None` when their length cannot be that.
+    pub fn from_packed(n: usize, k: usize, bytes: &[u8]) -> Option<Self> {
+        let kb = k.div_ceil(QK);
+        let np = n.div_ceil(PANEL);
+        let pstride = panel_bytes(kb);
+        if k == 0 || bytes.len() != np * pstride {
+            return None;
+        }
+        let mut data = vec![Line([0; 64]); bytes.len() / 64];
+        lines_as_bytes_mut(&mut data).copy_from_slice(bytes);
+        Some(Q8Weights { n, k, kb, np, pstride, data })
+    }
+
     /// y[m, n] = x[m, k] · Wᵀ (row-major, y overwritten), on rayon's global pool.
     pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
         self.matmul_with(Backend::detect(), x, m, y)
