@@ -300,10 +300,31 @@ impl<'a> RowAdapters<'a> {
                 mask[row * total + offset..][..ranks[j]].fill(used[j].1.scale as f32);
             }
         }
-        let a_all = Tensor::cat(&used.iter().map(|(_, m)| &m.a).collect::<Vec<_>>(), 0)?;
-        let b_all = Tensor::cat(&used.iter().map(|(_, m)| &m.b).collect::<Vec<_>>(), 1)?;
+        let ids: Vec<u64> = used.iter().map(|(id, _)| *id).collect();
+        let (a_all, b_all) = stacked(module, &ids, || {
+            let a_all = Tensor::cat(&used.iter().map(|(_, m)| &m.a).collect::<Vec<_>>(), 0)?;
+            let b_all = Tensor::cat(&used.iter().map(|(_, m)| &m.b).collect::<Vec<_>>(), 1)?;
+            Ok((a_all, b_all))
+        })?;
         let mask = Tensor::from_vec(mask, (rows, total), x.device())?.to_dtype(x.dtype())?;
         let low = (x.matmul(&a_all.t()?)? * mask)?;
         y + low.matmul(&b_all.t()?)?
     }
+}
+
+/// Each module's stacked `A`s and `B`s for the adapter set it last saw. A batch keeps the same
+/// adapters for many decode steps, so stacking them once instead of every step saves copying
+/// every adapted weight each step; one entry per module bounds the memory to one more copy of
+/// the adapters in use. Adapter load ids are never reused, so an entry cannot describe another
+/// adapter.
+type Stacks = std::collections::HashMap<String, (Vec<u64>, Tensor, Tensor)>;
+
+fn stacked(module: &str, ids: &[u64], make: impl FnOnce() -> candle_core::Result<(Tensor, Tensor)>) -> candle_core::Result<(Tensor, Tensor)> {
+    static STACKS: std::sync::Mutex<Option<Stacks>> = std::sync::Mutex::new(None);
+    if let Some((_, a, b)) = STACKS.lock().expect("lora stacks").as_ref().and_then(|m| m.get(module)).filter(|(k, _, _)| k == ids) {
+        return Ok((a.clone(), b.clone()));
+    }
+    let (a, b) = make()?;
+    STACKS.lock().expect("lora stacks").get_or_insert_with(Default::default).insert(module.to_string(), (ids.to_vec(), a.clone(), b.clone()));
+    Ok((a, b))
 }
