@@ -179,7 +179,7 @@ pub fn attention_within_spans(q: &Tensor, k: &Tensor, v: &Tensor, spans: &[(usiz
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let (qs, ks, vs) = (slice_of(&q)?, slice_of(&k)?, slice_of(&v)?);
     let (q, k, v) = (Heads::contiguous(qs, n, d), Heads::contiguous(ks, n, d), Heads::contiguous(vs, n, d));
-    Tensor::from_vec(attend(q, k, v, heads, n, d, spans, scale), (n, heads * d), &candle_core::Device::Cpu)
+    Tensor::from_vec(attend(q, k, v, heads, n, d, &span_tasks(heads, spans), scale), (n, heads * d), &candle_core::Device::Cpu)
 }
 
 /// The vision tower's attention from its fused projection `qkv` (`[n, 3 * heads * head_dim]`,
@@ -208,39 +208,99 @@ pub fn vision_self_attention(qkv: &Tensor, cos: &Tensor, sin: &Tensor, heads: us
     };
     let (q, k) = (rotated(0), rotated(1));
     let v = Heads { data: x, offset: 2 * heads * d, head_stride: d, row_stride: width };
-    let out = attend(Heads::contiguous(&q, n, d), Heads::contiguous(&k, n, d), v, heads, n, d, spans, scale);
+    let out = attend(Heads::contiguous(&q, n, d), Heads::contiguous(&k, n, d), v, heads, n, d, &span_tasks(heads, spans), scale);
     Tensor::from_vec(out, (n, heads * d), qkv.device())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn attend(q: Heads, k: Heads, v: Heads, heads: usize, n: usize, d: usize, spans: &[(usize, usize)], scale: f32) -> Vec<f32> {
-    let mut out = vec![0f32; n * heads * d];
-    // Work items: (head, span, first query); each writes its own rows of one head's columns.
+/// Causal grouped-query attention of a sequence's `n` new queries over its cached keys and
+/// values. `q`: `[heads, n, head_dim]` (rotary applied); `k`, `v`: `[1, kv_heads, total,
+/// head_dim]` views of the cache whose last `n` positions are the new tokens. Query `i` sees
+/// keys up to `total - n + i`; the keys it cannot see get probability exactly 0. Returns
+/// `[n, heads * head_dim]`.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+    let (heads, n, d) = q.dims3()?;
+    let (_, kv_heads, total, _) = k.dims4()?;
+    let q = q.contiguous()?;
+    let (k_heads, v_heads) = (strided_heads(k)?, strided_heads(v)?);
+    let past = total - n;
+    let groups = heads / kv_heads;
+    let mut tasks = Vec::new();
+    for h in 0..heads {
+        for q0 in (0..n).step_by(QUERY_BLOCK) {
+            let rows = QUERY_BLOCK.min(n - q0);
+            tasks.push(Task { h, kv_head: h / groups, q0, rows, k0: 0, keys: past + q0 + rows, causal_past: Some(past) });
+        }
+    }
+    let out = attend(Heads::contiguous(slice_of(&q)?, n, d), k_heads, v_heads, heads, n, d, &tasks, scale);
+    Tensor::from_vec(out, (n, heads * d), q.device())
+}
+
+/// A `[1, heads, rows, head_dim]` f32 CPU view (rows may be strided, e.g. a cache's first
+/// `total` positions) as [`Heads`].
+fn strided_heads(t: &Tensor) -> Result<Heads<'_>> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else { candle_core::bail!("attention takes f32 CPU tensors") };
+    let stride = layout.stride();
+    if stride[3] != 1 {
+        candle_core::bail!("attention needs contiguous head vectors")
+    }
+    // SAFETY: the storage is kept alive by `t`, which the caller holds for the whole kernel,
+    // and nothing writes it meanwhile.
+    let data = unsafe { std::slice::from_raw_parts(data.as_ptr(), data.len()) };
+    Ok(Heads { data, offset: layout.start_offset(), head_stride: stride[1], row_stride: stride[2] })
+}
+
+/// One block of one head's queries and the keys it attends to.
+struct Task {
+    h: usize,
+    kv_head: usize,
+    q0: usize,
+    rows: usize,
+    /// Keys `k0..k0 + keys`.
+    k0: usize,
+    keys: usize,
+    /// For causal attention: query `q0 + r` sees keys up to `causal_past + q0 + r`.
+    causal_past: Option<usize>,
+}
+
+/// Query blocks of every head within each span (bidirectional, one span per image).
+fn span_tasks(heads: usize, spans: &[(usize, usize)]) -> Vec<Task> {
     let mut tasks = Vec::new();
     for h in 0..heads {
         for &(start, len) in spans {
             for q0 in (start..start + len).step_by(QUERY_BLOCK) {
-                tasks.push((h, start, len, q0, QUERY_BLOCK.min(start + len - q0)));
+                let rows = QUERY_BLOCK.min(start + len - q0);
+                tasks.push(Task { h, kv_head: h, q0, rows, k0: start, keys: len, causal_past: None });
             }
         }
     }
+    tasks
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend(q: Heads, k: Heads, v: Heads, heads: usize, n: usize, d: usize, tasks: &[Task], scale: f32) -> Vec<f32> {
+    let mut out = vec![0f32; n * heads * d];
     let out_ptr = SendPtr(out.as_mut_ptr());
-    tasks.par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, &(h, start, len, q0, rows)| {
+    tasks.par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, t| {
+        let (len, rows) = (t.keys, t.rows);
         scores.resize(rows * len, 0.0);
-        // SAFETY: all pointers stay inside their buffers (rows <= QUERY_BLOCK within the span,
-        // `len` keys of `d` values); every task writes a disjoint set of output elements.
-        // scores[rows, len] = Q[q0.., :] · K[start.., :]ᵀ
-        unsafe { matmul_1t(rows, len, d, scores.as_mut_ptr(), len, q.row(h, q0), q.row_stride, k.row(h, start), 1, k.row_stride) };
+        // SAFETY: all pointers stay inside their buffers (the task's rows and keys exist in
+        // every operand); every task writes a disjoint set of output elements.
+        // scores[rows, len] = Q[q0.., :] · K[k0.., :]ᵀ
+        unsafe { matmul_1t(rows, len, d, scores.as_mut_ptr(), len, q.row(t.h, t.q0), q.row_stride, k.row(t.kv_head, t.k0), 1, k.row_stride) };
         let mut sums = [0f32; QUERY_BLOCK];
-        for (row, sum) in scores.chunks_exact_mut(len).zip(sums.iter_mut()) {
-            softmax_row_unnormalised(row, scale, sum);
+        for (r, (row, sum)) in scores.chunks_exact_mut(len).zip(sums.iter_mut()).enumerate() {
+            let visible = t.causal_past.map_or(len, |past| (past + t.q0 + r + 1 - t.k0).min(len));
+            let (seen, unseen) = row.split_at_mut(visible);
+            softmax_row_unnormalised(seen, scale, sum);
+            unseen.fill(0.0);
         }
         let out_ptr = &out_ptr;
         let out_row_stride = (heads * d) as isize;
         // SAFETY: as above; the destination is rows q0..q0+rows, columns h*d..(h+1)*d.
         unsafe {
-            let dst = out_ptr.0.add(q0 * heads * d + h * d);
-            matmul_1t(rows, d, len, dst, heads * d, scores.as_ptr(), len, v.row(h, start), v.row_stride, 1);
+            let dst = out_ptr.0.add(t.q0 * heads * d + t.h * d);
+            matmul_1t(rows, d, len, dst, heads * d, scores.as_ptr(), len, v.row(t.kv_head, t.k0), v.row_stride, 1);
             for (r, sum) in sums.iter().take(rows).enumerate() {
                 let row = std::slice::from_raw_parts_mut(dst.offset(r as isize * out_row_stride), d);
                 let inv = 1.0 / sum;
@@ -371,6 +431,29 @@ mod tests {
         let want = attention_within_spans(&rot(0), &rot(1), &v, &spans, 0.3).unwrap();
         let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "fused vision attention differs by {diff}");
+    }
+
+    #[test]
+    fn causal_attention_matches_masked_dense_attention_over_a_cache() {
+        let (heads, kv_heads, d, n, past, cap) = (6, 2, 16, 150, 37, 256);
+        let cache_k = Tensor::randn(0f32, 1.0, (1, kv_heads, cap, d), &Device::Cpu).unwrap();
+        let cache_v = Tensor::randn(0f32, 1.0, (1, kv_heads, cap, d), &Device::Cpu).unwrap();
+        let total = past + n;
+        let (k, v) = (cache_k.narrow(2, 0, total).unwrap(), cache_v.narrow(2, 0, total).unwrap());
+        let q = Tensor::randn(0f32, 1.0, (heads, n, d), &Device::Cpu).unwrap();
+        let got = causal_attention(&q, &k, &v, 0.2).unwrap();
+        let groups = heads / kv_heads;
+        let mask: Vec<f32> = (0..n).flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })).collect();
+        let mask = Tensor::from_vec(mask, (n, total), &Device::Cpu).unwrap();
+        let mut outs = Vec::new();
+        for h in 0..heads {
+            let (k, v) = (k.get(0).unwrap().get(h / groups).unwrap(), v.get(0).unwrap().get(h / groups).unwrap());
+            let scores = (q.get(h).unwrap().matmul(&k.t().unwrap()).unwrap() * 0.2).unwrap().broadcast_add(&mask).unwrap();
+            outs.push(candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&v.contiguous().unwrap()).unwrap());
+        }
+        let want = Tensor::stack(&outs, 0).unwrap().transpose(0, 1).unwrap().reshape((n, heads * d)).unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "causal attention differs by {diff}");
     }
 
     #[test]

@@ -77,6 +77,10 @@ impl Attention {
             let k = candle_nn::rotary_emb::rope(&self.heads(&k.narrow(0, start, n)?, self.num_kv_heads)?, cos, sin)?;
             let v = self.heads(&v.narrow(0, start, n)?, self.num_kv_heads)?;
             let (k_all, v_all) = caches[i].append(layer, &k, &v)?;
+            if fused_attention(x) {
+                outs.push(cpu_kernels::causal_attention(&q.squeeze(0)?, &k_all, &v_all, scale as f32)?);
+                continue;
+            }
             let total = k_all.dim(2)?;
             // Grouped-query attention without copying the cache: the query heads that share a
             // key/value head are stacked along the query axis.
@@ -99,6 +103,12 @@ impl Attention {
         let out = if outs.len() == 1 { outs.pop().expect("one output") } else { Tensor::cat(&outs, 0)? };
         self.o_proj.forward_with(&out, rows)
     }
+}
+
+/// f32 on the CPU runs attention as one fused kernel (masking included); elsewhere it is
+/// candle's ops with an explicit mask.
+fn fused_attention(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// `[n, total]`: query `i` (at absolute position `total - n + i`) sees keys up to itself.
@@ -257,7 +267,7 @@ impl TextModel {
         let masks: Vec<Option<Tensor>> = batch
             .iter()
             .zip(&spans)
-            .map(|(s, &(_, n))| if n > 1 { causal_mask(n, s.cache.len() + n, &device).map(Some) } else { Ok(None) })
+            .map(|(s, &(_, n))| if n > 1 && !fused_attention(&s.embeds) { causal_mask(n, s.cache.len() + n, &device).map(Some) } else { Ok(None) })
             .collect::<Result<_>>()?;
         let mut caches: Vec<&mut KvCache> = batch.iter_mut().map(|s| &mut *s.cache).collect();
         for (i, layer) in self.layers.iter().enumerate() {
