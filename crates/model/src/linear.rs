@@ -39,7 +39,7 @@ impl Linear {
     /// The projection whose weight is the checkpoint tensor `path`, stored with `out_dim` rows
     /// of `in_dim` values (whatever its stored rank, e.g. a convolution kernel whose stride
     /// equals its size). Quantized straight from the mapped bytes when the loader quantizes.
-    pub fn from_checkpoint(loader: &Loader, path: &str, bias: Option<Tensor>, out_dim: usize, in_dim: usize, name: &str) -> Result<Self> {
+    pub fn from_checkpoint(loader: &Loader, path: &str, mut bias: Option<Tensor>, out_dim: usize, in_dim: usize, name: &str) -> Result<Self> {
         let (_, stored) = loader.mapped().stored(path)?;
         if stored.first() != Some(&out_dim) || stored.iter().product::<usize>() != out_dim * in_dim {
             candle_core::bail!("shape mismatch for {path}: the checkpoint has {stored:?}, the config implies [{out_dim}, {in_dim}]")
@@ -65,7 +65,9 @@ impl Linear {
                         w
                     }
                 };
-                Weight::Q8(Q8MatMul(weights))
+                // The op adds the bias itself (see `Q8MatMul`).
+                let fused = bias.take().map(|b| b.to_vec1::<f32>().map(Arc::from)).transpose()?;
+                Weight::Q8(Q8MatMul { weights, bias: fused })
             }
         };
         Ok(Self { weight, bias, out_dim, in_dim, name: name.to_string() })
@@ -96,7 +98,7 @@ impl Linear {
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {
             Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
-            Weight::Q8(q) => q.0.bytes(),
+            Weight::Q8(q) => q.weights.bytes(),
             Weight::Ggml(_) => self.out_dim * self.in_dim / GgmlDType::Q4K.block_size() * GgmlDType::Q4K.type_size(),
         }
     }

@@ -45,9 +45,14 @@ impl Quant {
     }
 }
 
-/// `x [m, k] · Wᵀ` with `W` held as Q8_0, as a candle op on f32 CPU tensors.
+/// `x [m, k] · Wᵀ + b` with `W` held as Q8_0, as a candle op on f32 CPU tensors. The bias is
+/// added here, row by row while the output is still in cache, rather than as a separate
+/// broadcast op over the whole output.
 #[derive(Clone)]
-pub struct Q8MatMul(pub Arc<Q8Weights>);
+pub struct Q8MatMul {
+    pub weights: Arc<Q8Weights>,
+    pub bias: Option<Arc<[f32]>>,
+}
 
 impl CustomOp1 for Q8MatMul {
     fn name(&self) -> &'static str {
@@ -58,12 +63,16 @@ impl CustomOp1 for Q8MatMul {
         let CpuStorage::F32(data) = storage else { candle_core::bail!("q8_0 matmul takes f32 activations") };
         let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("q8_0 matmul needs contiguous activations") };
         let (m, k) = layout.shape().dims2()?;
-        if k != self.0.k() {
-            candle_core::bail!("q8_0 matmul: activations have {k} columns, the weights {}", self.0.k())
+        if k != self.weights.k() {
+            candle_core::bail!("q8_0 matmul: activations have {k} columns, the weights {}", self.weights.k())
         }
-        let n = self.0.n();
+        let n = self.weights.n();
         let mut out = vec![0f32; m * n];
-        self.0.matmul(&data[start..end], m, &mut out);
+        self.weights.matmul(&data[start..end], m, &mut out);
+        if let Some(bias) = &self.bias {
+            use rayon::prelude::*;
+            out.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(bias.iter()).for_each(|(y, b)| *y += b));
+        }
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }
