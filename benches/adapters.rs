@@ -38,7 +38,8 @@ fn random_adapters(pipeline: &Pipeline, count: usize) -> Vec<String> {
                 std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
                 let mut tensors = HashMap::new();
                 for (module, &(out, inp)) in shapes.iter().filter(|(m, _)| m.starts_with("model.layers.")) {
-                    let randn = |dims: (usize, usize)| Tensor::randn(0f32, 0.02, dims, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+                    let randn =
+                        |dims: (usize, usize)| Tensor::randn(0f32, 0.02, dims, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
                     tensors.insert(format!("base_model.model.{module}.lora_A.weight"), randn((8, inp)));
                     tensors.insert(format!("base_model.model.{module}.lora_B.weight"), randn((out, 8)));
                 }
@@ -48,7 +49,6 @@ fn random_adapters(pipeline: &Pipeline, count: usize) -> Vec<String> {
         })
         .collect()
 }
-
 
 fn main() {
     qwen_ocr_model::threads::pin_cpu_thread_count();

@@ -21,7 +21,6 @@ use qwen_ocr_model::sampling::SamplingParams;
 use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline, Quant};
 use settings::SEED_PROMPT;
 
-
 fn main() {
     qwen_ocr_model::threads::pin_cpu_thread_count();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");

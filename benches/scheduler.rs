@@ -24,7 +24,6 @@ use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline};
 use qwen_ocr_scheduler::{Engine, EngineConfig};
 use settings::env_or;
 
-
 fn main() {
     qwen_ocr_model::threads::pin_cpu_thread_count();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");

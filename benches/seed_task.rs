@@ -24,9 +24,6 @@ use common::{fixtures, Server};
 use serde_json::{json, Value};
 use settings::{env_or, median, SEED_PROMPT};
 
-
-
-
 /// Peak resident memory of a process, from `/proc` (Linux).
 fn peak_rss_gib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -61,8 +58,11 @@ fn main() {
     let extract = |image: &PathBuf| -> (f64, Value) {
         let bytes = std::fs::read(image).unwrap();
         let started = Instant::now();
-        let (status, body) =
-            server.extract_multipart(&[("image", "plate.jpg", &bytes)], &[("prompt", SEED_PROMPT), ("max_tokens", &tokens), ("temperature", "0")], &[]);
+        let (status, body) = server.extract_multipart(
+            &[("image", "plate.jpg", &bytes)],
+            &[("prompt", SEED_PROMPT), ("max_tokens", &tokens), ("temperature", "0")],
+            &[],
+        );
         let e2e = started.elapsed().as_secs_f64();
         assert_eq!(status, 200, "{body}");
         (e2e, body)

@@ -32,7 +32,11 @@ pub fn qwen2_0_5b_shaped_checkpoint() -> PathBuf {
 pub fn decoder_checkpoint(hidden: usize, layers: usize, intermediate: usize, kv_heads: usize) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let tiny = root.join("tests/fixtures/tiny-tied");
-    let suffix = if intermediate == hidden * 3 && kv_heads == (hidden / 64 / 4).max(1) { String::new() } else { format!("-i{intermediate}-kv{kv_heads}") };
+    let suffix = if intermediate == hidden * 3 && kv_heads == (hidden / 64 / 4).max(1) {
+        String::new()
+    } else {
+        format!("-i{intermediate}-kv{kv_heads}")
+    };
     let dir = root.join(format!("target/bench-checkpoints/h{hidden}-l{layers}{suffix}"));
     if dir.join("model.safetensors").is_file() {
         return dir;

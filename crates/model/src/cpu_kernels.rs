@@ -186,7 +186,14 @@ pub fn attention_within_spans(q: &Tensor, k: &Tensor, v: &Tensor, spans: &[(usiz
 /// as `[n, 3, heads, head_dim]`): rotary on queries and keys (`cos`/`sin`: `[n, head_dim / 2]`,
 /// rotate-half convention) in one pass that also lays them out per head, values read in place,
 /// then attention within each span. Returns `[n, heads * head_dim]`.
-pub fn vision_self_attention(qkv: &Tensor, cos: &Tensor, sin: &Tensor, heads: usize, spans: &[(usize, usize)], scale: f32) -> Result<Tensor> {
+pub fn vision_self_attention(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+    spans: &[(usize, usize)],
+    scale: f32,
+) -> Result<Tensor> {
     let (n, width) = qkv.dims2()?;
     let d = width / (3 * heads);
     let half = d / 2;
@@ -287,7 +294,9 @@ fn attend(q: Heads, k: Heads, v: Heads, heads: usize, n: usize, d: usize, tasks:
         // SAFETY: all pointers stay inside their buffers (the task's rows and keys exist in
         // every operand); every task writes a disjoint set of output elements.
         // scores[rows, len] = Q[q0.., :] · K[k0.., :]ᵀ
-        unsafe { matmul_1t(rows, len, d, scores.as_mut_ptr(), len, q.row(t.h, t.q0), q.row_stride, k.row(t.kv_head, t.k0), 1, k.row_stride) };
+        unsafe {
+            matmul_1t(rows, len, d, scores.as_mut_ptr(), len, q.row(t.h, t.q0), q.row_stride, k.row(t.kv_head, t.k0), 1, k.row_stride)
+        };
         let mut sums = [0f32; QUERY_BLOCK];
         for (r, (row, sum)) in scores.chunks_exact_mut(len).zip(sums.iter_mut()).enumerate() {
             let visible = t.causal_past.map_or(len, |past| (past + t.q0 + r + 1 - t.k0).min(len));

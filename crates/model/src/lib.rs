@@ -27,7 +27,7 @@ pub mod vision;
 pub mod weights;
 
 pub use candle_core::{DType, Device};
-pub use model::LoadOptions;
-pub use quant::Quant;
 pub use error::{Error, ImageError, Result};
 pub use generate::{ActiveSequence, FinishReason, GenerateOutput, GenerateRequest, Pipeline, PreparedPrompt, Timings};
+pub use model::LoadOptions;
+pub use quant::Quant;

@@ -39,7 +39,14 @@ impl Linear {
     /// The projection whose weight is the checkpoint tensor `path`, stored with `out_dim` rows
     /// of `in_dim` values (whatever its stored rank, e.g. a convolution kernel whose stride
     /// equals its size). Quantized straight from the mapped bytes when the loader quantizes.
-    pub fn from_checkpoint(loader: &Loader, path: &str, mut bias: Option<Tensor>, out_dim: usize, in_dim: usize, name: &str) -> Result<Self> {
+    pub fn from_checkpoint(
+        loader: &Loader,
+        path: &str,
+        mut bias: Option<Tensor>,
+        out_dim: usize,
+        in_dim: usize,
+        name: &str,
+    ) -> Result<Self> {
         let (_, stored) = loader.mapped().stored(path)?;
         if stored.first() != Some(&out_dim) || stored.iter().product::<usize>() != out_dim * in_dim {
             candle_core::bail!("shape mismatch for {path}: the checkpoint has {stored:?}, the config implies [{out_dim}, {in_dim}]")
@@ -49,7 +56,7 @@ impl Linear {
                 let w = loader.mapped().tensor(path, &candle_core::Device::Cpu)?;
                 Weight::Dense(w.reshape((out_dim, in_dim))?.to_dtype(loader.dtype())?.to_device(loader.device())?)
             }
-            Quant::Q4K if in_dim % GgmlDType::Q4K.block_size() == 0 => {
+            Quant::Q4K if in_dim.is_multiple_of(GgmlDType::Q4K.block_size()) => {
                 let w = loader.mapped().tensor(path, &candle_core::Device::Cpu)?.reshape((out_dim, in_dim))?.to_dtype(DType::F32)?;
                 Weight::Ggml(QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q4K)?)?)
             }

@@ -319,12 +319,20 @@ impl<'a> RowAdapters<'a> {
 /// adapter.
 type Stacks = std::collections::HashMap<String, (Vec<u64>, Tensor, Tensor)>;
 
-fn stacked(module: &str, ids: &[u64], make: impl FnOnce() -> candle_core::Result<(Tensor, Tensor)>) -> candle_core::Result<(Tensor, Tensor)> {
+fn stacked(
+    module: &str,
+    ids: &[u64],
+    make: impl FnOnce() -> candle_core::Result<(Tensor, Tensor)>,
+) -> candle_core::Result<(Tensor, Tensor)> {
     static STACKS: std::sync::Mutex<Option<Stacks>> = std::sync::Mutex::new(None);
     if let Some((_, a, b)) = STACKS.lock().expect("lora stacks").as_ref().and_then(|m| m.get(module)).filter(|(k, _, _)| k == ids) {
         return Ok((a.clone(), b.clone()));
     }
     let (a, b) = make()?;
-    STACKS.lock().expect("lora stacks").get_or_insert_with(Default::default).insert(module.to_string(), (ids.to_vec(), a.clone(), b.clone()));
+    STACKS
+        .lock()
+        .expect("lora stacks")
+        .get_or_insert_with(Default::default)
+        .insert(module.to_string(), (ids.to_vec(), a.clone(), b.clone()));
     Ok((a, b))
 }

@@ -31,7 +31,8 @@ fn next_token_logprobs(pipeline: &Pipeline, request: &GenerateRequest, forced: &
     let embeds = model.encode_images(&images, &vec![None; images.len()])?;
     let mut cache = KvCache::new(model.num_layers());
     let mut rows = Vec::with_capacity(forced.len() + 1);
-    let first = SeqInput { embeds: model.prompt_embeds(&prompt.ids, &embeds)?, positions: &prompt.positions, cache: &mut cache, adapter: None };
+    let first =
+        SeqInput { embeds: model.prompt_embeds(&prompt.ids, &embeds)?, positions: &prompt.positions, cache: &mut cache, adapter: None };
     rows.push(model.forward(&mut [first])?);
     for &token in forced {
         let position = [decode_position(cache.len(), prompt.delta)];

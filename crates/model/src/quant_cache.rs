@@ -135,7 +135,8 @@ fn read(path: &Path) -> std::io::Result<(Mmap, HashMap<String, Entry>)> {
         Ok(u64::from_le_bytes(map.get(at..at + 8).ok_or_else(|| bad("truncated"))?.try_into().expect("8 bytes")) as usize)
     };
     let len = word(0)?;
-    let index: Index = serde_json::from_slice(map.get(16..16 + len).ok_or_else(|| bad("truncated index"))?).map_err(|_| bad("bad index"))?;
+    let index: Index =
+        serde_json::from_slice(map.get(16..16 + len).ok_or_else(|| bad("truncated index"))?).map_err(|_| bad("bad index"))?;
     if index.format != FORMAT {
         return Err(bad("another format version"));
     }

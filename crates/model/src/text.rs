@@ -267,7 +267,15 @@ impl TextModel {
         let masks: Vec<Option<Tensor>> = batch
             .iter()
             .zip(&spans)
-            .map(|(s, &(_, n))| if n > 1 && !fused_attention(&s.embeds) { causal_mask(n, s.cache.len() + n, &device).map(Some) } else { Ok(None) })
+            .map(
+                |(s, &(_, n))| {
+                    if n > 1 && !fused_attention(&s.embeds) {
+                        causal_mask(n, s.cache.len() + n, &device).map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                },
+            )
             .collect::<Result<_>>()?;
         let mut caches: Vec<&mut KvCache> = batch.iter_mut().map(|s| &mut *s.cache).collect();
         for (i, layer) in self.layers.iter().enumerate() {

@@ -39,8 +39,8 @@ impl MappedWeights {
         let mut entries = HashMap::new();
         for (file, path) in paths.iter().enumerate() {
             let map = map_file(path)?;
-            let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&map)
-                .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+            let (header_len, metadata) =
+                safetensors::SafeTensors::read_metadata(&map).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
             let data_start = 8 + header_len;
             for (name, info) in metadata.tensors() {
                 let TensorInfo { dtype, shape, data_offsets: (start, end) } = info;

@@ -240,8 +240,8 @@ fn merge(args: MergeArgs) -> Result<()> {
         anyhow::bail!("--dtype must be f32 or bf16");
     }
     // The adapter is validated against the base in f32, the precision the merge is computed in.
-    let pipeline = Pipeline::load(&args.model, &qwen_ocr_model::LoadOptions::default())
-        .with_context(|| format!("loading {}", args.model))?;
+    let pipeline =
+        Pipeline::load(&args.model, &qwen_ocr_model::LoadOptions::default()).with_context(|| format!("loading {}", args.model))?;
     let adapter = pipeline.model.load_adapter(&args.adapter.display().to_string(), &args.adapter)?;
     let changed = qwen_ocr_model::merge::merge_adapter(&pipeline.files, &adapter, &args.out, dtype)?;
     println!("{}", json!({ "out": args.out, "merged_modules": changed, "adapter": adapter.matched }));

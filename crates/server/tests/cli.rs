@@ -24,8 +24,18 @@ fn goldens() -> Value {
 /// flags) and returns the printed object.
 fn generate_golden(model: &str, golden: &Value, extra: &[&str]) -> Value {
     let max_tokens = goldens()["max_new_tokens"].to_string();
-    let mut args =
-        vec!["generate", "--model", model, "--quant", "none", "--prompt", golden["prompt"].as_str().unwrap(), "--max-tokens", &max_tokens, "--json"];
+    let mut args = vec![
+        "generate",
+        "--model",
+        model,
+        "--quant",
+        "none",
+        "--prompt",
+        golden["prompt"].as_str().unwrap(),
+        "--max-tokens",
+        &max_tokens,
+        "--json",
+    ];
     let images: Vec<String> = golden["images"].as_array().unwrap().iter().map(|i| image(i.as_str().unwrap())).collect();
     for img in &images {
         args.extend(["--image", img.as_str()]);
