@@ -96,6 +96,11 @@ dispatch!(softmax_row_unnormalised(row: &mut [f32], scale: f32, sum: &mut f32) {
 
 const PAR_CHUNK: usize = 1 << 14;
 
+/// Whether these kernels handle `t`: f32 on the CPU. Elsewhere the callers use candle's ops.
+pub fn handles(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = storage else { candle_core::bail!("{op} takes f32") };
     let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("{op} needs a contiguous tensor") };
@@ -118,7 +123,7 @@ impl CustomOp1 for QuickGelu {
 
 /// `x * sigmoid(1.702 x)` (the vision tower's activation).
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if handles(x) {
         return x.contiguous()?.apply_op1_no_bwd(&QuickGelu);
     }
     x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
@@ -141,7 +146,7 @@ impl CustomOp2 for SiluMul {
 
 /// `silu(gate) * up` (the decoder's gated MLP).
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if gate.device().is_cpu() && gate.dtype() == candle_core::DType::F32 && gate.shape() == up.shape() {
+    if handles(gate) && gate.shape() == up.shape() {
         return gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &SiluMul);
     }
     gate.silu()? * up
@@ -171,10 +176,11 @@ impl Heads<'_> {
     }
 }
 
-/// Bidirectional attention within each span of rows (one span per image), all heads.
-/// `q`, `k`, `v`: `[heads, n, head_dim]` f32; returns `[n, heads * head_dim]`, the layout the
-/// output projection takes.
-pub fn attention_within_spans(q: &Tensor, k: &Tensor, v: &Tensor, spans: &[(usize, usize)], scale: f32) -> Result<Tensor> {
+/// Bidirectional attention within each span of rows (one span per image), all heads, from
+/// separate `[heads, n, head_dim]` f32 tensors; returns `[n, heads * head_dim]`. The model
+/// uses [`vision_self_attention`]; the tests check the blocked kernel through this.
+#[cfg(test)]
+fn attention_within_spans(q: &Tensor, k: &Tensor, v: &Tensor, spans: &[(usize, usize)], scale: f32) -> Result<Tensor> {
     let (heads, n, d) = q.dims3()?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let (qs, ks, vs) = (slice_of(&q)?, slice_of(&k)?, slice_of(&v)?);

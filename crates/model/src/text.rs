@@ -77,7 +77,9 @@ impl Attention {
             let k = candle_nn::rotary_emb::rope(&self.heads(&k.narrow(0, start, n)?, self.num_kv_heads)?, cos, sin)?;
             let v = self.heads(&v.narrow(0, start, n)?, self.num_kv_heads)?;
             let (k_all, v_all) = caches[i].append(layer, &k, &v)?;
-            if fused_attention(x) {
+            // On the CPU attention is one fused kernel, masking included; elsewhere candle's ops
+            // with an explicit mask.
+            if cpu_kernels::handles(x) {
                 outs.push(cpu_kernels::causal_attention(&q.squeeze(0)?, &k_all, &v_all, scale as f32)?);
                 continue;
             }
@@ -103,12 +105,6 @@ impl Attention {
         let out = if outs.len() == 1 { outs.pop().expect("one output") } else { Tensor::cat(&outs, 0)? };
         self.o_proj.forward_with(&out, rows)
     }
-}
-
-/// f32 on the CPU runs attention as one fused kernel (masking included); elsewhere it is
-/// candle's ops with an explicit mask.
-fn fused_attention(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// `[n, total]`: query `i` (at absolute position `total - n + i`) sees keys up to itself.
@@ -264,19 +260,18 @@ impl TextModel {
         let adapters: Vec<Option<&LoraAdapter>> = batch.iter().map(|s| s.adapter).collect();
         let rows = RowAdapters::from_spans(spans.iter().zip(adapters).map(|(&(_, n), a)| (n, a)));
         // One causal mask per multi-token sequence, shared by every layer.
-        let masks: Vec<Option<Tensor>> = batch
-            .iter()
-            .zip(&spans)
-            .map(
-                |(s, &(_, n))| {
-                    if n > 1 && !fused_attention(&s.embeds) {
+        let masks: Vec<Option<Tensor>> =
+            batch
+                .iter()
+                .zip(&spans)
+                .map(|(s, &(_, n))| {
+                    if n > 1 && !cpu_kernels::handles(&s.embeds) {
                         causal_mask(n, s.cache.len() + n, &device).map(Some)
                     } else {
                         Ok(None)
                     }
-                },
-            )
-            .collect::<Result<_>>()?;
+                })
+                .collect::<Result<_>>()?;
         let mut caches: Vec<&mut KvCache> = batch.iter_mut().map(|s| &mut *s.cache).collect();
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, &spans, &rotary, &masks, &mut caches, i, &rows)?;

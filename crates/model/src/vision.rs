@@ -36,7 +36,7 @@ impl VisionAttention {
         let qkv = self.qkv.forward_with(x, rows)?;
         let dtype = x.dtype();
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = if x.device().is_cpu() && dtype == DType::F32 {
+        let out = if cpu_kernels::handles(x) {
             cpu_kernels::vision_self_attention(&qkv, cos, sin, self.num_heads, spans, scale as f32)?
         } else {
             // [seq, 3, heads, head_dim] -> three [1, heads, seq, head_dim]
