@@ -107,6 +107,28 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Res
     Ok(&data[start..end])
 }
 
+/// An element-wise activation that a projection can apply to its output in the same pass
+/// (see [`crate::linear::Linear::forward_fused`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `x * sigmoid(1.702 x)`, the vision tower's MLP activation.
+    QuickGelu,
+}
+
+impl Activation {
+    pub fn apply_in_place(self, xs: &mut [f32]) {
+        match self {
+            Activation::QuickGelu => quick_gelu_in_place(xs),
+        }
+    }
+
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::QuickGelu => quick_gelu(x),
+        }
+    }
+}
+
 struct QuickGelu;
 
 impl CustomOp1 for QuickGelu {
@@ -115,8 +137,14 @@ impl CustomOp1 for QuickGelu {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut out = contiguous_f32(storage, layout, "quick_gelu")?.to_vec();
-        out.par_chunks_mut(PAR_CHUNK).for_each(quick_gelu_in_place);
+        // Copied chunk by chunk in parallel: a serial `to_vec` of a 30 MB activation cost more
+        // than the activation itself.
+        let src = contiguous_f32(storage, layout, "quick_gelu")?;
+        let mut out = vec![0f32; src.len()];
+        out.par_chunks_mut(PAR_CHUNK).zip(src.par_chunks(PAR_CHUNK)).for_each(|(o, s)| {
+            o.copy_from_slice(s);
+            quick_gelu_in_place(o);
+        });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -137,9 +165,13 @@ impl CustomOp2 for SiluMul {
     }
 
     fn cpu_fwd(&self, gate: &CpuStorage, gate_layout: &Layout, up: &CpuStorage, up_layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let mut out = contiguous_f32(gate, gate_layout, "silu_mul")?.to_vec();
-        let up = contiguous_f32(up, up_layout, "silu_mul")?;
-        out.par_chunks_mut(PAR_CHUNK).zip(up.par_chunks(PAR_CHUNK)).for_each(|(g, u)| silu_mul_in_place(g, u));
+        let (gate, up) = (contiguous_f32(gate, gate_layout, "silu_mul")?, contiguous_f32(up, up_layout, "silu_mul")?);
+        // Copied chunk by chunk inside the parallel loop (see `QuickGelu`).
+        let mut out = vec![0f32; gate.len()];
+        out.par_chunks_mut(PAR_CHUNK).zip(gate.par_chunks(PAR_CHUNK)).zip(up.par_chunks(PAR_CHUNK)).for_each(|((o, g), u)| {
+            o.copy_from_slice(g);
+            silu_mul_in_place(o, u);
+        });
         Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
     }
 }
@@ -191,7 +223,9 @@ fn attention_within_spans(q: &Tensor, k: &Tensor, v: &Tensor, spans: &[(usize, u
 /// The vision tower's attention from its fused projection `qkv` (`[n, 3 * heads * head_dim]`,
 /// as `[n, 3, heads, head_dim]`): rotary on queries and keys (`cos`/`sin`: `[n, head_dim / 2]`,
 /// rotate-half convention) in one pass that also lays them out per head, values read in place,
-/// then attention within each span. Returns `[n, heads * head_dim]`.
+/// then attention within each span. Returns `[n, heads * head_dim]`. With `bf16_tiles` and a
+/// CPU with AMX, the two products run on tiles in bf16 (see [`crate::amx`]); otherwise in f32.
+#[allow(clippy::too_many_arguments)]
 pub fn vision_self_attention(
     qkv: &Tensor,
     cos: &Tensor,
@@ -199,6 +233,7 @@ pub fn vision_self_attention(
     heads: usize,
     spans: &[(usize, usize)],
     scale: f32,
+    bf16_tiles: bool,
 ) -> Result<Tensor> {
     let (n, width) = qkv.dims2()?;
     let d = width / (3 * heads);
@@ -220,6 +255,14 @@ pub fn vision_self_attention(
         out
     };
     let (q, k) = (rotated(0), rotated(1));
+    if bf16_tiles && crate::amx::available() {
+        let q_of = |h: usize, r: usize| &q[(h * n + r) * d..][..d];
+        let k_of = |h: usize, r: usize| &k[(h * n + r) * d..][..d];
+        let v_of = |h: usize, r: usize| &x[r * width + 2 * heads * d + h * d..][..d];
+        // SAFETY: AMX checked just above.
+        let out = unsafe { crate::amx::attention::within_spans(heads, n, d, spans, scale, q_of, k_of, v_of) };
+        return Tensor::from_vec(out, (n, heads * d), qkv.device());
+    }
     let v = Heads { data: x, offset: 2 * heads * d, head_stride: d, row_stride: width };
     let out = attend(Heads::contiguous(&q, n, d), Heads::contiguous(&k, n, d), v, heads, n, d, &span_tasks(heads, spans), scale);
     Tensor::from_vec(out, (n, heads * d), qkv.device())
@@ -407,13 +450,19 @@ mod tests {
         let (heads, n, d) = (16, 1564, 80);
         let q = Tensor::randn(0f32, 1.0, (heads, n, d), &Device::Cpu).unwrap();
         let x = Tensor::randn(0f32, 1.0, (n, 5120), &Device::Cpu).unwrap();
+        let qkv = Tensor::randn(0f32, 1.0, (n, 3 * heads * d), &Device::Cpu).unwrap();
+        let angles = Tensor::randn(0f32, 1.0, (n, d / 2), &Device::Cpu).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
         for _ in 0..3 {
             let t = std::time::Instant::now();
             attention_within_spans(&q, &q, &q, &[(0, n)], 0.1).unwrap();
             let a = t.elapsed();
             let t = std::time::Instant::now();
+            vision_self_attention(&qkv, &cos, &sin, heads, &[(0, n)], 0.1, true).unwrap();
+            let tiles = t.elapsed();
+            let t = std::time::Instant::now();
             quick_gelu(&x).unwrap();
-            println!("attention {a:?} quick_gelu {:?}", t.elapsed());
+            println!("attention f32 {a:?}, bf16 tiles (AMX: {}) {tiles:?}, quick_gelu {:?}", crate::amx::available(), t.elapsed());
         }
     }
 
@@ -429,14 +478,16 @@ mod tests {
         assert!(diff < 1e-5, "silu_mul differs by {diff}");
     }
 
-    #[test]
-    fn vision_attention_applies_rotary_and_reads_the_fused_projection() {
-        let (heads, d, n) = (2, 8, 23);
-        let spans = [(0, 15), (15, 8)];
+    /// The vision tower's attention through the fused kernel, f32 or (AMX CPUs) bf16 tiles,
+    /// against candle's rotary and the span-blocked f32 kernel. `d` = 80 and spans that start
+    /// mid-tile, as the real tower has (16 heads of 80, one span per image).
+    fn check_vision_attention(bf16_tiles: bool, tolerance: f32) {
+        let (heads, d, n) = (3, 80, 183);
+        let spans = [(0, 115), (115, 68)];
         let qkv = Tensor::randn(0f32, 1.0, (n, 3 * heads * d), &Device::Cpu).unwrap();
         let angles = Tensor::randn(0f32, 1.0, (n, d / 2), &Device::Cpu).unwrap();
         let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
-        let got = vision_self_attention(&qkv, &cos, &sin, heads, &spans, 0.3).unwrap();
+        let got = vision_self_attention(&qkv, &cos, &sin, heads, &spans, 0.3, bf16_tiles).unwrap();
         let parts = qkv.reshape((n, 3, heads, d)).unwrap().permute((1, 2, 0, 3)).unwrap();
         let rot = |i: usize| {
             let t = parts.get(i).unwrap().unsqueeze(0).unwrap().contiguous().unwrap();
@@ -445,7 +496,19 @@ mod tests {
         let v = parts.get(2).unwrap().contiguous().unwrap();
         let want = attention_within_spans(&rot(0), &rot(1), &v, &spans, 0.3).unwrap();
         let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-5, "fused vision attention differs by {diff}");
+        assert!(diff < tolerance, "fused vision attention (bf16 tiles: {bf16_tiles}) differs by {diff}");
+    }
+
+    #[test]
+    fn vision_attention_applies_rotary_and_reads_the_fused_projection() {
+        check_vision_attention(false, 1e-5);
+    }
+
+    /// bf16 operands carry 8 significant bits: outputs (averages of unit-variance values) agree
+    /// to about 1e-2. Without AMX this runs the f32 path again, which passes trivially.
+    #[test]
+    fn vision_attention_on_bf16_tiles_stays_close_to_f32() {
+        check_vision_attention(true, 2e-2);
     }
 
     #[test]

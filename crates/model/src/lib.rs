@@ -1,6 +1,7 @@
 //! Qwen2-VL on candle: checkpoints, image preprocessing, prompts, the model and generation.
 
 pub mod adapter_registry;
+pub mod amx;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu_kernels;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 
+use crate::cpu_kernels::Activation;
 use crate::lora::{canonical_module, RowAdapters};
 use crate::q8::Q8Weights;
 use crate::quant::{Q8MatMul, Quant};
@@ -74,7 +75,7 @@ impl Linear {
                 };
                 // The op adds the bias itself (see `Q8MatMul`).
                 let fused = bias.take().map(|b| b.to_vec1::<f32>().map(Arc::from)).transpose()?;
-                Weight::Q8(Q8MatMul { weights, bias: fused })
+                Weight::Q8(Q8MatMul::new(weights, fused))
             }
         };
         Ok(Self { weight, bias, out_dim, in_dim, name: name.to_string() })
@@ -90,6 +91,36 @@ impl Linear {
     pub fn forward_with(&self, x: &Tensor, rows: &RowAdapters) -> Result<Tensor> {
         let y = self.forward(x)?;
         rows.apply(&self.name, x, y)
+    }
+
+    /// `activation(x Wᵀ + b + LoRA) + residual` (either optional; `x` and `residual` 2-D).
+    /// With quantized weights and no adapter on this module in the batch, the activation and
+    /// the residual add run inside the product's output pass instead of as passes of their own.
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        rows: &RowAdapters,
+        activation: Option<Activation>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        if let Weight::Q8(op) = &self.weight {
+            if !rows.adapts(&self.name) && crate::cpu_kernels::handles(x) {
+                let (op, x) = (op.fused(activation), x.contiguous()?);
+                return match residual {
+                    Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op),
+                    None => x.apply_op1_no_bwd(&op),
+                };
+            }
+        }
+        let y = self.forward_with(x, rows)?;
+        let y = match activation {
+            Some(a) => a.apply(&y)?,
+            None => y,
+        };
+        match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        }
     }
 
     /// `(out, in)`.

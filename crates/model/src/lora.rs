@@ -261,6 +261,11 @@ impl<'a> RowAdapters<'a> {
         Self { spans }
     }
 
+    /// Whether any row's adapter adapts `module`.
+    pub fn adapts(&self, module: &str) -> bool {
+        self.spans.iter().any(|(_, _, a)| a.is_some_and(|a| a.module(module).is_some()))
+    }
+
     /// `y` plus every span's LoRA delta for `module`; `y` itself when no span adapts it.
     ///
     /// All adapters of the batch go through two matmuls together, so the cost does not grow
@@ -269,7 +274,7 @@ impl<'a> RowAdapters<'a> {
     /// adapter, and `U [B_1, B_2, ...]ᵀ` adds the deltas.
     pub fn apply(&self, module: &str, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
         // The common case (no adapter on this module in this batch) costs no allocation.
-        if !self.spans.iter().any(|(_, _, a)| a.is_some_and(|a| a.module(module).is_some())) {
+        if !self.adapts(module) {
             return Ok(y);
         }
         // Distinct adapters adapting this module, in order of first appearance.

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape};
+
+use crate::cpu_kernels::Activation;
 
 use crate::error::{Error, Result as ModelResult};
 use crate::q8::Q8Weights;
@@ -45,13 +47,57 @@ impl Quant {
     }
 }
 
-/// `x [m, k] · Wᵀ + b` with `W` held as Q8_0, as a candle op on f32 CPU tensors. The bias is
-/// added here, row by row while the output is still in cache, rather than as a separate
-/// broadcast op over the whole output.
+/// `x [m, k] · Wᵀ + b` with `W` held as Q8_0, as a candle op on f32 CPU tensors, optionally
+/// followed by an activation and a residual add (`Q8MatMul::fused`). The bias and whatever
+/// follows are applied block by block while the output is still in cache (see
+/// [`Q8Weights::matmul_then`]), rather than as separate passes over the whole output.
 #[derive(Clone)]
 pub struct Q8MatMul {
     pub weights: Arc<Q8Weights>,
     pub bias: Option<Arc<[f32]>>,
+    activation: Option<Activation>,
+}
+
+impl Q8MatMul {
+    pub fn new(weights: Arc<Q8Weights>, bias: Option<Arc<[f32]>>) -> Self {
+        Q8MatMul { weights, bias, activation: None }
+    }
+
+    /// The same product with `activation` applied to its output (before any residual).
+    pub fn fused(&self, activation: Option<Activation>) -> Self {
+        Q8MatMul { activation, ..self.clone() }
+    }
+
+    /// `act(x·Wᵀ + b) (+ residual)` for x `[m, k]` (contiguous), residual `[m, n]`.
+    fn run(&self, x: &[f32], m: usize, residual: Option<&[f32]>) -> Vec<f32> {
+        let n = self.weights.n();
+        let mut out = vec![0f32; m * n];
+        let (bias, activation) = (self.bias.as_deref(), self.activation);
+        let epilogue = |row: usize, col0: usize, seg: &mut [f32]| {
+            if let Some(bias) = bias {
+                seg.iter_mut().zip(&bias[col0..]).for_each(|(y, b)| *y += b);
+            }
+            if let Some(activation) = activation {
+                activation.apply_in_place(seg);
+            }
+            if let Some(residual) = residual {
+                seg.iter_mut().zip(&residual[row * n + col0..]).for_each(|(y, r)| *y += r);
+            }
+        };
+        let any = bias.is_some() || activation.is_some() || residual.is_some();
+        self.weights.matmul_then(x, m, &mut out, if any { Some(&epilogue) } else { None });
+        out
+    }
+
+    fn check<'a>(&self, storage: &'a CpuStorage, layout: &Layout) -> Result<(&'a [f32], usize)> {
+        let CpuStorage::F32(data) = storage else { candle_core::bail!("q8_0 matmul takes f32 activations") };
+        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("q8_0 matmul needs contiguous activations") };
+        let (m, k) = layout.shape().dims2()?;
+        if k != self.weights.k() {
+            candle_core::bail!("q8_0 matmul: activations have {k} columns, the weights {}", self.weights.k())
+        }
+        Ok((&data[start..end], m))
+    }
 }
 
 impl CustomOp1 for Q8MatMul {
@@ -60,19 +106,27 @@ impl CustomOp1 for Q8MatMul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else { candle_core::bail!("q8_0 matmul takes f32 activations") };
-        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("q8_0 matmul needs contiguous activations") };
-        let (m, k) = layout.shape().dims2()?;
-        if k != self.weights.k() {
-            candle_core::bail!("q8_0 matmul: activations have {k} columns, the weights {}", self.weights.k())
-        }
+        let (x, m) = self.check(storage, layout)?;
+        Ok((CpuStorage::F32(self.run(x, m, None)), Shape::from((m, self.weights.n()))))
+    }
+}
+
+/// The product plus a residual `[m, n]` (the second operand).
+impl CustomOp2 for Q8MatMul {
+    fn name(&self) -> &'static str {
+        "q8_0-matmul-add"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout, res: &CpuStorage, res_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, m) = self.check(x, x_layout)?;
         let n = self.weights.n();
-        let mut out = vec![0f32; m * n];
-        self.weights.matmul(&data[start..end], m, &mut out);
-        if let Some(bias) = &self.bias {
-            use rayon::prelude::*;
-            out.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(bias.iter()).for_each(|(y, b)| *y += b));
+        let CpuStorage::F32(res) = res else { candle_core::bail!("q8_0 matmul: the residual must be f32") };
+        let Some((start, end)) = res_layout.contiguous_offsets() else {
+            candle_core::bail!("q8_0 matmul: the residual must be contiguous")
+        };
+        if res_layout.shape().dims() != [m, n] {
+            candle_core::bail!("q8_0 matmul: residual shape {:?}, expected [{m}, {n}]", res_layout.shape())
         }
-        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+        Ok((CpuStorage::F32(self.run(x, m, Some(&res[start..end]))), Shape::from((m, n))))
     }
 }

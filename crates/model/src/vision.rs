@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{layer_norm, LayerNorm, LayerNormConfig};
 
 use crate::config::VisionConfig;
-use crate::cpu_kernels;
+use crate::cpu_kernels::{self, Activation};
 use crate::linear::Linear;
 use crate::lora::{LoraAdapter, RowAdapters};
 use crate::weights::Loader;
@@ -18,6 +18,8 @@ struct VisionAttention {
     proj: Linear,
     num_heads: usize,
     head_dim: usize,
+    /// Attention may run in bf16 on AMX tiles: in the quantized modes, never the exact one.
+    bf16_tiles: bool,
 }
 
 impl VisionAttention {
@@ -27,17 +29,27 @@ impl VisionAttention {
             proj: Linear::load(vb.pp("proj"), cfg.embed_dim, cfg.embed_dim, true)?,
             num_heads: cfg.num_heads,
             head_dim: cfg.head_dim(),
+            bf16_tiles: vb.quant() != crate::quant::Quant::None,
         })
     }
 
-    /// `x` holds the patches of several images back to back; `spans` gives each image's range.
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, spans: &[(usize, usize)], rows: &RowAdapters) -> Result<Tensor> {
+    /// `residual` plus attention over `x`, which holds the patches of several images back to
+    /// back; `spans` gives each image's range.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        spans: &[(usize, usize)],
+        rows: &RowAdapters,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
         let seq = x.dim(0)?;
         let qkv = self.qkv.forward_with(x, rows)?;
         let dtype = x.dtype();
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = if cpu_kernels::handles(x) {
-            cpu_kernels::vision_self_attention(&qkv, cos, sin, self.num_heads, spans, scale as f32)?
+            cpu_kernels::vision_self_attention(&qkv, cos, sin, self.num_heads, spans, scale as f32, self.bf16_tiles)?
         } else {
             // [seq, 3, heads, head_dim] -> three [1, heads, seq, head_dim]
             let qkv = qkv.reshape((seq, 3, self.num_heads, self.head_dim))?.permute((1, 2, 0, 3))?;
@@ -58,7 +70,7 @@ impl VisionAttention {
             // [1, heads, seq, head_dim] -> [seq, heads * head_dim]
             Tensor::cat(&outs, 2)?.squeeze(0)?.transpose(0, 1)?.reshape((seq, self.num_heads * self.head_dim))?
         };
-        self.proj.forward_with(&out, rows)
+        self.proj.forward_fused(&out, rows, None, Some(residual))
     }
 }
 
@@ -83,9 +95,10 @@ impl VisionBlock {
     }
 
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, spans: &[(usize, usize)], rows: &RowAdapters) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.norm1.forward(x)?, cos, sin, spans, rows)?)?;
-        let h = self.fc2.forward_with(&cpu_kernels::quick_gelu(&self.fc1.forward_with(&self.norm2.forward(&x)?, rows)?)?, rows)?;
-        x + h
+        // The residual adds and the activation ride on the projections' output pass.
+        let x = self.attn.forward(&self.norm1.forward(x)?, cos, sin, spans, rows, x)?;
+        let h = self.fc1.forward_fused(&self.norm2.forward(&x)?, rows, Some(Activation::QuickGelu), None)?;
+        self.fc2.forward_fused(&h, rows, None, Some(&x))
     }
 }
 

@@ -38,7 +38,7 @@ fn check_vs_reference(backend: Backend, m: usize, n: usize, k: usize, rng: &mut 
     let q = weights(&w, n, k);
     let want = reference_matmul(&w, n, k, &x, m);
     let mut y = vec![f32::NAN; m * n];
-    q.matmul_with(backend, &x, m, &mut y);
+    q.matmul_with(backend, &x, m, &mut y, None);
     let scale = want.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
     for (idx, (a, b)) in y.iter().zip(&want).enumerate() {
         assert!((a - b).abs() <= 1e-5 * scale, "{backend:?} m={m} n={n} k={k} at ({}, {}): {a} vs {b} (scale {scale})", idx / n, idx % n);
@@ -132,7 +132,7 @@ fn zero_inputs_give_zero() {
     let x = vec![1.0f32; m * k];
     for backend in backends() {
         let mut y = vec![f32::NAN; m * n];
-        q.matmul_with(backend, &x, m, &mut y);
+        q.matmul_with(backend, &x, m, &mut y, None);
         assert!(y.iter().all(|&v| v == 0.0));
     }
     let mut rng = Rng(5);
@@ -206,4 +206,62 @@ fn activation_quantizers_agree() {
     assert_eq!(portable.q, best.q);
     assert_eq!(portable.s, best.s);
     assert_eq!(portable.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), best.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+}
+
+/// The AMX path (prefill on CPUs that have it): bf16 activations against the dequantized Q8_0
+/// weights, so within bf16 rounding of the f32 product with those weights, for ragged shapes.
+#[test]
+fn amx_tiles_match_the_dequantized_weights_within_bf16() {
+    if !crate::amx::available() {
+        eprintln!("no AMX on this CPU: nothing to check");
+        return;
+    }
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    for &(m, n, k) in &[(32, 16, 32), (33, 17, 48), (100, 48, 1176), (64, 256, 1536), (47, 100, 96), (40, 150, 4100)] {
+        let (w, x) = (rng.vec(n * k), rng.vec(m * k));
+        let q = weights(&w, n, k);
+        let mut row = vec![0f32; k];
+        let deq: Vec<f32> = (0..n)
+            .flat_map(|j| {
+                q.dequantize_row(j, &mut row);
+                row.clone()
+            })
+            .collect();
+        let mut y = vec![f32::NAN; m * n];
+        q.matmul(&x, m, &mut y);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|t| x[i * k + t] * deq[j * k + t]).sum();
+                // bf16 keeps 8 significant bits: each product is off by up to ~2^-8 relative.
+                let bound = 8e-3 * (0..k).map(|t| (x[i * k + t] * deq[j * k + t]).abs()).sum::<f32>().max(1e-6);
+                assert!((y[i * n + j] - want).abs() <= bound, "m={m} n={n} k={k} at ({i}, {j}): {} vs {want}", y[i * n + j]);
+            }
+        }
+    }
+}
+
+/// The epilogue sees every output element exactly once, with its row and column, after the
+/// product: on the VNNI path (few rows) and the tile path (many rows, when the CPU has AMX).
+#[test]
+fn epilogue_runs_once_on_every_element_after_the_product() {
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    for &(m, n, k) in &[(3, 40, 64), (70, 40, 64), (33, 300, 96)] {
+        let (w, x) = (rng.vec(n * k), rng.vec(m * k));
+        let q = weights(&w, n, k);
+        let mut plain = vec![0f32; m * n];
+        q.matmul(&x, m, &mut plain);
+        let mut y = vec![0f32; m * n];
+        let epilogue = |row: usize, col0: usize, seg: &mut [f32]| {
+            for (c, v) in seg.iter_mut().enumerate() {
+                *v = *v * 2.0 + (row * 1000 + col0 + c) as f32;
+            }
+        };
+        q.matmul_then(&x, m, &mut y, Some(&epilogue));
+        for i in 0..m {
+            for j in 0..n {
+                let want = plain[i * n + j] * 2.0 + (i * 1000 + j) as f32;
+                assert_eq!(y[i * n + j], want, "m={m} n={n} at ({i}, {j})");
+            }
+        }
+    }
 }
