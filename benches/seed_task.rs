@@ -8,8 +8,9 @@
 //!
 //! `QWEN_OCR_BENCH_QUANT` (q8_0; empty passes no `--quant`, for builds from before it existed),
 //! `QWEN_OCR_BENCH_DTYPE` (f32), `QWEN_OCR_BENCH_REQUESTS` (3), `QWEN_OCR_BENCH_TOKENS` (64),
-//! `QWEN_OCR_BENCH_BINARY` (another build of `qwen-ocr` to time, e.g. an older commit's). Without a model it runs on the committed tiny checkpoint and
-//! image, which measures overhead only.
+//! `QWEN_OCR_BENCH_BINARY` (another build of `qwen-ocr` to time, e.g. an older commit's),
+//! `QWEN_OCR_AMX=0` (the same build without the AMX tile kernels). Without a model it runs on
+//! the committed tiny checkpoint and image, which measures overhead only.
 
 #[path = "support/settings.rs"]
 mod settings;
@@ -52,7 +53,11 @@ fn main() {
     if !quant.is_empty() {
         args.extend(["--quant", quant.as_str()]);
     }
-    let server = Server::start_model_within(&model, &args, &[], Duration::from_secs(1800));
+    // The harness keeps QWEN_OCR_* out of the server; QWEN_OCR_AMX=0 is passed on on purpose, to
+    // time the same build without the tile kernels.
+    let amx = std::env::var("QWEN_OCR_AMX").ok();
+    let env: Vec<(&str, &str)> = amx.iter().map(|v| ("QWEN_OCR_AMX", v.as_str())).collect();
+    let server = Server::start_model_within(&model, &args, &env, Duration::from_secs(1800));
     let load_s = started.elapsed().as_secs_f64();
 
     let extract = |image: &PathBuf| -> (f64, Value) {

@@ -71,6 +71,7 @@ fn load(state: &AppState) -> Result<()> {
     let pipeline = Pipeline::load(&config.model, &options).with_context(|| format!("loading {}", config.model))?;
     tracing::info!(
         quant = options.quant.as_str(),
+        amx_tiles = options.device.is_cpu() && qwen_ocr_model::amx::available(),
         projection_mib = pipeline.model.projection_bytes() >> 20,
         seconds = started.elapsed().as_secs_f64(),
         "weights loaded"
