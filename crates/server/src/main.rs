@@ -1,5 +1,6 @@
 //! `qwen-ocr`: the command-line entry point.
 
+mod adapter_folder;
 mod cli;
 mod config;
 mod error;
