@@ -30,6 +30,8 @@ pub struct ServerConfig {
     pub device: String,
     pub host: IpAddr,
     pub port: u16,
+    /// Names this replica in the `x-qwen-ocr-replica` response header; unset: the host name.
+    pub replica_id: Option<String>,
     /// Bearer keys accepted on `/v1/*`; empty means no authentication.
     pub api_keys: Vec<String>,
     /// Adapters loaded at start-up, by name.
@@ -79,6 +81,7 @@ impl Default for ServerConfig {
             device: "cpu".into(),
             host: [0, 0, 0, 0].into(),
             port: 8080,
+            replica_id: None,
             api_keys: Vec::new(),
             adapters: BTreeMap::new(),
             adapters_dir: None,
@@ -125,6 +128,9 @@ pub struct ServeArgs {
     /// 0 picks a free port (the log says which).
     #[arg(long, env = "QWEN_OCR_PORT")]
     pub port: Option<u16>,
+    /// This replica's name in the `x-qwen-ocr-replica` response header (default: the host name).
+    #[arg(long, env = "QWEN_OCR_REPLICA_ID")]
+    pub replica_id: Option<String>,
     /// NAME=DIR: a LoRA adapter to load at start-up; repeatable (env: comma-separated).
     #[arg(long = "adapter", env = "QWEN_OCR_ADAPTERS", value_delimiter = ',', value_parser = parse_adapter)]
     pub adapters: Vec<(String, PathBuf)>,
@@ -155,7 +161,8 @@ impl ServerConfig {
             Some(path) => Self::from_file(path)?,
             None => Self::default(),
         };
-        let ServeArgs { config: _, model, dtype, quant, quant_cache, device, host, port, adapters, adapters_dir, api_keys } = args;
+        let ServeArgs { config: _, model, dtype, quant, quant_cache, device, host, port, replica_id, adapters, adapters_dir, api_keys } =
+            args;
         config.model = model.unwrap_or(config.model);
         config.dtype = dtype.unwrap_or(config.dtype);
         config.quant = quant.unwrap_or(config.quant);
@@ -163,6 +170,7 @@ impl ServerConfig {
         config.device = device.unwrap_or(config.device);
         config.host = host.unwrap_or(config.host);
         config.port = port.unwrap_or(config.port);
+        config.replica_id = replica_id.or(config.replica_id);
         config.adapters_dir = adapters_dir.or(config.adapters_dir);
         if !api_keys.is_empty() {
             config.api_keys = api_keys;
@@ -171,7 +179,21 @@ impl ServerConfig {
             config.adapters.insert(name, AdapterConfig { path, prompt: None });
         }
         config.api_keys.retain(|k| !k.is_empty());
+        if let Some(id) = &config.replica_id {
+            anyhow::ensure!(
+                !id.is_empty() && id.chars().all(|c| c.is_ascii_graphic()),
+                "replica_id must be printable ASCII without spaces (it is sent as a header), got `{id}`"
+            );
+        }
         Ok(config)
+    }
+
+    /// This replica's name: the configured one, else the host name (a container's or pod's).
+    pub fn replica_name(&self) -> String {
+        let hostname = || {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").ok().or_else(|| std::env::var("HOSTNAME").ok()).map(|h| h.trim().to_string())
+        };
+        self.replica_id.clone().or_else(hostname).filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_graphic())).unwrap_or_else(|| "qwen-ocr".into())
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
