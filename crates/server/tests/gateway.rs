@@ -1,0 +1,275 @@
+//! The project's own gateway, `docker/nginx.conf.template`, run for real: Debian's nginx in
+//! front of two `qwen-ocr serve` replicas on loopback ports that share one adapters folder.
+//! CI installs nginx (`.ci/run`); elsewhere, without nginx, the tests say so and pass, except
+//! under `CI`.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const ADAPTERS: [&str; 4] = ["lm-qv-r4", "lm-qv-r4-old-layout", "lm-all-rslora-regex", "vision-merger-pattern"];
+
+/// nginx running the gateway configuration, rendered for loopback ports.
+struct Gateway {
+    nginx: Child,
+    endpoint: Endpoint,
+    dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Gateway {
+    type Target = Endpoint;
+    fn deref(&self) -> &Endpoint {
+        &self.endpoint
+    }
+}
+
+impl Gateway {
+    /// The gateway in front of `replicas`, or `None` (outside CI) when there is no nginx.
+    fn start(replicas: &[&Server]) -> Option<Self> {
+        let Some(binary) = nginx_binary() else {
+            assert!(std::env::var_os("CI").is_none(), "CI must provide nginx (.ci/run installs Debian's nginx-light)");
+            eprintln!("skipped: no nginx found (apt-get install nginx-light, or set QWEN_OCR_NGINX)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let servers: String = replicas.iter().map(|r| format!("server {};", r.base.trim_start_matches("http://"))).collect();
+        let template = std::fs::read_to_string(repository().join("docker/nginx.conf.template")).unwrap();
+        let site = template.replace("${QWEN_OCR_GATEWAY_LISTEN}", &format!("127.0.0.1:{port}")).replace("${QWEN_OCR_REPLICAS}", &servers);
+        assert!(!site.contains("${"), "a placeholder the test does not know: {site}");
+        std::fs::write(dir.path().join("qwen-ocr.conf"), site).unwrap();
+        std::fs::write(dir.path().join("nginx.conf"), main_config(dir.path())).unwrap();
+        let nginx = Command::new(binary)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let mut gateway = Gateway { nginx, endpoint: Endpoint { base: format!("http://127.0.0.1:{port}") }, dir };
+        gateway.wait_up();
+        Some(gateway)
+    }
+
+    fn wait_up(&mut self) {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.nginx.try_wait().unwrap() {
+                panic!("nginx exited ({status}): {}", self.error_log());
+            }
+            let port = self.base.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() && self.get("/health").0 == 200 {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "the gateway never answered: {}", self.error_log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        // SIGTERM, not SIGKILL: the master process then stops its workers too.
+        let _ = Command::new("kill").args(["-TERM", &self.nginx.id().to_string()]).status();
+        let started = Instant::now();
+        while self.nginx.try_wait().ok().flatten().is_none() && started.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.nginx.kill();
+        let _ = self.nginx.wait();
+    }
+}
+
+/// The main context the site file is included from; everything nginx writes stays in `dir`.
+fn main_config(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
+         # As root, workers would otherwise run as nobody and could not use the temp dirs.\nuser root;\n\
+         events {{ worker_connections 512; }}\n\
+         http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         include {d}/qwen-ocr.conf;\n}}\n"
+    )
+}
+
+fn nginx_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("QWEN_OCR_NGINX") {
+        return Some(path.into());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    // Debian installs it in /usr/sbin, which a non-root PATH often lacks.
+    std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin")]).map(|d| d.join("nginx")).find(|p| p.is_file())
+}
+
+fn repository() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn replica(id: &str) -> Server {
+    let shared = fixtures().join("adapters/tiny-tied");
+    Server::start(&["--adapters-dir", shared.to_str().unwrap(), "--replica-id", id])
+}
+
+/// `POST /v1/extract` with the image as the body, optionally naming an adapter.
+fn extract(endpoint: &Endpoint, adapter: Option<&str>, max_tokens: usize) -> Reply {
+    let mut headers = vec![("content-type", "image/png")];
+    headers.extend(adapter.map(|a| ("x-adapter", a)));
+    endpoint.call("POST", &format!("/v1/extract?max_tokens={max_tokens}"), &headers, Some(&image_bytes("plate.png")))
+}
+
+#[test]
+fn the_gateway_keeps_each_adapter_on_one_replica_streams_and_answers_its_own_errors_in_json() {
+    let (a, b) = (replica("replica-a"), replica("replica-b"));
+    let Some(gateway) = Gateway::start(&[&a, &b]) else { return };
+
+    // The same X-Adapter lands on the same replica every time, which loads it there only.
+    let mut home = HashMap::new();
+    let mut text = HashMap::new();
+    for adapter in ADAPTERS {
+        let replies: Vec<Reply> = (0..4).map(|_| extract(&gateway, Some(adapter), 6)).collect();
+        assert!(replies.iter().all(|r| r.status == 200), "{}", replies[0].body);
+        let replicas: HashSet<_> = replies.iter().map(|r| r.replica.clone().unwrap()).collect();
+        assert_eq!(replicas.len(), 1, "{adapter} went to {replicas:?}");
+        home.insert(adapter, replies[0].replica.clone().unwrap());
+        text.insert(adapter, replies[0].json()["raw"].clone());
+    }
+    let loads = |s: &Server| metric(s, "qwen_ocr_adapter_loads_total");
+    assert_eq!(loads(&a) + loads(&b), ADAPTERS.len() as f64, "each adapter loaded once, on its replica");
+
+    // Requests without an adapter are spread over both replicas.
+    let spread: HashSet<_> = (0..16).map(|_| extract(&gateway, None, 1).replica.unwrap()).collect();
+    assert_eq!(spread, HashSet::from(["replica-a".to_string(), "replica-b".to_string()]));
+
+    // Yet every replica serves every adapter of the shared folder, with the same result.
+    for server in [&a, &b] {
+        for adapter in ADAPTERS {
+            let reply = extract(server, Some(adapter), 6);
+            assert_eq!((reply.status, &reply.json()["raw"]), (200, &text[adapter]), "{adapter} on {:?}", reply.replica);
+        }
+    }
+
+    // The path form picks the adapter for clients that cannot send headers, routed the same.
+    let reply = gateway.call("POST", "/adapters/lm-qv-r4/v1/extract?max_tokens=6", &[("content-type", "image/png")], Some(&image_bytes("plate.png")));
+    assert_eq!((reply.status, &reply.json()["adapter"], &reply.replica), (200, &json!("lm-qv-r4"), &Some(home["lm-qv-r4"].clone())));
+
+    // The client's request id reaches the replica's logs and comes back.
+    let reply = gateway.call("GET", "/v1/models", &[("x-request-id", "through-the-gateway-7")], None);
+    assert_eq!(reply.request_id.as_deref(), Some("through-the-gateway-7"));
+    let models: Vec<Value> = reply.json()["data"].as_array().unwrap().clone();
+    assert_eq!(models.len(), 1 + ADAPTERS.len(), "base and every adapter of the folder: {models:?}");
+    let logged = || a.logs().contains("through-the-gateway-7") || b.logs().contains("through-the-gateway-7");
+    let started = Instant::now();
+    while !logged() {
+        // The log lines reach the test through a pipe, a moment after the response.
+        assert!(started.elapsed() < Duration::from_secs(5), "the replica never logged the request id");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A streamed chat arrives chunk by chunk: when the first chunk is here the replica is still
+    // generating the rest.
+    let stream = gateway.open_stream(&chat_body(None, &["plate.png"], PLATE_PROMPT, 1500), &[]);
+    let streaming = if stream.replica.as_deref() == Some("replica-a") { &a } else { &b };
+    assert!(running(streaming) >= 1, "the first chunk came before the generation ended");
+    let rest = stream.finish();
+    assert_eq!(rest.last().map(String::as_str), Some("[DONE]"));
+    assert!(rest.len() > 1000, "{} chunks", rest.len());
+
+    // A body over the limit is refused by the gateway itself, in the API's JSON.
+    let reply = oversized_post(&gateway);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    let body: Value = serde_json::from_str(reply.split("\r\n\r\n").nth(1).unwrap().trim()).unwrap();
+    assert_api_error(&(413, body), 413, "body_too_large");
+    assert!(reply.to_ascii_lowercase().contains("content-type: application/json"), "{reply}");
+}
+
+/// Announces a body one byte over max_body_bytes; nginx answers from the headers alone.
+fn oversized_post(gateway: &Gateway) -> String {
+    let address = gateway.base.trim_start_matches("http://");
+    let mut socket = TcpStream::connect(address).unwrap();
+    let length = (20 << 20) + 1;
+    write!(socket, "POST /v1/extract HTTP/1.1\r\nHost: gateway\r\nContent-Type: image/png\r\nContent-Length: {length}\r\n\r\n").unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reply = String::new();
+    let _ = socket.read_to_string(&mut reply);
+    reply
+}
+
+#[test]
+fn sigterm_to_one_replica_during_traffic_loses_no_request() {
+    let (mut a, b) = (replica("replica-a"), replica("replica-b"));
+    let Some(gateway) = Gateway::start(&[&a, &b]) else { return };
+    let done = AtomicBool::new(false);
+    let terminated = AtomicBool::new(false);
+    // (status, replica, sent after the SIGTERM, body)
+    let results = Mutex::new(Vec::<(u16, Option<String>, bool, String)>::new());
+    let count = |replica: &str, after: bool| {
+        results.lock().unwrap().iter().filter(|r| r.1.as_deref() == Some(replica) && r.2 == after).count()
+    };
+
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                while !done.load(Ordering::Relaxed) {
+                    let after = terminated.load(Ordering::Relaxed);
+                    let reply = extract(&gateway, None, 24);
+                    results.lock().unwrap().push((reply.status, reply.replica, after, reply.body));
+                }
+            });
+        }
+        let until = |what: &str, condition: &dyn Fn() -> bool| {
+            let started = Instant::now();
+            while !condition() {
+                assert!(started.elapsed() < Duration::from_secs(60), "never: {what}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        until("traffic on both replicas", &|| count("replica-a", false) >= 3 && count("replica-b", false) >= 3);
+        // A stream on replica-a when it is told to stop: it must still run to its end.
+        let stream = std::iter::repeat_with(|| gateway.open_stream(&chat_body(None, &[], "Write the registration number", 300), &[]))
+            .find(|s| s.replica.as_deref() == Some("replica-a"))
+            .unwrap();
+        terminated.store(true, Ordering::Relaxed);
+        a.terminate();
+        let rest = stream.finish();
+        assert_eq!(rest.last().map(String::as_str), Some("[DONE]"));
+        let finish: Value = serde_json::from_str(&rest[rest.len() - 2]).unwrap();
+        assert_eq!(finish["choices"][0]["finish_reason"], "length", "the stream ran to its end");
+        let status = a.wait_exit(Duration::from_secs(30)).expect("replica-a exits after draining");
+        assert!(status.success(), "{status:?}");
+        let served_by_b = count("replica-b", true);
+        until("traffic after replica-a is gone", &|| count("replica-b", true) >= served_by_b + 8);
+        done.store(true, Ordering::Relaxed);
+    });
+
+    let results = results.into_inner().unwrap();
+    let failed: Vec<_> = results.iter().filter(|r| r.0 != 200).collect();
+    assert!(failed.is_empty(), "{} of {} requests failed: {failed:?}\n{}", failed.len(), results.len(), gateway.error_log());
+
+    // With no replica left, the gateway's own 502 is JSON too.
+    drop(b);
+    let reply = extract(&gateway, None, 1);
+    assert_api_error(&(reply.status, reply.json()), 502, "unavailable");
+}
