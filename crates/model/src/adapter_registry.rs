@@ -78,8 +78,7 @@ impl AdapterRegistry {
         let mut map = self.adapters.write().expect("adapter registry lock poisoned");
         let mut evicted = None;
         if !map.contains_key(name) && map.len() >= self.max_resident {
-            let victim =
-                least_recently_used_idle(&map).ok_or_else(|| Error::AdaptersFull { name: name.into(), resident: map.len() })?;
+            let victim = least_recently_used_idle(&map).ok_or_else(|| Error::AdaptersFull { name: name.into(), resident: map.len() })?;
             map.remove(&victim);
             evicted = Some(victim);
         }

@@ -51,10 +51,9 @@ async fn load_from_folder(state: &Arc<AppState>, name: &str, dir: PathBuf) -> Ap
     // The prompt is in place before the adapter is visible, so no request sees it without.
     set_prompt(state, name, read_profile(&dir)?.prompt);
     let (task_state, task_name) = (state.clone(), name.to_string());
-    let loaded =
-        tokio::task::spawn_blocking(move || load(&task_state, &pipeline.model, &task_name, &dir, Residency::Evictable))
-            .await
-            .map_err(|e| ApiError::internal(format!("adapter loading failed: {e}")))??;
+    let loaded = tokio::task::spawn_blocking(move || load(&task_state, &pipeline.model, &task_name, &dir, Residency::Evictable))
+        .await
+        .map_err(|e| ApiError::internal(format!("adapter loading failed: {e}")))??;
     Ok(loaded.adapter)
 }
 

@@ -191,9 +191,16 @@ impl ServerConfig {
     /// This replica's name: the configured one, else the host name (a container's or pod's).
     pub fn replica_name(&self) -> String {
         let hostname = || {
-            std::fs::read_to_string("/proc/sys/kernel/hostname").ok().or_else(|| std::env::var("HOSTNAME").ok()).map(|h| h.trim().to_string())
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .map(|h| h.trim().to_string())
         };
-        self.replica_id.clone().or_else(hostname).filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_graphic())).unwrap_or_else(|| "qwen-ocr".into())
+        self.replica_id
+            .clone()
+            .or_else(hostname)
+            .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_graphic()))
+            .unwrap_or_else(|| "qwen-ocr".into())
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {

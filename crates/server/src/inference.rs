@@ -24,11 +24,7 @@ pub const BASE_MODEL: &str = "base";
 /// The adapter a request asked for: `X-Adapter`, else the `model` field; `base`, the served
 /// model's own id or nothing mean no adapter. One not yet resident is loaded from the adapters
 /// folder.
-pub async fn resolve_adapter(
-    state: &Arc<AppState>,
-    headers: &HeaderMap,
-    model: Option<&str>,
-) -> ApiResult<Option<Arc<LoraAdapter>>> {
+pub async fn resolve_adapter(state: &Arc<AppState>, headers: &HeaderMap, model: Option<&str>) -> ApiResult<Option<Arc<LoraAdapter>>> {
     if let Some(value) = headers.get(ADAPTER_HEADER) {
         let name = value.to_str().map_err(|_| ApiError::bad_request("invalid_adapter", "X-Adapter is not valid text"))?.trim();
         if name.is_empty() || name == BASE_MODEL {

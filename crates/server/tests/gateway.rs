@@ -172,7 +172,12 @@ fn the_gateway_keeps_each_adapter_on_one_replica_streams_and_answers_its_own_err
     }
 
     // The path form picks the adapter for clients that cannot send headers, routed the same.
-    let reply = gateway.call("POST", "/adapters/lm-qv-r4/v1/extract?max_tokens=6", &[("content-type", "image/png")], Some(&image_bytes("plate.png")));
+    let reply = gateway.call(
+        "POST",
+        "/adapters/lm-qv-r4/v1/extract?max_tokens=6",
+        &[("content-type", "image/png")],
+        Some(&image_bytes("plate.png")),
+    );
     assert_eq!((reply.status, &reply.json()["adapter"], &reply.replica), (200, &json!("lm-qv-r4"), &Some(home["lm-qv-r4"].clone())));
 
     // The client's request id reaches the replica's logs and comes back.
@@ -225,9 +230,8 @@ fn sigterm_to_one_replica_during_traffic_loses_no_request() {
     let terminated = AtomicBool::new(false);
     // (status, replica, sent after the SIGTERM, body)
     let results = Mutex::new(Vec::<(u16, Option<String>, bool, String)>::new());
-    let count = |replica: &str, after: bool| {
-        results.lock().unwrap().iter().filter(|r| r.1.as_deref() == Some(replica) && r.2 == after).count()
-    };
+    let count =
+        |replica: &str, after: bool| results.lock().unwrap().iter().filter(|r| r.1.as_deref() == Some(replica) && r.2 == after).count();
 
     std::thread::scope(|s| {
         for _ in 0..4 {

@@ -50,17 +50,15 @@ pub async fn load(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesR
             "runtime adapter loading is off: start the server with --adapters-dir",
         )
     })?;
-    let dir = confine(root, &request.path)?.ok_or_else(|| {
-        ApiError::bad_request("adapter_path_not_found", format!("no adapter directory at `{}`", request.path.display()))
-    })?;
+    let dir = confine(root, &request.path)?
+        .ok_or_else(|| ApiError::bad_request("adapter_path_not_found", format!("no adapter directory at `{}`", request.path.display())))?;
     let engine = state.engine()?;
     let pipeline = engine.pipeline().clone();
     let task_state = state.clone();
     let name = request.name.clone();
-    let loaded =
-        tokio::task::spawn_blocking(move || adapter_folder::load(&task_state, &pipeline.model, &name, &dir, Residency::Pinned))
-            .await
-            .map_err(|e| ApiError::internal(format!("adapter loading failed: {e}")))??;
+    let loaded = tokio::task::spawn_blocking(move || adapter_folder::load(&task_state, &pipeline.model, &name, &dir, Residency::Pinned))
+        .await
+        .map_err(|e| ApiError::internal(format!("adapter loading failed: {e}")))??;
     adapter_folder::set_prompt(&state, &request.name, request.prompt);
     let (adapter, replaced) = (loaded.adapter, loaded.replaced);
     let status = if replaced.is_some() { StatusCode::OK } else { StatusCode::CREATED };

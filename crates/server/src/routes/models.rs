@@ -16,9 +16,7 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
     let mut data = vec![json!({ "id": BASE_MODEL, "object": "model", "created": 0, "owned_by": "qwen-ocr", "root": base, "loaded": true })];
     let loaded: Vec<String> = state.adapters.list().into_iter().map(|a| a.name).collect();
     let loadable = state.config.adapters_dir.as_deref().map(adapter_folder::loadable).unwrap_or_default();
-    let adapter = |name: &String, loaded: bool| {
-        json!({ "id": name, "object": "model", "created": 0, "owned_by": "qwen-ocr", "root": base, "parent": BASE_MODEL, "loaded": loaded })
-    };
+    let adapter = |name: &String, loaded: bool| json!({ "id": name, "object": "model", "created": 0, "owned_by": "qwen-ocr", "root": base, "parent": BASE_MODEL, "loaded": loaded });
     data.extend(loaded.iter().map(|name| adapter(name, true)));
     data.extend(loadable.iter().filter(|name| !loaded.contains(name)).map(|name| adapter(name, false)));
     Json(json!({ "object": "list", "data": data }))
