@@ -38,6 +38,8 @@ pub struct ServerConfig {
     pub adapters: BTreeMap<String, AdapterConfig>,
     /// Where `POST /v1/adapters` may load adapters from; unset disables runtime loading.
     pub adapters_dir: Option<PathBuf>,
+    /// Whether adapters named `org/repo` load from the Hugging Face hub on first use.
+    pub hub_adapters: bool,
     /// Most LoRA adapters resident at once.
     pub max_adapters: usize,
     /// Largest request body.
@@ -85,6 +87,7 @@ impl Default for ServerConfig {
             api_keys: Vec::new(),
             adapters: BTreeMap::new(),
             adapters_dir: None,
+            hub_adapters: false,
             max_adapters: qwen_ocr_model::adapter_registry::DEFAULT_MAX_ADAPTERS,
             max_body_bytes: 20 << 20,
             max_images_per_request: 8,

@@ -11,9 +11,9 @@ use qwen_ocr_model::sampling::SamplingParams;
 use qwen_ocr_model::{FinishReason, GenerateRequest};
 use qwen_ocr_scheduler::{Completion, Request, RequestStream};
 
-use crate::adapter_folder::get_or_load;
 use crate::error::{ApiError, ApiResult};
 use crate::metrics;
+use crate::on_demand::get_or_load;
 use crate::state::AppState;
 
 /// The header that picks an adapter per request; it wins over the `model` field.

@@ -7,6 +7,7 @@ mod error;
 mod extract_json;
 mod inference;
 mod metrics;
+mod on_demand;
 mod routes;
 mod serve;
 mod state;

@@ -11,8 +11,8 @@ use qwen_ocr_model::Pipeline;
 use qwen_ocr_scheduler::Engine;
 use tokio::net::TcpListener;
 
-use crate::adapter_folder;
 use crate::config::{ServeArgs, ServerConfig};
+use crate::on_demand;
 use crate::state::AppState;
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -81,9 +81,9 @@ fn load(state: &AppState) -> Result<()> {
         "weights loaded"
     );
     for (name, adapter) in &config.adapters {
-        adapter_folder::load(state, &pipeline.model, name, &adapter.path, Residency::Pinned)
+        on_demand::load(state, &pipeline.model, name, &adapter.path, Residency::Pinned)
             .with_context(|| format!("loading adapter `{name}`"))?;
-        adapter_folder::set_prompt(state, name, adapter.prompt.clone());
+        on_demand::set_prompt(state, name, adapter.prompt.clone());
     }
     state.set_engine(Engine::start(Arc::new(pipeline), config.engine.clone()));
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded; ready");

@@ -9,9 +9,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use qwen_ocr_model::adapter_registry::AdapterRegistry;
 use qwen_ocr_scheduler::Engine;
 
-use crate::adapter_folder::FirstLoads;
 use crate::config::ServerConfig;
 use crate::error::{ApiError, ApiResult};
+use crate::on_demand::FirstLoads;
 
 pub struct AppState {
     pub config: ServerConfig,

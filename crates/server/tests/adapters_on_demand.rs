@@ -96,6 +96,7 @@ fn names_that_leave_the_folder_and_broken_folders_get_json_errors() {
     let server = serve_folder(root.path(), "");
 
     assert_api_error(&extract(&server, "../lm-qv-r4", "2"), 400, "invalid_adapter_name");
+    assert_api_error(&extract(&server, "acme/plates", "2"), 400, "invalid_adapter_name");
     assert_api_error(&extract(&server, "..", "2"), 403, "adapter_path_outside");
     assert_api_error(&extract(&server, "escape", "2"), 403, "adapter_path_outside");
     assert_api_error(&extract(&server, ".", "2"), 404, "adapter_not_found");
@@ -151,6 +152,29 @@ fn configured_adapters_stay_when_the_folder_fills_the_slots() {
     assert_eq!(extract(&server, "b", "2").0, 200);
     assert_eq!(resident(&server), ["b", "pinned"], "`a` made room; the configured adapter is never evicted");
     assert_eq!(extract(&server, "pinned", "2").0, 200);
+}
+
+/// `org/repo` names come from the hub when `hub_adapters` allows it; offline, from the cache
+/// (laid out here as hf-hub writes it).
+#[test]
+fn hub_adapters_load_from_the_hub_cache_when_allowed() {
+    let hf_home = tempfile::tempdir().unwrap();
+    let profile = hf_home.path().join("qwen-ocr.toml");
+    std::fs::write(&profile, format!("prompt = {}\n", toml_string(PLATE_PROMPT))).unwrap();
+    let weights = ["adapter_config.json", "adapter_model.safetensors"].map(|f| adapter_dir("lm-qv-r4").join(f));
+    hub_cache(hf_home.path(), "acme/plates", &[&weights[..], &[profile]].concat());
+    let config = tempfile::tempdir().unwrap();
+    let file = config.path().join("qwen-ocr.toml");
+    std::fs::write(&file, "hub_adapters = true\n").unwrap();
+    let server = Server::start_with_env(&["--config", file.to_str().unwrap()], &[("HF_HOME", hf_home.path().to_str().unwrap())]);
+
+    let (status, body) = extract(&server, "acme/plates", "8");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["raw"], generate_text("plate.png", PLATE_PROMPT, 8, Some("lm-qv-r4")), "its weights and its profile's prompt");
+    assert_eq!(resident(&server), ["acme/plates"]);
+    assert_api_error(&extract(&server, "acme/missing", "2"), 404, "adapter_not_found");
+    assert_api_error(&extract(&server, "../plates", "2"), 400, "invalid_adapter_name");
+    assert_api_error(&extract(&server, "acme/..", "2"), 400, "invalid_adapter_name");
 }
 
 /// A TOML basic string.

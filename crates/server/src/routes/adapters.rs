@@ -16,8 +16,9 @@ use serde_json::{json, Value};
 use qwen_ocr_model::adapter_registry::Residency;
 
 use super::parse_json;
-use crate::adapter_folder::{self, check_name, confine};
+use crate::adapter_folder::{check_name, confine};
 use crate::error::{ApiError, ApiResult};
+use crate::on_demand;
 use crate::state::AppState;
 
 #[derive(Deserialize)]
@@ -56,10 +57,10 @@ pub async fn load(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesR
     let pipeline = engine.pipeline().clone();
     let task_state = state.clone();
     let name = request.name.clone();
-    let loaded = tokio::task::spawn_blocking(move || adapter_folder::load(&task_state, &pipeline.model, &name, &dir, Residency::Pinned))
+    let loaded = tokio::task::spawn_blocking(move || on_demand::load(&task_state, &pipeline.model, &name, &dir, Residency::Pinned))
         .await
         .map_err(|e| ApiError::internal(format!("adapter loading failed: {e}")))??;
-    adapter_folder::set_prompt(&state, &request.name, request.prompt);
+    on_demand::set_prompt(&state, &request.name, request.prompt);
     let (adapter, replaced) = (loaded.adapter, loaded.replaced);
     let status = if replaced.is_some() { StatusCode::OK } else { StatusCode::CREATED };
     Ok((status, Json(json!({ "name": adapter.name, "modules": adapter.matched, "bytes": adapter.bytes, "replaced": replaced.is_some() }))))

@@ -324,6 +324,19 @@ pub fn assert_api_error(got: &(u16, Value), status: u16, code: &str) {
     assert_eq!(error["code"], code, "{body}");
 }
 
+/// A Hugging Face cache entry for hub repo `org/repo` under `hf_home`, laid out as hf-hub
+/// writes it, holding copies of `files`; what `HF_HUB_OFFLINE=1` with `HF_HOME` reads.
+pub fn hub_cache(hf_home: &Path, id: &str, files: &[PathBuf]) {
+    let repo = hf_home.join("hub").join(format!("models--{}", id.replace('/', "--")));
+    let snapshot = repo.join("snapshots/0123456789abcdef");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123456789abcdef").unwrap();
+    for file in files {
+        std::fs::copy(file, snapshot.join(file.file_name().unwrap())).unwrap();
+    }
+}
+
 /// The value of an unlabelled metric (0 when it was never recorded).
 pub fn metric(server: &Endpoint, name: &str) -> f64 {
     let (status, text) = server.get("/metrics");
