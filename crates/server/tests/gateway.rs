@@ -36,6 +36,12 @@ impl std::ops::Deref for Gateway {
 impl Gateway {
     /// The gateway in front of `replicas`, or `None` (outside CI) when there is no nginx.
     fn start(replicas: &[&Server]) -> Option<Self> {
+        let addresses: Vec<&str> = replicas.iter().map(|r| r.base.trim_start_matches("http://")).collect();
+        Self::start_with(&addresses, |site| site)
+    }
+
+    /// The gateway in front of `upstreams` (host:port), its configuration passed through `edit`.
+    fn start_with(upstreams: &[&str], edit: impl Fn(String) -> String) -> Option<Self> {
         let Some(binary) = nginx_binary() else {
             assert!(std::env::var_os("CI").is_none(), "CI must provide nginx (.ci/run installs Debian's nginx-light)");
             eprintln!("skipped: no nginx found (apt-get install nginx-light, or set QWEN_OCR_NGINX)");
@@ -43,9 +49,10 @@ impl Gateway {
         };
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let servers: String = replicas.iter().map(|r| format!("server {};", r.base.trim_start_matches("http://"))).collect();
+        let servers: String = upstreams.iter().map(|address| format!("server {address};")).collect();
         let template = std::fs::read_to_string(repository().join("docker/nginx.conf.template")).unwrap();
-        let site = template.replace("${QWEN_OCR_GATEWAY_LISTEN}", &format!("127.0.0.1:{port}")).replace("${QWEN_OCR_REPLICAS}", &servers);
+        let site =
+            edit(template.replace("${QWEN_OCR_GATEWAY_LISTEN}", &format!("127.0.0.1:{port}")).replace("${QWEN_OCR_REPLICAS}", &servers));
         assert!(!site.contains("${"), "a placeholder the test does not know: {site}");
         std::fs::write(dir.path().join("qwen-ocr.conf"), site).unwrap();
         std::fs::write(dir.path().join("nginx.conf"), main_config(dir.path())).unwrap();
@@ -72,7 +79,8 @@ impl Gateway {
                 panic!("nginx exited ({status}): {}", self.error_log());
             }
             let port = self.base.rsplit(':').next().unwrap().parse::<u16>().unwrap();
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() && self.get("/health").0 == 200 {
+            // Listening is enough: the master binds before its workers accept.
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 return;
             }
             assert!(started.elapsed() < Duration::from_secs(10), "the gateway never answered: {}", self.error_log());
@@ -203,23 +211,53 @@ fn the_gateway_keeps_each_adapter_on_one_replica_streams_and_answers_its_own_err
     assert!(rest.len() > 1000, "{} chunks", rest.len());
 
     // A body over the limit is refused by the gateway itself, in the API's JSON.
-    let reply = oversized_post(&gateway);
-    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
-    let body: Value = serde_json::from_str(reply.split("\r\n\r\n").nth(1).unwrap().trim()).unwrap();
-    assert_api_error(&(413, body), 413, "body_too_large");
-    assert!(reply.to_ascii_lowercase().contains("content-type: application/json"), "{reply}");
+    assert_raw_api_error(&oversized_post(&gateway), 413, "body_too_large");
 }
 
 /// Announces a body one byte over max_body_bytes; nginx answers from the headers alone.
 fn oversized_post(gateway: &Gateway) -> String {
-    let address = gateway.base.trim_start_matches("http://");
-    let mut socket = TcpStream::connect(address).unwrap();
     let length = (20 << 20) + 1;
-    write!(socket, "POST /v1/extract HTTP/1.1\r\nHost: gateway\r\nContent-Type: image/png\r\nContent-Length: {length}\r\n\r\n").unwrap();
+    raw_exchange(
+        gateway,
+        &format!("POST /v1/extract HTTP/1.1\r\nHost: gateway\r\nContent-Type: image/png\r\nContent-Length: {length}\r\n\r\n"),
+    )
+}
+
+/// Writes `request` as it is and reads the whole reply.
+fn raw_exchange(gateway: &Gateway, request: &str) -> String {
+    let mut socket = TcpStream::connect(gateway.base.trim_start_matches("http://")).unwrap();
+    socket.write_all(request.as_bytes()).unwrap();
     socket.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut reply = String::new();
     let _ = socket.read_to_string(&mut reply);
     reply
+}
+
+/// The body of a raw reply, checked to be one of the API's errors with this status.
+fn assert_raw_api_error(reply: &str, status: u16, code: &str) {
+    assert!(reply.starts_with(&format!("HTTP/1.1 {status} ")), "{reply}");
+    assert!(reply.to_ascii_lowercase().contains("content-type: application/json"), "{reply}");
+    let body: Value = serde_json::from_str(reply.split("\r\n\r\n").nth(1).unwrap().trim()).unwrap();
+    assert_api_error(&(status, body), status, code);
+}
+
+/// nginx's own 504, 400 and 404 are the API's JSON too. The upstream here accepts connections and
+/// never answers; the test shortens the read timeout (310 s in the file) to one second.
+#[test]
+fn the_gateways_own_timeouts_and_bad_requests_are_json() {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = silent.local_addr().unwrap().to_string();
+    let shorten = |site: String| {
+        assert!(site.contains("proxy_read_timeout 310s;"));
+        site.replace("proxy_read_timeout 310s;", "proxy_read_timeout 1s;")
+    };
+    let Some(gateway) = Gateway::start_with(&[&address], shorten) else { return };
+    let reply = gateway.call("GET", "/v1/models", &[("x-request-id", "slow-1")], None);
+    assert_api_error(&(reply.status, reply.json()), 504, "timeout");
+    assert_eq!(reply.request_id.as_deref(), Some("slow-1"));
+    assert_raw_api_error(&raw_exchange(&gateway, "NOT A REQUEST\r\n\r\n"), 400, "bad_request");
+    let reply = gateway.call("GET", "/.gateway-errors/502", &[], None);
+    assert_api_error(&(reply.status, reply.json()), 404, "unknown_route");
 }
 
 #[test]
