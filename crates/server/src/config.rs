@@ -36,7 +36,8 @@ pub struct ServerConfig {
     pub api_keys: Vec<String>,
     /// Adapters loaded at start-up, by name.
     pub adapters: BTreeMap<String, AdapterConfig>,
-    /// Where `POST /v1/adapters` may load adapters from; unset disables runtime loading.
+    /// Adapters folder: its subfolders load on their first request, and `POST /v1/adapters`
+    /// may load from it and nowhere else. Unset: only configured adapters.
     pub adapters_dir: Option<PathBuf>,
     /// Whether adapters named `org/repo` load from the Hugging Face hub on first use.
     pub hub_adapters: bool,
@@ -137,7 +138,7 @@ pub struct ServeArgs {
     /// NAME=DIR: a LoRA adapter to load at start-up; repeatable (env: comma-separated).
     #[arg(long = "adapter", env = "QWEN_OCR_ADAPTERS", value_delimiter = ',', value_parser = parse_adapter)]
     pub adapters: Vec<(String, PathBuf)>,
-    /// Directory that runtime adapter loading (`POST /v1/adapters`) is confined to.
+    /// Adapters folder: NAME loads DIR/NAME on its first request; `POST /v1/adapters` is confined to it.
     #[arg(long, env = "QWEN_OCR_ADAPTERS_DIR")]
     pub adapters_dir: Option<PathBuf>,
     /// A bearer key clients must send; repeatable (env: comma-separated).
@@ -183,10 +184,7 @@ impl ServerConfig {
         }
         config.api_keys.retain(|k| !k.is_empty());
         if let Some(id) = &config.replica_id {
-            anyhow::ensure!(
-                !id.is_empty() && id.chars().all(|c| c.is_ascii_graphic()),
-                "replica_id must be printable ASCII without spaces (it is sent as a header), got `{id}`"
-            );
+            anyhow::ensure!(is_header_token(id), "replica_id must be printable ASCII without spaces (it is sent as a header), got `{id}`");
         }
         Ok(config)
     }
@@ -199,17 +197,18 @@ impl ServerConfig {
                 .or_else(|| std::env::var("HOSTNAME").ok())
                 .map(|h| h.trim().to_string())
         };
-        self.replica_id
-            .clone()
-            .or_else(hostname)
-            .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_graphic()))
-            .unwrap_or_else(|| "qwen-ocr".into())
+        self.replica_id.clone().or_else(hostname).filter(|h| is_header_token(h)).unwrap_or_else(|| "qwen-ocr".into())
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("invalid configuration in {}", path.display()))
     }
+}
+
+/// Non-empty printable ASCII without spaces: valid as a header value, and one word in logs.
+fn is_header_token(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_graphic())
 }
 
 /// Parses the load settings together: `auto` quantization depends on the device.
@@ -256,6 +255,16 @@ mod tests {
             (config.port, config.dtype.as_str(), config.api_keys.as_slice(), config.engine.max_queue),
             (9100, "bf16", &["a".to_string()][..], 3)
         );
+    }
+
+    #[test]
+    fn a_replica_id_must_be_usable_as_a_header_and_defaults_to_the_host_name() {
+        let args = ServeArgs { replica_id: Some("replica a".into()), ..ServeArgs::default() };
+        assert!(format!("{:#}", ServerConfig::load(args).unwrap_err()).contains("replica_id"));
+        let named = ServerConfig::load(ServeArgs { replica_id: Some("replica-a".into()), ..ServeArgs::default() }).unwrap();
+        assert_eq!(named.replica_name(), "replica-a");
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(ServerConfig::default().replica_name(), host.trim());
     }
 
     #[test]

@@ -10,10 +10,9 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
+use qwen_ocr_model::adapter_registry::Residency;
 use serde::Deserialize;
 use serde_json::{json, Value};
-
-use qwen_ocr_model::adapter_registry::Residency;
 
 use super::parse_json;
 use crate::adapter_folder::{check_name, confine};
