@@ -125,6 +125,20 @@ fn compose_runs_two_replicas_that_share_the_adapters_and_drain_before_being_kill
     assert_eq!(upstreams, "server qwen-ocr-1:8080; server qwen-ocr-2:8080;");
     let template = gateway["volumes"][0].as_str().unwrap();
     assert!(template.starts_with("./nginx.conf.template:/etc/nginx/templates/"), "{template}");
+
+    // The healthcheck the gateway waits for, run as the container would, against a real server.
+    let check = replicas[0]["healthcheck"]["test"].as_array().unwrap();
+    let argv: Vec<&str> = check[1..].iter().map(|a| a.as_str().unwrap()).collect();
+    assert_eq!((check[0].as_str(), argv[0]), (Some("CMD"), "bash"), "dash, the image's sh, has no /dev/tcp");
+    let run_against = |port: u16| {
+        let script = argv[2].replace("127.0.0.1/8080", &format!("127.0.0.1/{port}"));
+        std::process::Command::new(argv[0]).args([argv[1], &script]).output().unwrap().status.success()
+    };
+    let server = Server::start(&[]);
+    let port: u16 = server.base.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(run_against(port), "a ready server passes");
+    drop(server);
+    assert!(!run_against(port), "a stopped one does not");
 }
 
 /// The gateway's limits are the server's: a body nginx lets through is one the server reads,
