@@ -214,6 +214,61 @@ fn the_gateway_keeps_each_adapter_on_one_replica_streams_and_answers_its_own_err
     assert_raw_api_error(&oversized_post(&gateway), 413, "body_too_large");
 }
 
+/// A replica that answers 503 (model still loading, or draining) is skipped: the request,
+/// a POST with its body, is answered by the next one.
+#[test]
+fn a_replica_answering_503_is_skipped_for_the_next_one() {
+    let loading = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = loading.local_addr().unwrap().to_string();
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = refused.clone();
+    std::thread::spawn(move || {
+        for mut socket in loading.incoming().map_while(Result::ok) {
+            answer_503(&mut socket);
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let ready = replica("ready");
+    let ready_address = ready.base.trim_start_matches("http://").to_string();
+    let Some(gateway) = Gateway::start_with(&[&address, &ready_address], |site| site) else { return };
+    for _ in 0..12 {
+        let reply = extract(&gateway, None, 1);
+        assert_eq!((reply.status, reply.replica.as_deref()), (200, Some("ready")), "{}", reply.body);
+    }
+    assert!(refused.load(Ordering::Relaxed) > 0, "the loading replica was tried");
+}
+
+/// Reads one request (headers, then the body its Content-Length announces) and answers as a
+/// replica that is still loading its model does.
+fn answer_503(socket: &mut TcpStream) {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 65536];
+    let body_start = loop {
+        let n = socket.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            return;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&seen[..body_start]).to_ascii_lowercase();
+    let length: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).map_or(0, |v| v.trim().parse().unwrap());
+    while seen.len() < body_start + length {
+        match socket.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    let body = r#"{"error":{"message":"the model is still loading","type":"server_error","code":"unavailable","param":null}}"#;
+    let _ = write!(
+        socket,
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
 /// Announces a body one byte over max_body_bytes; nginx answers from the headers alone.
 fn oversized_post(gateway: &Gateway) -> String {
     let length = (20 << 20) + 1;
