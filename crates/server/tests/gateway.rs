@@ -201,14 +201,12 @@ fn the_gateway_keeps_each_adapter_on_one_replica_streams_and_answers_its_own_err
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    // A streamed chat arrives chunk by chunk: when the first chunk is here the replica is still
-    // generating the rest.
-    let stream = gateway.open_stream(&chat_body(None, &["plate.png"], PLATE_PROMPT, 1500), &[]);
-    let streaming = if stream.replica.as_deref() == Some("replica-a") { &a } else { &b };
-    assert!(running(streaming) >= 1, "the first chunk came before the generation ended");
+    // A streamed chat comes through whole: every token's chunk, then [DONE] (that each chunk
+    // is passed on as it comes is shown deterministically by the test with a held stream).
+    let stream = gateway.open_stream(&chat_body(None, &["plate.png"], PLATE_PROMPT, 300), &[]);
     let rest = stream.finish();
     assert_eq!(rest.last().map(String::as_str), Some("[DONE]"));
-    assert!(rest.len() > 1000, "{} chunks", rest.len());
+    assert!(rest.len() >= 300, "{} chunks", rest.len());
 
     // A body over the limit is refused by the gateway itself, in the API's JSON.
     assert_raw_api_error(&oversized_post(&gateway), 413, "body_too_large");
@@ -238,15 +236,56 @@ fn a_replica_answering_503_is_skipped_for_the_next_one() {
     assert!(refused.load(Ordering::Relaxed) > 0, "the loading replica was tried");
 }
 
-/// Reads one request (headers, then the body its Content-Length announces) and answers as a
-/// replica that is still loading its model does.
+/// SSE events reach the client as the replica sends them: the upstream here sends one event
+/// and holds the rest until the client has received it.
+#[test]
+fn a_stream_passes_each_event_as_the_replica_sends_it() {
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = upstream.local_addr().unwrap().to_string();
+    let (received_tx, received_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let (mut socket, _) = upstream.accept().unwrap();
+        if !read_request(&mut socket) {
+            return;
+        }
+        let chunk = |text: &str| format!("{:x}\r\n{text}\r\n", text.len());
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+        socket.write_all(format!("{head}{}", chunk("data: {\"n\": 1}\n\n")).as_bytes()).unwrap();
+        // Held until the client has the first event; a buffering gateway would never deliver it.
+        let _ = received_rx.recv_timeout(Duration::from_secs(20));
+        socket.write_all(format!("{}{}0\r\n\r\n", chunk("data: {\"n\": 2}\n\n"), chunk("data: [DONE]\n\n")).as_bytes()).unwrap();
+    });
+    let Some(gateway) = Gateway::start_with(&[&address], |site| site) else { return };
+    let response = ureq::post(&gateway.url("/v1/chat/completions")).timeout(Duration::from_secs(10)).send_string("{}").unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(response.into_reader())).map_while(Result::ok);
+    assert_eq!(lines.next().as_deref(), Some(r#"data: {"n": 1}"#), "the first event, while the rest is held");
+    received_tx.send(()).unwrap();
+    let rest: Vec<String> = lines.filter(|l| !l.is_empty()).collect();
+    assert_eq!(rest, [r#"data: {"n": 2}"#, "data: [DONE]"]);
+}
+
+/// Answers one request as a replica that is still loading its model does.
 fn answer_503(socket: &mut TcpStream) {
+    if !read_request(socket) {
+        return;
+    }
+    let body = r#"{"error":{"message":"the model is still loading","type":"server_error","code":"unavailable","param":null}}"#;
+    let _ = write!(
+        socket,
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// Reads one request: its headers, then the body its Content-Length announces. False when the
+/// connection ends first.
+fn read_request(socket: &mut TcpStream) -> bool {
     let mut seen = Vec::new();
     let mut buf = [0u8; 65536];
     let body_start = loop {
         let n = socket.read(&mut buf).unwrap_or(0);
         if n == 0 {
-            return;
+            return false;
         }
         seen.extend_from_slice(&buf[..n]);
         if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -257,16 +296,11 @@ fn answer_503(socket: &mut TcpStream) {
     let length: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).map_or(0, |v| v.trim().parse().unwrap());
     while seen.len() < body_start + length {
         match socket.read(&mut buf) {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return false,
             Ok(n) => seen.extend_from_slice(&buf[..n]),
         }
     }
-    let body = r#"{"error":{"message":"the model is still loading","type":"server_error","code":"unavailable","param":null}}"#;
-    let _ = write!(
-        socket,
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    true
 }
 
 /// Announces a body one byte over max_body_bytes; nginx answers from the headers alone.
