@@ -116,8 +116,9 @@ fn names_that_leave_the_folder_and_broken_folders_get_json_errors() {
 #[test]
 fn the_least_recently_used_idle_adapter_is_evicted_never_one_in_use() {
     let root = adapters_folder(&[("a", "lm-qv-r4", None), ("b", "lm-qv-r4", None), ("c", "vision-merger-pattern", None)]);
-    let server = serve_folder(root.path(), "max_adapters = 2\n");
-    let long = |adapter: &str| chat_body(Some(adapter), &["plate.png"], PLATE_PROMPT, 4000);
+    // Streams long enough (tens of seconds) to stay in flight until the test drops them.
+    let server = serve_folder(root.path(), "max_adapters = 2\nmax_tokens_limit = 20000\n");
+    let long = |adapter: &str| chat_body(Some(adapter), &["plate.png"], PLATE_PROMPT, 20000);
 
     // `a` is the least recently used when `c` needs room, but a request is using it: `b` goes.
     let stream_a = server.open_stream(&long("a"), &[]);

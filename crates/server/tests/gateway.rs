@@ -168,7 +168,7 @@ fn the_gateway_keeps_each_adapter_on_one_replica_streams_and_answers_its_own_err
     assert_eq!(loads(&a) + loads(&b), ADAPTERS.len() as f64, "each adapter loaded once, on its replica");
 
     // Requests without an adapter are spread over both replicas.
-    let spread: HashSet<_> = (0..16).map(|_| extract(&gateway, None, 1).replica.unwrap()).collect();
+    let spread: HashSet<_> = (0..24).map(|_| extract(&gateway, None, 1).replica.unwrap()).collect();
     assert_eq!(spread, HashSet::from(["replica-a".to_string(), "replica-b".to_string()]));
 
     // Yet every replica serves every adapter of the shared folder, with the same result.
