@@ -84,6 +84,14 @@ pub fn resolve_file(model: &str, file: &str) -> Result<Option<PathBuf>> {
     source(model)?.0.get(file)
 }
 
+/// Files of a hub repo only, never a local directory of that name: for ids that come from
+/// requests (adapters named `org/repo`). `None` for a file the repo (or, offline, the cache)
+/// does not have.
+pub fn hub_files(id: &str, files: &[&str]) -> Result<Vec<Option<PathBuf>>> {
+    let src = hub_source(id)?;
+    files.iter().map(|f| src.get(f)).collect()
+}
+
 fn source(model: &str) -> Result<(Box<dyn FileSource>, bool)> {
     let path = Path::new(model);
     if path.is_dir() {
@@ -93,13 +101,18 @@ fn source(model: &str) -> Result<(Box<dyn FileSource>, bool)> {
     if !looks_like_id {
         return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such model directory")));
     }
+    Ok((hub_source(model)?, false))
+}
+
+/// `id`, optionally `id@revision`, on the hub (the local cache only when offline).
+fn hub_source(model: &str) -> Result<Box<dyn FileSource>> {
     let (id, revision) = match model.split_once('@') {
         Some((id, rev)) => (id.to_string(), rev.to_string()),
         None => (model.to_string(), "main".to_string()),
     };
     let repo = hf_hub::Repo::with_revision(id.clone(), hf_hub::RepoType::Model, revision);
     if offline() {
-        return Ok((Box::new(HubCache(hf_hub::Cache::from_env().repo(repo))), false));
+        return Ok(Box::new(HubCache(hf_hub::Cache::from_env().repo(repo))));
     }
     let hub_err = |reason: String| Error::Hub { repo: id.clone(), file: String::new(), reason };
     let api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true).build().map_err(|e| hub_err(e.to_string()))?;
@@ -111,7 +124,7 @@ fn source(model: &str) -> Result<(Box<dyn FileSource>, bool)> {
         .into_iter()
         .map(|s| s.rfilename)
         .collect();
-    Ok((Box::new(Hub { repo, id, listing }), false))
+    Ok(Box::new(Hub { repo, id, listing }))
 }
 
 fn collect(name: &str, src: &dyn FileSource, local: bool) -> Result<CheckpointFiles> {

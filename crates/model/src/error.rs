@@ -33,6 +33,10 @@ pub enum Error {
     #[error("adapter `{name}`: {reason}")]
     Adapter { name: String, reason: String },
 
+    /// Every adapter slot is taken by one that cannot be unloaded now (pinned, or in use).
+    #[error("cannot load adapter `{name}`: {resident} adapters are resident, the limit, and none can be unloaded now")]
+    AdaptersFull { name: String, resident: usize },
+
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 

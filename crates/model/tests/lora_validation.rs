@@ -108,3 +108,35 @@ fn registry_replaces_atomically_unloads_and_caps() {
     assert!(registry.get("vision").is_none());
     registry.load(&pipeline.model, "third", &dir("lm-qv-r4")).unwrap();
 }
+
+#[test]
+fn registry_evicts_the_least_recently_used_idle_adapter_and_never_a_pinned_or_held_one() {
+    use qwen_ocr_model::adapter_registry::{AdapterRegistry, Residency};
+    let pipeline = Pipeline::load(fixtures().join("tiny-tied").to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let dir = fixtures().join("adapters/tiny-tied/lm-qv-r4");
+    let registry = AdapterRegistry::new(3);
+    let load = |name: &str, residency| registry.load_as(&pipeline.model, name, &dir, residency);
+    load("pinned", Residency::Pinned).unwrap();
+    load("a", Residency::Evictable).unwrap();
+    load("b", Residency::Evictable).unwrap();
+    // `a` is used after `b`, so `b` is the least recently used evictable one.
+    registry.get("pinned");
+    drop(registry.get("a").unwrap());
+    assert_eq!(load("c", Residency::Evictable).unwrap().evicted.as_deref(), Some("b"));
+    // A request holding `a` keeps it resident even though it is now the least recently used.
+    let held_a = registry.get("a").unwrap();
+    registry.get("c");
+    assert_eq!(load("d", Residency::Evictable).unwrap().evicted.as_deref(), Some("c"));
+    // Everything evictable is held: the load is refused and nothing changes.
+    let held_d = registry.get("d").unwrap();
+    let err = load("e", Residency::Evictable).err().expect("refused").to_string();
+    assert!(err.contains("none can be unloaded"), "{err}");
+    let names = |r: &AdapterRegistry| r.list().into_iter().map(|a| a.name).collect::<Vec<_>>();
+    assert_eq!(names(&registry), ["a", "d", "pinned"]);
+    // Once the requests end their adapters can go; the pinned one never does.
+    drop((held_a, held_d));
+    assert!(load("e", Residency::Evictable).unwrap().evicted.is_some());
+    assert!(load("f", Residency::Evictable).unwrap().evicted.is_some());
+    assert!(load("g", Residency::Evictable).unwrap().evicted.is_some());
+    assert!(names(&registry).contains(&"pinned".to_string()), "{:?}", names(&registry));
+}

@@ -48,7 +48,10 @@ impl Sequence {
     }
 
     /// Sends the final event (the receiver may be gone: then nobody is listening).
-    pub fn complete(self, pipeline: &Pipeline) {
+    pub fn complete(mut self, pipeline: &Pipeline) {
+        // Released before the answer goes out: a client holding its answer never finds its
+        // adapter still counted as in use (the registry evicts only adapters nobody holds).
+        self.request.adapter = None;
         let now = Instant::now();
         let finish_reason = self.decoding.finish_reason().unwrap_or(FinishReason::Error);
         let (text, tail, error) = match self.decoding.final_text(pipeline.prompt.tokenizer()) {

@@ -131,6 +131,22 @@ fn concurrent_requests_with_mixed_adapters_get_their_solo_tokens() {
     assert_eq!(stats.vision_encodes, 7, "{stats:?}");
 }
 
+/// The adapter registry evicts only adapters nobody holds, so a request must let go of its
+/// adapter before its client can see the answer.
+#[test]
+fn a_request_releases_its_adapter_before_its_answer_arrives() {
+    let pipeline = pipeline();
+    let engine = Engine::start(pipeline.clone(), EngineConfig::default());
+    let adapter = pipeline.model.load_adapter("lm", &fixtures().join("adapters/tiny-tied/lm-qv-r4")).unwrap();
+    for _ in 0..5 {
+        let mut r = request(&pipeline, &["plate.png"], PLATE_PROMPT, 3);
+        r.adapter = Some(adapter.clone());
+        let stream = engine.submit(r.into()).unwrap();
+        finish(stream);
+        assert_eq!(Arc::strong_count(&adapter), 1, "released when the answer is there");
+    }
+}
+
 #[test]
 fn a_new_request_joins_a_running_batch_without_waiting_for_it_to_drain() {
     let pipeline = pipeline();

@@ -30,12 +30,17 @@ pub struct ServerConfig {
     pub device: String,
     pub host: IpAddr,
     pub port: u16,
+    /// Names this replica in the `x-qwen-ocr-replica` response header; unset: the host name.
+    pub replica_id: Option<String>,
     /// Bearer keys accepted on `/v1/*`; empty means no authentication.
     pub api_keys: Vec<String>,
     /// Adapters loaded at start-up, by name.
     pub adapters: BTreeMap<String, AdapterConfig>,
-    /// Where `POST /v1/adapters` may load adapters from; unset disables runtime loading.
+    /// Adapters folder: its subfolders load on their first request, and `POST /v1/adapters`
+    /// may load from it and nowhere else. Unset: only configured adapters.
     pub adapters_dir: Option<PathBuf>,
+    /// Whether adapters named `org/repo` load from the Hugging Face hub on first use.
+    pub hub_adapters: bool,
     /// Most LoRA adapters resident at once.
     pub max_adapters: usize,
     /// Largest request body.
@@ -79,9 +84,11 @@ impl Default for ServerConfig {
             device: "cpu".into(),
             host: [0, 0, 0, 0].into(),
             port: 8080,
+            replica_id: None,
             api_keys: Vec::new(),
             adapters: BTreeMap::new(),
             adapters_dir: None,
+            hub_adapters: false,
             max_adapters: qwen_ocr_model::adapter_registry::DEFAULT_MAX_ADAPTERS,
             max_body_bytes: 20 << 20,
             max_images_per_request: 8,
@@ -125,10 +132,13 @@ pub struct ServeArgs {
     /// 0 picks a free port (the log says which).
     #[arg(long, env = "QWEN_OCR_PORT")]
     pub port: Option<u16>,
+    /// This replica's name in the `x-qwen-ocr-replica` response header (default: the host name).
+    #[arg(long, env = "QWEN_OCR_REPLICA_ID")]
+    pub replica_id: Option<String>,
     /// NAME=DIR: a LoRA adapter to load at start-up; repeatable (env: comma-separated).
     #[arg(long = "adapter", env = "QWEN_OCR_ADAPTERS", value_delimiter = ',', value_parser = parse_adapter)]
     pub adapters: Vec<(String, PathBuf)>,
-    /// Directory that runtime adapter loading (`POST /v1/adapters`) is confined to.
+    /// Adapters folder: NAME loads DIR/NAME on its first request; `POST /v1/adapters` is confined to it.
     #[arg(long, env = "QWEN_OCR_ADAPTERS_DIR")]
     pub adapters_dir: Option<PathBuf>,
     /// A bearer key clients must send; repeatable (env: comma-separated).
@@ -155,7 +165,8 @@ impl ServerConfig {
             Some(path) => Self::from_file(path)?,
             None => Self::default(),
         };
-        let ServeArgs { config: _, model, dtype, quant, quant_cache, device, host, port, adapters, adapters_dir, api_keys } = args;
+        let ServeArgs { config: _, model, dtype, quant, quant_cache, device, host, port, replica_id, adapters, adapters_dir, api_keys } =
+            args;
         config.model = model.unwrap_or(config.model);
         config.dtype = dtype.unwrap_or(config.dtype);
         config.quant = quant.unwrap_or(config.quant);
@@ -163,6 +174,7 @@ impl ServerConfig {
         config.device = device.unwrap_or(config.device);
         config.host = host.unwrap_or(config.host);
         config.port = port.unwrap_or(config.port);
+        config.replica_id = replica_id.or(config.replica_id);
         config.adapters_dir = adapters_dir.or(config.adapters_dir);
         if !api_keys.is_empty() {
             config.api_keys = api_keys;
@@ -171,13 +183,32 @@ impl ServerConfig {
             config.adapters.insert(name, AdapterConfig { path, prompt: None });
         }
         config.api_keys.retain(|k| !k.is_empty());
+        if let Some(id) = &config.replica_id {
+            anyhow::ensure!(is_header_token(id), "replica_id must be printable ASCII without spaces (it is sent as a header), got `{id}`");
+        }
         Ok(config)
+    }
+
+    /// This replica's name: the configured one, else the host name (a container's or pod's).
+    pub fn replica_name(&self) -> String {
+        let hostname = || {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .map(|h| h.trim().to_string())
+        };
+        self.replica_id.clone().or_else(hostname).filter(|h| is_header_token(h)).unwrap_or_else(|| "qwen-ocr".into())
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("invalid configuration in {}", path.display()))
     }
+}
+
+/// Non-empty printable ASCII without spaces: valid as a header value, and one word in logs.
+fn is_header_token(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_graphic())
 }
 
 /// Parses the load settings together: `auto` quantization depends on the device.
@@ -224,6 +255,16 @@ mod tests {
             (config.port, config.dtype.as_str(), config.api_keys.as_slice(), config.engine.max_queue),
             (9100, "bf16", &["a".to_string()][..], 3)
         );
+    }
+
+    #[test]
+    fn a_replica_id_must_be_usable_as_a_header_and_defaults_to_the_host_name() {
+        let args = ServeArgs { replica_id: Some("replica a".into()), ..ServeArgs::default() };
+        assert!(format!("{:#}", ServerConfig::load(args).unwrap_err()).contains("replica_id"));
+        let named = ServerConfig::load(ServeArgs { replica_id: Some("replica-a".into()), ..ServeArgs::default() }).unwrap();
+        assert_eq!(named.replica_name(), "replica-a");
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(ServerConfig::default().replica_name(), host.trim());
     }
 
     #[test]

@@ -84,6 +84,8 @@ impl From<ModelError> for ApiError {
                 Self::bad_request("invalid_request", message)
             }
             ModelError::Adapter { .. } => Self::bad_request("invalid_adapter", message),
+            // Busy, not wrong: the slots free up as the requests holding them end.
+            ModelError::AdaptersFull { .. } => Self { code: "adapters_full", ..Self::unavailable(message) },
             ModelError::Io { .. } | ModelError::Config { .. } | ModelError::Hub { .. } | ModelError::Weights(_) | ModelError::Candle(_) => {
                 Self::internal(message)
             }

@@ -13,6 +13,7 @@ use qwen_ocr_scheduler::{Completion, Request, RequestStream};
 
 use crate::error::{ApiError, ApiResult};
 use crate::metrics;
+use crate::on_demand::get_or_load;
 use crate::state::AppState;
 
 /// The header that picks an adapter per request; it wins over the `model` field.
@@ -21,23 +22,23 @@ pub const ADAPTER_HEADER: &str = "x-adapter";
 pub const BASE_MODEL: &str = "base";
 
 /// The adapter a request asked for: `X-Adapter`, else the `model` field; `base`, the served
-/// model's own id or nothing mean no adapter.
-pub fn resolve_adapter(state: &AppState, headers: &HeaderMap, model: Option<&str>) -> ApiResult<Option<Arc<LoraAdapter>>> {
+/// model's own id or nothing mean no adapter. One not yet resident is loaded from the adapters
+/// folder.
+pub async fn resolve_adapter(state: &Arc<AppState>, headers: &HeaderMap, model: Option<&str>) -> ApiResult<Option<Arc<LoraAdapter>>> {
     if let Some(value) = headers.get(ADAPTER_HEADER) {
         let name = value.to_str().map_err(|_| ApiError::bad_request("invalid_adapter", "X-Adapter is not valid text"))?.trim();
         if name.is_empty() || name == BASE_MODEL {
             return Ok(None);
         }
-        return state
-            .adapters
-            .get(name)
+        return get_or_load(state, name)
+            .await?
             .map(Some)
             .ok_or_else(|| ApiError::not_found("adapter_not_found", format!("adapter `{name}` is not loaded (see GET /v1/adapters)")));
     }
     match model {
         None | Some("") | Some(BASE_MODEL) => Ok(None),
         Some(m) if m == state.config.model => Ok(None),
-        Some(name) => state.adapters.get(name).map(Some).ok_or_else(|| {
+        Some(name) => get_or_load(state, name).await?.map(Some).ok_or_else(|| {
             ApiError::not_found("model_not_found", format!("model `{name}` does not exist: use `{BASE_MODEL}` or a loaded adapter's name"))
         }),
     }

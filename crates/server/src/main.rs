@@ -1,11 +1,13 @@
 //! `qwen-ocr`: the command-line entry point.
 
+mod adapter_folder;
 mod cli;
 mod config;
 mod error;
 mod extract_json;
 mod inference;
 mod metrics;
+mod on_demand;
 mod routes;
 mod serve;
 mod state;

@@ -12,6 +12,10 @@ pub const HTTP_REQUESTS: &str = "qwen_ocr_http_requests_total";
 pub const HTTP_DURATION: &str = "qwen_ocr_http_request_duration_seconds";
 pub const TIME_TO_FIRST_TOKEN: &str = "qwen_ocr_time_to_first_token_seconds";
 pub const COMPLETION_TOKENS: &str = "qwen_ocr_completion_tokens_total";
+pub const ADAPTER_LOADS: &str = "qwen_ocr_adapter_loads_total";
+pub const ADAPTER_LOAD_SECONDS: &str = "qwen_ocr_adapter_load_seconds";
+pub const ADAPTER_EVICTIONS: &str = "qwen_ocr_adapter_evictions_total";
+pub const ADAPTERS_RESIDENT: &str = "qwen_ocr_adapters_resident";
 
 /// The adapter that served a response, recorded by handlers for the metrics labels.
 #[derive(Clone)]
@@ -23,6 +27,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     Ok(PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(HTTP_DURATION.into()), &seconds)?
         .set_buckets_for_metric(Matcher::Full(TIME_TO_FIRST_TOKEN.into()), &seconds)?
+        .set_buckets_for_metric(Matcher::Full(ADAPTER_LOAD_SECONDS.into()), &seconds)?
         .set_buckets_for_metric(Matcher::Full(qwen_ocr_scheduler::metrics::STEP_SECONDS.into()), &seconds)?
         .set_buckets_for_metric(Matcher::Full(qwen_ocr_scheduler::metrics::BATCH_SIZE.into()), &sizes)?
         .install_recorder()?)

@@ -6,11 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use qwen_ocr_model::adapter_registry::Residency;
 use qwen_ocr_model::Pipeline;
 use qwen_ocr_scheduler::Engine;
 use tokio::net::TcpListener;
 
 use crate::config::{ServeArgs, ServerConfig};
+use crate::on_demand;
 use crate::state::AppState;
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -19,6 +21,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
 }
 
 async fn serve(config: ServerConfig) -> Result<()> {
+    if let Some(dir) = &config.adapters_dir {
+        anyhow::ensure!(dir.is_dir(), "the adapters dir {} is not a directory", dir.display());
+    }
     let metrics = crate::metrics::install()?;
     let addr = (config.host, config.port);
     let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {}:{}", addr.0, addr.1))?;
@@ -77,11 +82,9 @@ fn load(state: &AppState) -> Result<()> {
         "weights loaded"
     );
     for (name, adapter) in &config.adapters {
-        state.adapters.load(&pipeline.model, name, &adapter.path).with_context(|| format!("loading adapter `{name}`"))?;
-        if let Some(prompt) = &adapter.prompt {
-            state.adapter_prompts.write().expect("prompts lock").insert(name.clone(), prompt.clone());
-        }
-        tracing::info!(adapter = %name, path = %adapter.path.display(), "adapter loaded");
+        on_demand::load(state, &pipeline.model, name, &adapter.path, Residency::Pinned)
+            .with_context(|| format!("loading adapter `{name}`"))?;
+        on_demand::set_prompt(state, name, adapter.prompt.clone());
     }
     state.set_engine(Engine::start(Arc::new(pipeline), config.engine.clone()));
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded; ready");

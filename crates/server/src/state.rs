@@ -11,11 +11,14 @@ use qwen_ocr_scheduler::Engine;
 
 use crate::config::ServerConfig;
 use crate::error::{ApiError, ApiResult};
+use crate::on_demand::FirstLoads;
 
 pub struct AppState {
     pub config: ServerConfig,
     engine: OnceLock<Engine>,
     pub adapters: AdapterRegistry,
+    /// Adapters being loaded from the adapters folder on their first request.
+    pub first_loads: FirstLoads,
     /// Extraction prompts of adapters that have one, by adapter name.
     pub adapter_prompts: RwLock<HashMap<String, String>>,
     pub metrics: PrometheusHandle,
@@ -26,6 +29,7 @@ impl AppState {
     pub fn new(config: ServerConfig, metrics: PrometheusHandle) -> Self {
         Self {
             adapters: AdapterRegistry::new(config.max_adapters),
+            first_loads: FirstLoads::default(),
             config,
             engine: OnceLock::new(),
             adapter_prompts: RwLock::new(HashMap::new()),

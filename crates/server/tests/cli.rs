@@ -5,7 +5,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{fixtures, image_path, qwen_ocr};
+use common::{fixtures, hub_cache, image_path, qwen_ocr};
 use serde_json::Value;
 
 fn image(name: &str) -> String {
@@ -304,15 +304,8 @@ fn chat_template_jinja_is_found() {
 #[test]
 fn hub_id_loads_from_the_hf_home_cache_offline() {
     let home = tempfile::tempdir().unwrap();
-    let repo = home.path().join("hub/models--tiny--qwen2-vl");
-    let snapshot = repo.join("snapshots/0123456789abcdef");
-    std::fs::create_dir_all(&snapshot).unwrap();
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), "0123456789abcdef").unwrap();
-    for entry in std::fs::read_dir(fixtures().join("tiny-untied-sharded")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), snapshot.join(entry.file_name())).unwrap();
-    }
+    let files: Vec<_> = std::fs::read_dir(fixtures().join("tiny-untied-sharded")).unwrap().map(|e| e.unwrap().path()).collect();
+    hub_cache(home.path(), "tiny/qwen2-vl", &files);
     let golden = &goldens()["checkpoints"]["tiny-untied-sharded"]["text_only"];
     let out = Command::new(env!("CARGO_BIN_EXE_qwen-ocr"))
         .args(["generate", "--model", "tiny/qwen2-vl", "--prompt", golden["prompt"].as_str().unwrap(), "--max-tokens", "16", "--json"])

@@ -305,7 +305,7 @@ fn sigterm_lets_in_flight_requests_finish() {
     let response = ureq::post(&server.url("/v1/chat/completions")).send_bytes(body.to_string().as_bytes()).unwrap();
     let mut lines = BufReader::new(response.into_reader()).lines();
     lines.next();
-    assert!(std::process::Command::new("kill").args(["-TERM", &server.pid().to_string()]).status().unwrap().success());
+    server.terminate();
     let data: Vec<String> = lines.map_while(Result::ok).filter_map(|l| l.strip_prefix("data: ").map(str::to_string)).collect();
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
     let finish: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();

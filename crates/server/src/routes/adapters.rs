@@ -1,7 +1,7 @@
 //! Adapter administration at runtime: list, load (or atomically replace), unload. Requests
 //! already running keep the adapter version they started with.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -10,12 +10,14 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
+use qwen_ocr_model::adapter_registry::Residency;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::parse_json;
+use crate::adapter_folder::{check_name, confine};
 use crate::error::{ApiError, ApiResult};
-use crate::inference::BASE_MODEL;
+use crate::on_demand;
 use crate::state::AppState;
 
 #[derive(Deserialize)]
@@ -48,23 +50,17 @@ pub async fn load(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesR
             "runtime adapter loading is off: start the server with --adapters-dir",
         )
     })?;
-    let dir = confine(root, &request.path)?;
+    let dir = confine(root, &request.path)?
+        .ok_or_else(|| ApiError::bad_request("adapter_path_not_found", format!("no adapter directory at `{}`", request.path.display())))?;
     let engine = state.engine()?;
     let pipeline = engine.pipeline().clone();
     let task_state = state.clone();
     let name = request.name.clone();
-    let replaced = tokio::task::spawn_blocking(move || task_state.adapters.load(&pipeline.model, &name, &dir))
+    let loaded = tokio::task::spawn_blocking(move || on_demand::load(&task_state, &pipeline.model, &name, &dir, Residency::Pinned))
         .await
         .map_err(|e| ApiError::internal(format!("adapter loading failed: {e}")))??;
-    {
-        let mut prompts = state.adapter_prompts.write().expect("prompts lock");
-        match request.prompt {
-            Some(p) => prompts.insert(request.name.clone(), p),
-            None => prompts.remove(&request.name),
-        };
-    }
-    let adapter = state.adapters.get(&request.name).expect("just loaded");
-    tracing::info!(adapter = %adapter.name, replaced = replaced.is_some(), modules = ?adapter.matched, "adapter loaded");
+    on_demand::set_prompt(&state, &request.name, request.prompt);
+    let (adapter, replaced) = (loaded.adapter, loaded.replaced);
     let status = if replaced.is_some() { StatusCode::OK } else { StatusCode::CREATED };
     Ok((status, Json(json!({ "name": adapter.name, "modules": adapter.matched, "bytes": adapter.bytes, "replaced": replaced.is_some() }))))
 }
@@ -74,32 +70,4 @@ pub async fn unload(State(state): State<Arc<AppState>>, UrlPath(name): UrlPath<S
     state.adapter_prompts.write().expect("prompts lock").remove(&name);
     tracing::info!(adapter = %name, "adapter unloaded");
     Ok(Json(json!({ "name": name, "deleted": true })))
-}
-
-fn check_name(name: &str) -> ApiResult<()> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name != BASE_MODEL
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if valid {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request(
-            "invalid_adapter_name",
-            format!("adapter names are 1-64 of [A-Za-z0-9._-] and not `{BASE_MODEL}`, got `{name}`"),
-        ))
-    }
-}
-
-/// `path` resolved inside `root`, following symlinks, refusing anything that lands outside.
-fn confine(root: &Path, path: &Path) -> ApiResult<PathBuf> {
-    let root = root.canonicalize().map_err(|e| ApiError::internal(format!("adapters dir {}: {e}", root.display())))?;
-    let joined = root.join(path);
-    let resolved = joined
-        .canonicalize()
-        .map_err(|_| ApiError::bad_request("adapter_path_not_found", format!("no adapter directory at `{}`", path.display())))?;
-    if !resolved.starts_with(&root) {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "adapter_path_outside", "adapter paths must stay inside the adapters directory"));
-    }
-    Ok(resolved)
 }

@@ -96,7 +96,7 @@ pub async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let request: ChatRequest = parse_json(body)?;
-    let adapter = inference::resolve_adapter(&state, &headers, request.model.as_deref())?;
+    let adapter = inference::resolve_adapter(&state, &headers, request.model.as_deref()).await?;
     if request.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad_request("unsupported_n", "only n=1 is supported"));
     }

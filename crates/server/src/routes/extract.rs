@@ -47,7 +47,7 @@ pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, req
         ));
     };
     // Checked after reading the body, so that clients still sending it get the answer.
-    let adapter = inference::resolve_adapter(&state, &headers, None)?;
+    let adapter = inference::resolve_adapter(&state, &headers, None).await?;
     if image.is_empty() {
         return Err(ApiError::bad_request("missing_image", "the image is empty"));
     }

@@ -9,7 +9,7 @@ mod ops;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderName, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -22,6 +22,8 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+/// Which replica answered: behind a gateway, it shows where requests were routed.
+pub const REPLICA_HEADER: HeaderName = HeaderName::from_static("x-qwen-ocr-replica");
 
 pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
@@ -38,6 +40,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
         })
         .on_response(DefaultOnResponse::new().level(tracing::Level::INFO));
+    let replica = HeaderValue::from_str(&state.config.replica_name()).expect("replica names are checked printable ASCII");
     api.merge(ops)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -45,6 +48,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         // A bug in a handler answers 500 in the API's error shape instead of dropping the connection.
         .layer(CatchPanicLayer::custom(|_| ApiError::internal("internal error while handling the request").into_response()))
         .layer(middleware::from_fn(crate::metrics::track))
+        .layer(middleware::map_response(move |mut response: Response| {
+            let replica = replica.clone();
+            async move {
+                response.headers_mut().insert(REPLICA_HEADER, replica);
+                response
+            }
+        }))
         // Outermost last: the id is set before tracing sees the request and copied to the response.
         .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
         .layer(trace)

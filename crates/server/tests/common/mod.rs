@@ -53,10 +53,36 @@ pub fn generate_text(image: &str, prompt: &str, max_tokens: usize, adapter: Opti
 
 pub struct Server {
     child: Child,
-    pub base: String,
+    endpoint: Endpoint,
     logs: Arc<Mutex<String>>,
     /// Holds the `--config` file of `start_with_config` for the server's lifetime.
     _config: Option<tempfile::TempDir>,
+}
+
+/// Where requests go: a server, or a gateway in front of several.
+pub struct Endpoint {
+    pub base: String,
+}
+
+/// A response with the headers the tests look at.
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+    pub replica: Option<String>,
+    pub request_id: Option<String>,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("status {}: body is not JSON ({e}): {}", self.status, self.body))
+    }
+}
+
+impl std::ops::Deref for Server {
+    type Target = Endpoint;
+    fn deref(&self) -> &Endpoint {
+        &self.endpoint
+    }
 }
 
 impl Server {
@@ -113,7 +139,7 @@ impl Server {
         });
         let addr =
             port_rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("server did not start: {}", logs.lock().unwrap()));
-        let server = Self { child, base: format!("http://{addr}"), logs, _config: None };
+        let server = Self { child, endpoint: Endpoint { base: format!("http://{addr}") }, logs, _config: None };
         server.wait_ready(ready_within);
         server
     }
@@ -130,10 +156,6 @@ impl Server {
         self.logs.lock().unwrap().clone()
     }
 
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -147,6 +169,36 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         }
         None
+    }
+
+    /// Sends SIGTERM, as an orchestrator stopping the container does.
+    pub fn terminate(&self) {
+        assert!(Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().unwrap().success());
+    }
+}
+
+impl Endpoint {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Any request, with the response's status, body and routing headers.
+    pub fn call(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> Reply {
+        let mut req = ureq::request(method, &self.url(path));
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let sent = match body {
+            Some(b) => req.send_bytes(b),
+            None => req.call(),
+        };
+        let response = match sent {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("transport error: {e}"),
+        };
+        let header = |name| response.header(name).map(str::to_string);
+        let (status, replica, request_id) = (response.status(), header("x-qwen-ocr-replica"), header("x-request-id"));
+        Reply { status, replica, request_id, body: read_body(response) }
     }
 
     pub fn get(&self, path: &str) -> (u16, String) {
@@ -270,4 +322,69 @@ pub fn assert_api_error(got: &(u16, Value), status: u16, code: &str) {
     assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
     assert!(error["type"].is_string(), "{body}");
     assert_eq!(error["code"], code, "{body}");
+}
+
+/// A Hugging Face cache entry for hub repo `org/repo` under `hf_home`, laid out as hf-hub
+/// writes it, holding copies of `files`; what `HF_HUB_OFFLINE=1` with `HF_HOME` reads.
+pub fn hub_cache(hf_home: &Path, id: &str, files: &[PathBuf]) {
+    let repo = hf_home.join("hub").join(format!("models--{}", id.replace('/', "--")));
+    let snapshot = repo.join("snapshots/0123456789abcdef");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123456789abcdef").unwrap();
+    for file in files {
+        std::fs::copy(file, snapshot.join(file.file_name().unwrap())).unwrap();
+    }
+}
+
+/// The value of an unlabelled metric (0 when it was never recorded).
+pub fn metric(server: &Endpoint, name: &str) -> f64 {
+    let (status, text) = server.get("/metrics");
+    assert_eq!(status, 200);
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+}
+
+/// `/ready`'s count of sequences the engine is running.
+pub fn running(server: &Endpoint) -> u64 {
+    let (_, body) = server.get("/ready");
+    serde_json::from_str::<Value>(&body).unwrap()["engine"]["running"].as_u64().unwrap()
+}
+
+/// Waits until the engine runs nothing (cancelled streams release their adapters).
+pub fn wait_idle(server: &Endpoint) {
+    let started = Instant::now();
+    while running(server) > 0 {
+        assert!(started.elapsed() < Duration::from_secs(30), "sequences still running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A streamed chat left running: it holds its adapter until dropped (which cancels it).
+pub struct OpenStream {
+    pub replica: Option<String>,
+    pub lines: std::io::Lines<BufReader<Box<dyn Read + Send + Sync>>>,
+}
+
+impl Endpoint {
+    /// Starts a streamed chat and returns once its first chunk has arrived.
+    pub fn open_stream(&self, body: &Value, headers: &[(&str, &str)]) -> OpenStream {
+        let mut body = body.clone();
+        body["stream"] = true.into();
+        let mut req = ureq::post(&self.url("/v1/chat/completions")).set("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let response = req.send_bytes(body.to_string().as_bytes()).expect("stream starts");
+        let replica = response.header("x-qwen-ocr-replica").map(str::to_string);
+        let mut lines = BufReader::new(response.into_reader()).lines();
+        assert!(lines.next().unwrap().unwrap().starts_with("data: "), "a first chunk");
+        OpenStream { replica, lines }
+    }
+}
+
+impl OpenStream {
+    /// Reads to the end: the data lines after the first.
+    pub fn finish(self) -> Vec<String> {
+        self.lines.map_while(Result::ok).filter_map(|l| l.strip_prefix("data: ").map(str::to_string)).collect()
+    }
 }

@@ -1,0 +1,184 @@
+//! Adapters loaded on first use from `--adapters-dir`, over real HTTP on the tiny checkpoint:
+//! served on the first request, loaded once however many ask at the same time, listed before
+//! and after, evicted least recently used but never while a request uses them.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// An adapters folder: each entry is (name, fixture adapter, optional qwen-ocr.toml text).
+fn adapters_folder(entries: &[(&str, &str, Option<&str>)]) -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    for (name, fixture, profile) in entries {
+        let dir = root.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        for file in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(adapter_dir(fixture).join(file), dir.join(file)).unwrap();
+        }
+        if let Some(text) = profile {
+            std::fs::write(dir.join("qwen-ocr.toml"), text).unwrap();
+        }
+    }
+    root
+}
+
+fn serve_folder(root: &Path, config: &str) -> Server {
+    Server::start_with_config(config, &["--adapters-dir", root.to_str().unwrap()])
+}
+
+fn extract(server: &Server, adapter: &str, max_tokens: &str) -> (u16, Value) {
+    server.extract_multipart(&[("image", "plate.png", &image_bytes("plate.png"))], &[("max_tokens", max_tokens)], &[("X-Adapter", adapter)])
+}
+
+/// `(id, loaded)` of every model `/v1/models` lists.
+fn models(server: &Server) -> Vec<(String, bool)> {
+    let (_, body) = server.get("/v1/models");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    body["data"].as_array().unwrap().iter().map(|m| (m["id"].as_str().unwrap().to_string(), m["loaded"].as_bool().unwrap())).collect()
+}
+
+fn resident(server: &Server) -> Vec<String> {
+    let (_, body) = server.get("/v1/adapters");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    body["data"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap().to_string()).collect()
+}
+
+fn owned(list: &[(&str, bool)]) -> Vec<(String, bool)> {
+    list.iter().map(|(n, l)| (n.to_string(), *l)).collect()
+}
+
+#[test]
+fn an_adapter_in_the_folder_is_served_on_its_first_request_and_loaded_once_however_many_ask() {
+    let profile = format!("prompt = {}\n", toml_string(PLATE_PROMPT));
+    let root = adapters_folder(&[("plates", "lm-qv-r4", Some(&profile)), ("vision", "vision-merger-pattern", None)]);
+    let server = serve_folder(root.path(), "");
+    assert_eq!(models(&server), owned(&[("base", true), ("plates", false), ("vision", false)]));
+    assert_eq!(metric(&server, "qwen_ocr_adapter_loads_total"), 0.0);
+
+    // Eight requests at once for an adapter nobody loaded: one load, eight answers, each the
+    // adapter's tokens for the prompt of its profile (the request has none).
+    let expected = generate_text("plate.png", PLATE_PROMPT, 8, Some("lm-qv-r4"));
+    std::thread::scope(|s| {
+        let requests: Vec<_> = (0..8).map(|_| s.spawn(|| extract(&server, "plates", "8"))).collect();
+        for request in requests {
+            let (status, body) = request.join().unwrap();
+            assert_eq!(status, 200, "{body}");
+            assert_eq!((&body["adapter"], &body["raw"]), (&json!("plates"), &json!(expected)));
+        }
+    });
+    assert_eq!(metric(&server, "qwen_ocr_adapter_loads_total"), 1.0);
+    assert_eq!(metric(&server, "qwen_ocr_adapter_load_seconds_count"), 1.0);
+    assert_eq!(models(&server), owned(&[("base", true), ("plates", true), ("vision", false)]));
+
+    // Naming it as the chat `model` loads it too.
+    let (status, body) = server.post_json("/v1/chat/completions", &chat_body(Some("vision"), &["plate.png"], PLATE_PROMPT, 6), &[]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], generate_text("plate.png", PLATE_PROMPT, 6, Some("vision-merger-pattern")));
+    assert_eq!(metric(&server, "qwen_ocr_adapter_loads_total"), 2.0);
+    assert_eq!(resident(&server), ["plates", "vision"]);
+    assert_eq!(metric(&server, "qwen_ocr_adapter_evictions_total"), 0.0);
+}
+
+#[test]
+fn names_that_leave_the_folder_and_broken_folders_get_json_errors() {
+    let root = adapters_folder(&[
+        ("pathy", "lm-qv-r4", Some("path = \"/etc\"\n")),
+        ("typo", "lm-qv-r4", Some("promt = \"x\"\n")),
+        ("ok", "lm-qv-r4", None),
+    ]);
+    std::fs::create_dir(root.path().join("corrupt")).unwrap();
+    std::fs::write(root.path().join("corrupt/adapter_config.json"), "{ not json").unwrap();
+    // A symlink to an adapter outside the folder is not part of it.
+    std::os::unix::fs::symlink(adapter_dir("lm-qv-r4"), root.path().join("escape")).unwrap();
+    let server = serve_folder(root.path(), "");
+
+    assert_api_error(&extract(&server, "../lm-qv-r4", "2"), 400, "invalid_adapter_name");
+    assert_api_error(&extract(&server, "acme/plates", "2"), 400, "invalid_adapter_name");
+    assert_api_error(&extract(&server, "..", "2"), 403, "adapter_path_outside");
+    assert_api_error(&extract(&server, "escape", "2"), 403, "adapter_path_outside");
+    assert_api_error(&extract(&server, ".", "2"), 404, "adapter_not_found");
+    assert_api_error(&extract(&server, "missing", "2"), 404, "adapter_not_found");
+    assert_api_error(&extract(&server, "pathy", "2"), 400, "invalid_adapter_profile");
+    assert_api_error(&extract(&server, "typo", "2"), 400, "invalid_adapter_profile");
+    assert_api_error(&extract(&server, "corrupt", "2"), 400, "invalid_adapter");
+    let chat = server.post_json("/v1/chat/completions", &chat_body(Some("../../etc"), &[], "hi", 2), &[]);
+    assert_api_error(&chat, 400, "invalid_adapter_name");
+
+    let listed: Vec<String> = models(&server).into_iter().map(|(id, _)| id).collect();
+    assert_eq!(listed, ["base", "corrupt", "ok", "pathy", "typo"], "symlinks out of the folder are not listed");
+    assert_eq!(extract(&server, "ok", "2").0, 200, "the server carries on");
+    assert_eq!(resident(&server), ["ok"]);
+}
+
+#[test]
+fn the_least_recently_used_idle_adapter_is_evicted_never_one_in_use() {
+    let root = adapters_folder(&[("a", "lm-qv-r4", None), ("b", "lm-qv-r4", None), ("c", "vision-merger-pattern", None)]);
+    // Streams long enough (tens of seconds) to stay in flight until the test drops them.
+    let server = serve_folder(root.path(), "max_adapters = 2\nmax_tokens_limit = 20000\n");
+    let long = |adapter: &str| chat_body(Some(adapter), &["plate.png"], PLATE_PROMPT, 20000);
+
+    // `a` is the least recently used when `c` needs room, but a request is using it: `b` goes.
+    let stream_a = server.open_stream(&long("a"), &[]);
+    assert_eq!(extract(&server, "b", "2").0, 200);
+    assert_eq!(extract(&server, "c", "2").0, 200);
+    assert_eq!(resident(&server), ["a", "c"]);
+    assert_eq!(metric(&server, "qwen_ocr_adapter_evictions_total"), 1.0);
+
+    // Every slot in use: a third adapter waits its turn (503, retry) instead of evicting one.
+    let stream_c = server.open_stream(&long("c"), &[]);
+    let busy = server.call("POST", "/v1/chat/completions", &[("content-type", "application/json")], Some(long("b").to_string().as_bytes()));
+    assert_api_error(&(busy.status, busy.json()), 503, "adapters_full");
+    assert_eq!(resident(&server), ["a", "c"]);
+
+    // The requests end (their clients hang up); now the least recently used, `a`, makes room.
+    drop(stream_a);
+    drop(stream_c);
+    wait_idle(&server);
+    assert_eq!(extract(&server, "c", "2").0, 200);
+    assert_eq!(extract(&server, "b", "2").0, 200);
+    assert_eq!(resident(&server), ["b", "c"]);
+    assert_eq!(metric(&server, "qwen_ocr_adapter_evictions_total"), 2.0);
+    assert_eq!(metric(&server, "qwen_ocr_adapter_loads_total"), 4.0, "a, b, c, then b again");
+}
+
+#[test]
+fn configured_adapters_stay_when_the_folder_fills_the_slots() {
+    let root = adapters_folder(&[("a", "lm-qv-r4", None), ("b", "lm-qv-r4", None)]);
+    let pinned = format!("pinned={}", adapter_dir("vision-merger-pattern").display());
+    let server = Server::start_with_config("max_adapters = 2\n", &["--adapters-dir", root.path().to_str().unwrap(), "--adapter", &pinned]);
+    assert_eq!(extract(&server, "a", "2").0, 200);
+    assert_eq!(extract(&server, "b", "2").0, 200);
+    assert_eq!(resident(&server), ["b", "pinned"], "`a` made room; the configured adapter is never evicted");
+    assert_eq!(extract(&server, "pinned", "2").0, 200);
+}
+
+/// `org/repo` names come from the hub when `hub_adapters` allows it; offline, from the cache
+/// (laid out here as hf-hub writes it).
+#[test]
+fn hub_adapters_load_from_the_hub_cache_when_allowed() {
+    let hf_home = tempfile::tempdir().unwrap();
+    let profile = hf_home.path().join("qwen-ocr.toml");
+    std::fs::write(&profile, format!("prompt = {}\n", toml_string(PLATE_PROMPT))).unwrap();
+    let weights = ["adapter_config.json", "adapter_model.safetensors"].map(|f| adapter_dir("lm-qv-r4").join(f));
+    hub_cache(hf_home.path(), "acme/plates", &[&weights[..], &[profile]].concat());
+    let config = tempfile::tempdir().unwrap();
+    let file = config.path().join("qwen-ocr.toml");
+    std::fs::write(&file, "hub_adapters = true\n").unwrap();
+    let server = Server::start_with_env(&["--config", file.to_str().unwrap()], &[("HF_HOME", hf_home.path().to_str().unwrap())]);
+
+    let (status, body) = extract(&server, "acme/plates", "8");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["raw"], generate_text("plate.png", PLATE_PROMPT, 8, Some("lm-qv-r4")), "its weights and its profile's prompt");
+    assert_eq!(resident(&server), ["acme/plates"]);
+    assert_api_error(&extract(&server, "acme/missing", "2"), 404, "adapter_not_found");
+    assert_api_error(&extract(&server, "../plates", "2"), 400, "invalid_adapter_name");
+    assert_api_error(&extract(&server, "acme/..", "2"), 400, "invalid_adapter_name");
+}
+
+/// A TOML basic string.
+fn toml_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap()
+}
