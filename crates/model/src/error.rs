@@ -33,6 +33,10 @@ pub enum Error {
     #[error("adapter `{name}`: {reason}")]
     Adapter { name: String, reason: String },
 
+    /// A JSON Schema that does not parse, or uses what cannot be enforced.
+    #[error("invalid JSON schema: {0}")]
+    Schema(String),
+
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 

@@ -88,6 +88,7 @@ fn check_cases(
             sampling: SamplingParams::default(),
             stop: vec![],
             adapter: adapter.clone(),
+            ..Default::default()
         };
         let out = pipeline.generate(&request).unwrap();
         let grids: Vec<Value> = out.image_grid_thw.iter().map(|g| serde_json::json!(g)).collect();
@@ -201,6 +202,7 @@ fn mixed_adapter_batch_matches_each_sequence_alone() {
             sampling: SamplingParams::default(),
             stop: vec![],
             adapter,
+            ..Default::default()
         });
         expected.push(ids(&golden["token_ids"]));
     }

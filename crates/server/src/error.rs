@@ -84,6 +84,7 @@ impl From<ModelError> for ApiError {
                 Self::bad_request("invalid_request", message)
             }
             ModelError::Adapter { .. } => Self::bad_request("invalid_adapter", message),
+            ModelError::Schema(_) => Self::bad_request("invalid_schema", message),
             ModelError::Io { .. } | ModelError::Config { .. } | ModelError::Hub { .. } | ModelError::Weights(_) | ModelError::Candle(_) => {
                 Self::internal(message)
             }

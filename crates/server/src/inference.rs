@@ -5,11 +5,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode};
+use qwen_ocr_model::grammar::Grammar;
 use qwen_ocr_model::image::{self, ImageOptions, PreprocessedImage};
 use qwen_ocr_model::lora::LoraAdapter;
 use qwen_ocr_model::sampling::SamplingParams;
 use qwen_ocr_model::{FinishReason, GenerateRequest};
 use qwen_ocr_scheduler::{Completion, Request, RequestStream};
+use serde_json::Value;
 
 use crate::error::{ApiError, ApiResult};
 use crate::metrics;
@@ -86,6 +88,16 @@ pub fn sampling(state: &AppState, temperature: Option<f64>, top_p: Option<f64>, 
     params.seed = seed;
     params.validate()?;
     Ok(params)
+}
+
+/// Compiles a JSON Schema into a decoding constraint off the async threads (a hit in the
+/// compiled-schema cache is immediate). A schema that cannot be enforced is a 400.
+pub async fn compile_schema(state: &AppState, schema: Value) -> ApiResult<Arc<Grammar>> {
+    let pipeline = state.engine()?.pipeline().clone();
+    tokio::task::spawn_blocking(move || pipeline.vocabulary()?.compile(&schema))
+        .await
+        .map_err(|e| ApiError::internal(format!("schema compilation failed: {e}")))?
+        .map_err(ApiError::from)
 }
 
 /// Queues the request with the configured deadline.

@@ -5,6 +5,7 @@ mod config;
 mod error;
 mod extract_json;
 mod inference;
+mod logprobs;
 mod metrics;
 mod routes;
 mod serve;

@@ -63,6 +63,7 @@ pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, req
         sampling,
         stop: vec![],
         adapter,
+        ..Default::default()
     };
     let stream = inference::submit(&state, request)?;
     let done = inference::complete(stream, adapter_name.as_deref()).await?;
