@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::grammar::{Grammar, Vocabulary};
 use crate::image::{self, ImageOptions, PreprocessedImage};
 use crate::kv_cache::KvCache;
-use crate::logprobs::MAX_TOP_LOGPROBS;
+use crate::logprobs::{TokenLogprob, MAX_TOP_LOGPROBS};
 use crate::lora::LoraAdapter;
 use crate::model::{LoadOptions, Qwen2VL};
 use crate::positions::{decode_position, prompt_positions};
@@ -208,6 +208,7 @@ impl Pipeline {
                 Ok(GenerateOutput {
                     text,
                     token_ids: s.decoding.generated().to_vec(),
+                    logprobs: s.decoding.logprobs().to_vec(),
                     prompt_tokens: s.decoding.prompt_len(),
                     image_grid_thw: s.request.images.iter().map(|i| i.grid_thw).collect(),
                     finish_reason: s.decoding.finish_reason().expect("loop ends when all finished"),
@@ -295,6 +296,8 @@ impl FinishReason {
 pub struct GenerateOutput {
     pub text: String,
     pub token_ids: Vec<u32>,
+    /// One per token, when the request asked for log-probabilities.
+    pub logprobs: Vec<TokenLogprob>,
     pub prompt_tokens: usize,
     pub image_grid_thw: Vec<[usize; 3]>,
     pub finish_reason: FinishReason,

@@ -71,6 +71,11 @@ impl Vocabulary {
         }
     }
 
+    /// Whether the token is a special one (`<|im_end|>`, vision markers): no text of its own.
+    pub fn is_special(&self, token: u32) -> bool {
+        (token as usize) < self.len() && self.trie().is_special_token(token)
+    }
+
     /// A grammar that accepts exactly the compact JSON texts valid under `schema`. Schemas
     /// with keywords llguidance cannot enforce are refused, never half-enforced.
     pub fn compile(&self, schema: &Value) -> Result<Arc<Grammar>> {

@@ -24,7 +24,12 @@ impl TokenLogprob {
     /// chosen from (minus infinity where ruled out).
     pub fn new(raw: &[f32], processed: &[f32], token: u32, top: usize) -> Self {
         let possible: Vec<f32> = raw.iter().zip(processed).filter(|(_, p)| **p > f32::NEG_INFINITY).map(|(r, _)| *r).collect();
-        let choice_logprob = if possible.len() <= 1 { 0.0 } else { raw[token as usize] - log_sum_exp(&possible) };
+        let choice_logprob = match possible.len() {
+            0 | 1 => 0.0,
+            // Nothing was ruled out: the model's own log-probability, without rounding.
+            n if n == raw.len() => raw[token as usize],
+            _ => raw[token as usize] - log_sum_exp(&possible),
+        };
         Self { token, logprob: raw[token as usize], top: top_n(raw, top), choice_logprob: choice_logprob.min(0.0) }
     }
 }

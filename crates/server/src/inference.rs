@@ -47,6 +47,16 @@ pub fn resolve_adapter(state: &AppState, headers: &HeaderMap, model: Option<&str
 
 /// Decodes and preprocesses images off the async threads.
 pub async fn preprocess_images(state: &Arc<AppState>, images: Vec<Vec<u8>>) -> ApiResult<Vec<PreprocessedImage>> {
+    preprocess_images_within(state, images, (None, None)).await
+}
+
+/// Like [`preprocess_images`], resized within `(min_pixels, max_pixels)` where given (an
+/// adapter's profile: the size its images were trained at), else the server's bounds.
+pub async fn preprocess_images_within(
+    state: &Arc<AppState>,
+    images: Vec<Vec<u8>>,
+    (min_pixels, max_pixels): (Option<u64>, Option<u64>),
+) -> ApiResult<Vec<PreprocessedImage>> {
     let limit = state.config.max_images_per_request;
     if images.len() > limit {
         return Err(ApiError::bad_request("too_many_images", format!("{} images, the limit is {limit} per request", images.len())));
@@ -54,8 +64,8 @@ pub async fn preprocess_images(state: &Arc<AppState>, images: Vec<Vec<u8>>) -> A
     let engine = state.engine()?;
     let pipeline = engine.pipeline().clone();
     let options = ImageOptions {
-        min_pixels: state.config.min_pixels,
-        max_pixels: state.config.max_pixels,
+        min_pixels: min_pixels.or(state.config.min_pixels),
+        max_pixels: max_pixels.or(state.config.max_pixels),
         max_decoded_pixels: Some(state.config.max_image_pixels),
     };
     tokio::task::spawn_blocking(move || {

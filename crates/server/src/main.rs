@@ -1,12 +1,14 @@
 //! `qwen-ocr`: the command-line entry point.
 
 mod cli;
+mod confidence;
 mod config;
 mod error;
 mod extract_json;
 mod inference;
 mod logprobs;
 mod metrics;
+mod profile;
 mod routes;
 mod serve;
 mod state;

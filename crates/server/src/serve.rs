@@ -5,12 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use qwen_ocr_model::Pipeline;
 use qwen_ocr_scheduler::Engine;
 use tokio::net::TcpListener;
 
 use crate::config::{ServeArgs, ServerConfig};
+use crate::profile::{read_schema_file, ProfileSpec};
 use crate::state::AppState;
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -75,16 +76,30 @@ fn load(state: &AppState) -> Result<()> {
         seconds = started.elapsed().as_secs_f64(),
         "weights loaded"
     );
+    let base = ProfileSpec { schema: read_schema(config.extraction_schema_file.as_deref())?, ..ProfileSpec::default() };
+    state.set_base_profile(base.compile(&pipeline).map_err(|e| anyhow!("extraction_schema_file: {}", e.message))?);
     for (name, adapter) in &config.adapters {
         state.adapters.load(&pipeline.model, name, &adapter.path).with_context(|| format!("loading adapter `{name}`"))?;
-        if let Some(prompt) = &adapter.prompt {
-            state.adapter_prompts.write().expect("prompts lock").insert(name.clone(), prompt.clone());
-        }
+        let spec = ProfileSpec {
+            prompt: adapter.prompt.clone(),
+            schema: read_schema(adapter.schema_file.as_deref())?,
+            max_tokens: adapter.max_tokens,
+            temperature: adapter.temperature,
+            min_pixels: adapter.min_pixels,
+            max_pixels: adapter.max_pixels,
+        };
+        let profile = spec.compile(&pipeline).map_err(|e| anyhow!("adapter `{name}`: {}", e.message))?;
+        state.set_profile(name, Some(profile));
         tracing::info!(adapter = %name, path = %adapter.path.display(), "adapter loaded");
     }
     state.set_engine(Engine::start(Arc::new(pipeline), config.engine.clone()));
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded; ready");
     Ok(())
+}
+
+/// A configured schema file, read; a bad one stops the start with its path and reason.
+fn read_schema(path: Option<&std::path::Path>) -> Result<Option<serde_json::Value>> {
+    path.map(|p| read_schema_file(p).map_err(|e| anyhow!(e.message))).transpose()
 }
 
 async fn shutdown_signal() {

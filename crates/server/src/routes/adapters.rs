@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use super::parse_json;
 use crate::error::{ApiError, ApiResult};
 use crate::inference::BASE_MODEL;
+use crate::profile::{read_schema_file, ProfileSpec};
 use crate::state::AppState;
 
 #[derive(Deserialize)]
@@ -24,16 +25,30 @@ struct LoadRequest {
     name: String,
     /// Relative to `--adapters-dir` (or absolute, but inside it).
     path: PathBuf,
+    /// The extraction profile, as in the configuration file; `schema` is the JSON Schema
+    /// itself, `schema_file` a file inside `--adapters-dir`.
     prompt: Option<String>,
+    schema: Option<Value>,
+    schema_file: Option<PathBuf>,
+    max_tokens: Option<usize>,
+    temperature: Option<f64>,
+    min_pixels: Option<u64>,
+    max_pixels: Option<u64>,
 }
 
 pub async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let prompts = state.adapter_prompts.read().expect("prompts lock").clone();
     let data: Vec<Value> = state
         .adapters
         .list()
         .into_iter()
-        .map(|a| json!({ "name": a.name, "modules": a.matched, "bytes": a.bytes, "prompt": prompts.get(&a.name) }))
+        .map(|a| {
+            let p = state.profile(Some(&a.name));
+            json!({
+                "name": a.name, "modules": a.matched, "bytes": a.bytes,
+                "prompt": p.prompt, "schema": p.schema.as_ref().map(|s| &s.0), "max_tokens": p.max_tokens,
+                "temperature": p.temperature, "min_pixels": p.min_pixels, "max_pixels": p.max_pixels,
+            })
+        })
         .collect();
     Json(json!({ "object": "list", "data": data, "resident_bytes": state.adapters.resident_bytes() }))
 }
@@ -51,18 +66,31 @@ pub async fn load(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesR
     let dir = confine(root, &request.path)?;
     let engine = state.engine()?;
     let pipeline = engine.pipeline().clone();
+    let schema = match (request.schema, &request.schema_file) {
+        (Some(_), Some(_)) => return Err(ApiError::bad_request("invalid_schema", "give `schema` or `schema_file`, not both")),
+        (Some(schema), None) => Some(schema),
+        (None, Some(file)) => Some(read_schema_file(&confine(root, file)?)?),
+        (None, None) => None,
+    };
+    let spec = ProfileSpec {
+        prompt: request.prompt,
+        schema,
+        max_tokens: request.max_tokens,
+        temperature: request.temperature,
+        min_pixels: request.min_pixels,
+        max_pixels: request.max_pixels,
+    };
+    // The profile is checked before the adapter is swapped in: a bad schema changes nothing.
+    let compile_pipeline = pipeline.clone();
+    let profile = tokio::task::spawn_blocking(move || spec.compile(&compile_pipeline))
+        .await
+        .map_err(|e| ApiError::internal(format!("schema compilation failed: {e}")))??;
     let task_state = state.clone();
     let name = request.name.clone();
     let replaced = tokio::task::spawn_blocking(move || task_state.adapters.load(&pipeline.model, &name, &dir))
         .await
         .map_err(|e| ApiError::internal(format!("adapter loading failed: {e}")))??;
-    {
-        let mut prompts = state.adapter_prompts.write().expect("prompts lock");
-        match request.prompt {
-            Some(p) => prompts.insert(request.name.clone(), p),
-            None => prompts.remove(&request.name),
-        };
-    }
+    state.set_profile(&request.name, Some(profile));
     let adapter = state.adapters.get(&request.name).expect("just loaded");
     tracing::info!(adapter = %adapter.name, replaced = replaced.is_some(), modules = ?adapter.matched, "adapter loaded");
     let status = if replaced.is_some() { StatusCode::OK } else { StatusCode::CREATED };
@@ -71,7 +99,7 @@ pub async fn load(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesR
 
 pub async fn unload(State(state): State<Arc<AppState>>, UrlPath(name): UrlPath<String>) -> ApiResult<Json<Value>> {
     state.adapters.unload(&name).ok_or_else(|| ApiError::not_found("adapter_not_found", format!("adapter `{name}` is not loaded")))?;
-    state.adapter_prompts.write().expect("prompts lock").remove(&name);
+    state.set_profile(&name, None);
     tracing::info!(adapter = %name, "adapter unloaded");
     Ok(Json(json!({ "name": name, "deleted": true })))
 }

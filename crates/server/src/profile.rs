@@ -1,0 +1,78 @@
+//! Extraction profiles: what an adapter was fine-tuned with (its prompt, the schema of its
+//! answers, its image size, its generation settings), so that a client posts only an image
+//! and an `X-Adapter` header. The base model has one too, from the top-level settings.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use qwen_ocr_model::grammar::Grammar;
+use qwen_ocr_model::Pipeline;
+use serde_json::Value;
+
+use crate::error::{ApiError, ApiResult};
+
+#[derive(Debug, Clone, Default)]
+pub struct ExtractionProfile {
+    /// The prompt the adapter was trained on; `None`: the server's `extraction_prompt`.
+    pub prompt: Option<String>,
+    /// The JSON Schema every answer must validate against, and its compiled constraint.
+    pub schema: Option<(Value, Arc<Grammar>)>,
+    pub max_tokens: Option<usize>,
+    pub temperature: Option<f64>,
+    /// The resize bounds the adapter's images were trained at (LLaMA-Factory's
+    /// `image_max_pixels`); `None`: the server's.
+    pub min_pixels: Option<u64>,
+    pub max_pixels: Option<u64>,
+}
+
+/// A profile as configured or posted, before its schema is read and compiled.
+#[derive(Debug, Clone, Default)]
+pub struct ProfileSpec {
+    pub prompt: Option<String>,
+    pub schema: Option<Value>,
+    pub max_tokens: Option<usize>,
+    pub temperature: Option<f64>,
+    pub min_pixels: Option<u64>,
+    pub max_pixels: Option<u64>,
+}
+
+impl ProfileSpec {
+    /// Compiles the schema; a schema that cannot be enforced is refused with its reason.
+    pub fn compile(self, pipeline: &Pipeline) -> ApiResult<ExtractionProfile> {
+        let schema = match self.schema {
+            Some(schema) => {
+                let grammar = pipeline.vocabulary()?.compile(&schema)?;
+                Some((schema, grammar))
+            }
+            None => None,
+        };
+        if let Some(t) = self.temperature {
+            if !(t.is_finite() && t >= 0.0) {
+                return Err(ApiError::bad_request("invalid_profile", format!("temperature must be a finite number >= 0, got {t}")));
+            }
+        }
+        if self.max_tokens == Some(0) {
+            return Err(ApiError::bad_request("invalid_profile", "max_tokens must be at least 1"));
+        }
+        Ok(ExtractionProfile {
+            prompt: self.prompt,
+            schema,
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            min_pixels: self.min_pixels,
+            max_pixels: self.max_pixels,
+        })
+    }
+}
+
+/// Reads a schema file; a file that is not JSON is refused with where and why.
+pub fn read_schema_file(path: &Path) -> ApiResult<Value> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ApiError::bad_request("invalid_schema", format!("cannot read schema file {}: {e}", path.display())))?;
+    parse_schema(&text).map_err(|e| ApiError::bad_request("invalid_schema", format!("{}: {}", path.display(), e.message)))
+}
+
+/// A schema sent as JSON text (a form field or a query parameter).
+pub fn parse_schema(text: &str) -> ApiResult<Value> {
+    serde_json::from_str(text).map_err(|e| ApiError::bad_request("invalid_schema", format!("invalid JSON schema: not JSON: {e}")))
+}
