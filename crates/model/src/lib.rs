@@ -2,6 +2,7 @@
 
 pub mod adapter_registry;
 pub mod checkpoint;
+pub mod color_key;
 pub mod config;
 pub mod cpu_kernels;
 pub mod decoding;

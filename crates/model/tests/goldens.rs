@@ -152,7 +152,7 @@ fn preprocessing_matches_transformers_pixel_values() {
         levels.sort_by(f32::total_cmp);
         let max = levels[levels.len() - 1];
         if file.ends_with(".png") {
-            // PIL's bicubic, compositing and normalisation reproduced: identical, not just close.
+            // PIL's RGB conversion, bicubic and normalisation reproduced: identical, not just close.
             assert!(max * ONE_LEVEL <= 1e-6, "{key}: PNG pixel values differ by {max:.2} levels");
         } else {
             // JPEG decoders (zune-jpeg here, libjpeg-turbo in PIL) round IDCT and chroma
