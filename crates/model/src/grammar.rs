@@ -149,12 +149,30 @@ impl GrammarState {
     pub fn mask(&mut self, logits: &mut [f32]) {
         self.prepare();
         let mask = self.next.as_ref().expect("prepared");
-        let any_eos = self.eos.iter().any(|&e| mask.is_allowed(e));
-        for (i, logit) in logits.iter_mut().enumerate() {
-            let allowed = i < mask.len() && mask.is_allowed(i as u32) || any_eos && self.eos.contains(&(i as u32));
-            if !allowed {
-                *logit = f32::NEG_INFINITY;
+        // Every end-of-sequence id ends an accepted answer, not only the one llguidance knows.
+        let eos_allowed = self.eos.iter().any(|&e| mask.is_allowed(e));
+        let eos_logits: Vec<(usize, f32)> = if eos_allowed {
+            self.eos.iter().filter_map(|&e| logits.get(e as usize).map(|&l| (e as usize, l))).collect()
+        } else {
+            Vec::new()
+        };
+        // One 32-token word of the mask at a time: most words are all allowed or all refused.
+        let words = mask.as_slice();
+        for (w, chunk) in logits.chunks_mut(32).enumerate() {
+            match words.get(w).copied().unwrap_or(0) {
+                u32::MAX if chunk.len() == 32 && (w + 1) * 32 <= mask.len() => {}
+                0 => chunk.fill(f32::NEG_INFINITY),
+                bits => {
+                    for (j, logit) in chunk.iter_mut().enumerate() {
+                        if bits >> j & 1 == 0 || w * 32 + j >= mask.len() {
+                            *logit = f32::NEG_INFINITY;
+                        }
+                    }
+                }
             }
+        }
+        for (e, l) in eos_logits {
+            logits[e] = l;
         }
     }
 
