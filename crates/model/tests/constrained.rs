@@ -24,16 +24,7 @@ fn request(pipeline: &Pipeline, image: &str, max_new: usize) -> GenerateRequest 
 }
 
 fn plate_schema() -> Value {
-    json!({
-        "type": "object",
-        "properties": {
-            "plate": { "type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$" },
-            "year": { "type": "integer", "minimum": 1990, "maximum": 2030 },
-            "color": { "enum": ["red", "blue", "white"] }
-        },
-        "required": ["plate", "year", "color"],
-        "additionalProperties": false
-    })
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("schemas/plate.schema.json")).unwrap()).unwrap()
 }
 
 #[test]

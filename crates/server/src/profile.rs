@@ -7,16 +7,25 @@ use std::sync::Arc;
 
 use qwen_ocr_model::grammar::Grammar;
 use qwen_ocr_model::Pipeline;
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::{ApiError, ApiResult};
 
+/// A profile ready for use: its settings and its schema's compiled constraint.
 #[derive(Debug, Clone, Default)]
 pub struct ExtractionProfile {
+    pub settings: ProfileSpec,
+    pub grammar: Option<Arc<Grammar>>,
+}
+
+/// A profile's settings, as configured or posted.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProfileSpec {
     /// The prompt the adapter was trained on; `None`: the server's `extraction_prompt`.
     pub prompt: Option<String>,
-    /// The JSON Schema every answer must validate against, and its compiled constraint.
-    pub schema: Option<(Value, Arc<Grammar>)>,
+    /// The JSON Schema every answer must validate against.
+    pub schema: Option<Value>,
     pub max_tokens: Option<usize>,
     pub temperature: Option<f64>,
     /// The resize bounds the adapter's images were trained at (LLaMA-Factory's
@@ -25,27 +34,10 @@ pub struct ExtractionProfile {
     pub max_pixels: Option<u64>,
 }
 
-/// A profile as configured or posted, before its schema is read and compiled.
-#[derive(Debug, Clone, Default)]
-pub struct ProfileSpec {
-    pub prompt: Option<String>,
-    pub schema: Option<Value>,
-    pub max_tokens: Option<usize>,
-    pub temperature: Option<f64>,
-    pub min_pixels: Option<u64>,
-    pub max_pixels: Option<u64>,
-}
-
 impl ProfileSpec {
-    /// Compiles the schema; a schema that cannot be enforced is refused with its reason.
+    /// Checks the settings and compiles the schema; a schema that cannot be enforced is
+    /// refused with its reason.
     pub fn compile(self, pipeline: &Pipeline) -> ApiResult<ExtractionProfile> {
-        let schema = match self.schema {
-            Some(schema) => {
-                let grammar = pipeline.vocabulary()?.compile(&schema)?;
-                Some((schema, grammar))
-            }
-            None => None,
-        };
         if let Some(t) = self.temperature {
             if !(t.is_finite() && t >= 0.0) {
                 return Err(ApiError::bad_request("invalid_profile", format!("temperature must be a finite number >= 0, got {t}")));
@@ -54,14 +46,11 @@ impl ProfileSpec {
         if self.max_tokens == Some(0) {
             return Err(ApiError::bad_request("invalid_profile", "max_tokens must be at least 1"));
         }
-        Ok(ExtractionProfile {
-            prompt: self.prompt,
-            schema,
-            max_tokens: self.max_tokens,
-            temperature: self.temperature,
-            min_pixels: self.min_pixels,
-            max_pixels: self.max_pixels,
-        })
+        let grammar = match &self.schema {
+            Some(schema) => Some(pipeline.vocabulary()?.compile(schema)?),
+            None => None,
+        };
+        Ok(ExtractionProfile { settings: self, grammar })
     }
 }
 

@@ -80,6 +80,6 @@ impl AppState {
     }
 
     pub fn extraction_prompt(&self, adapter: Option<&str>) -> String {
-        self.profile(adapter).prompt.clone().unwrap_or_else(|| self.config.extraction_prompt.clone())
+        self.profile(adapter).settings.prompt.clone().unwrap_or_else(|| self.config.extraction_prompt.clone())
     }
 }

@@ -23,18 +23,9 @@ fn profile_schema() -> Value {
     })
 }
 
-/// A string pattern, an integer range and an enum.
+/// A string pattern, an integer range and an enum (shared with the model crate's tests).
 fn plate_schema() -> Value {
-    json!({
-        "type": "object",
-        "properties": {
-            "plate": { "type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$" },
-            "year": { "type": "integer", "minimum": 1990, "maximum": 2030 },
-            "color": { "enum": ["red", "blue", "white"] }
-        },
-        "required": ["plate", "year", "color"],
-        "additionalProperties": false
-    })
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("schemas/plate.schema.json")).unwrap()).unwrap()
 }
 
 fn assert_valid_extraction(body: &Value, schema: &Value, what: &str) {

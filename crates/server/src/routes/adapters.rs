@@ -42,12 +42,12 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
         .list()
         .into_iter()
         .map(|a| {
-            let p = state.profile(Some(&a.name));
-            json!({
-                "name": a.name, "modules": a.matched, "bytes": a.bytes,
-                "prompt": p.prompt, "schema": p.schema.as_ref().map(|s| &s.0), "max_tokens": p.max_tokens,
-                "temperature": p.temperature, "min_pixels": p.min_pixels, "max_pixels": p.max_pixels,
-            })
+            // The adapter and its extraction profile's settings, side by side.
+            let mut entry = serde_json::to_value(&state.profile(Some(&a.name)).settings).expect("settings serialize");
+            entry["name"] = json!(a.name);
+            entry["modules"] = json!(a.matched);
+            entry["bytes"] = json!(a.bytes);
+            entry
         })
         .collect();
     Json(json!({ "object": "list", "data": data, "resident_bytes": state.adapters.resident_bytes() }))

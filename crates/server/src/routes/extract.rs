@@ -57,14 +57,14 @@ pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, req
     }
     let adapter_name = adapter.as_ref().map(|a| a.name.clone());
     let profile = state.profile(adapter_name.as_deref());
-    let max_new_tokens = inference::check_max_tokens(&state, options.max_tokens.or(profile.max_tokens.map(|n| n as i64)))?;
-    let sampling = inference::sampling(&state, options.temperature.or(profile.temperature), None, None)?;
+    let max_new_tokens = inference::check_max_tokens(&state, options.max_tokens.or(profile.settings.max_tokens.map(|n| n as i64)))?;
+    let sampling = inference::sampling(&state, options.temperature.or(profile.settings.temperature), None, None)?;
     let prompt = options.prompt.unwrap_or_else(|| state.extraction_prompt(adapter_name.as_deref()));
     let grammar = match options.schema {
         Some(text) => Some(inference::compile_schema(&state, parse_schema(&text)?).await?),
-        None => profile.schema.as_ref().map(|(_, grammar)| grammar.clone()),
+        None => profile.grammar.clone(),
     };
-    let pixels = (profile.min_pixels, profile.max_pixels);
+    let pixels = (profile.settings.min_pixels, profile.settings.max_pixels);
     let images = inference::preprocess_images_within(&state, vec![image], pixels).await?;
     let request = GenerateRequest {
         messages: vec![ChatMessage::user_with_images(images.len(), &prompt)],
