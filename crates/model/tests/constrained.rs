@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use qwen_ocr_model::grammar::GrammarState;
 use qwen_ocr_model::image::ImageOptions;
 use qwen_ocr_model::prompt::ChatMessage;
 use qwen_ocr_model::quality::next_token_logprobs;
@@ -89,4 +90,35 @@ fn a_schema_that_cannot_be_enforced_is_refused() {
         let error = vocabulary.compile(&schema).unwrap_err().to_string();
         assert!(error.contains(needle), "{schema}: {error}");
     }
+}
+
+#[test]
+fn the_mask_never_allows_special_vision_or_padding_tokens_and_ends_on_either_end_token() {
+    let pipeline = Pipeline::load(fixtures().join("tiny-tied").to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let grammar = pipeline.vocabulary().unwrap().compile(&json!({ "type": "string", "maxLength": 3 })).unwrap();
+    let tokenizer = pipeline.prompt.tokenizer();
+    let id = |t: &str| tokenizer.token_to_id(t).unwrap() as usize;
+    let width = pipeline.model.config().text.vocab_size;
+    assert!(width > pipeline.vocabulary().unwrap().len(), "the logits are wider than the vocabulary");
+
+    let mut state = GrammarState::new(&grammar);
+    let mut logits = vec![1.0f32; width];
+    state.mask(&mut logits);
+    let allowed: Vec<usize> = (0..width).filter(|&i| logits[i].is_finite()).collect();
+    assert!(allowed.contains(&id("\"")), "a string starts with a quote");
+    for special in ["<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|image_pad|>", "<|im_start|>"] {
+        assert!(!allowed.contains(&id(special)), "{special} allowed at the start");
+    }
+    assert!(allowed.iter().all(|&i| i < pipeline.vocabulary().unwrap().len()), "no padding row allowed");
+
+    // After a complete string only the end is possible, and both end tokens are.
+    for token in tokenizer.encode("\"ab\"", false).unwrap().get_ids() {
+        state.accept(*token);
+    }
+    let mut logits = vec![1.0f32; width];
+    state.mask(&mut logits);
+    let allowed: Vec<usize> = (0..width).filter(|&i| logits[i].is_finite()).collect();
+    let mut ends = vec![id("<|im_end|>"), id("<|endoftext|>")];
+    ends.sort();
+    assert_eq!(allowed, ends);
 }

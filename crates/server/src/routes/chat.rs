@@ -98,16 +98,11 @@ enum ResponseFormat {
     JsonSchema { json_schema: JsonSchemaFormat },
 }
 
+/// OpenAI's `json_schema` object. Its `name`, `description` and `strict` are accepted and not
+/// needed: the schema is always enforced, and one that cannot be is refused.
 #[derive(Debug, Deserialize)]
 struct JsonSchemaFormat {
-    #[allow(dead_code)]
-    name: String,
     schema: Option<Value>,
-    /// Always enforced: a schema that cannot be enforced is refused whatever `strict` says.
-    #[allow(dead_code)]
-    strict: Option<bool>,
-    #[allow(dead_code)]
-    description: Option<String>,
 }
 
 impl ResponseFormat {
