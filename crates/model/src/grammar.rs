@@ -134,11 +134,14 @@ impl GrammarState {
     /// Computes the mask for the next token, unless already done.
     pub fn prepare(&mut self) {
         if self.next.is_none() {
+            let eos = &self.eos;
             let mask = self.matcher.compute_mask_or_eos().unwrap_or_else(|e| {
                 // An internal failure of the matcher: end the sequence rather than write
                 // unconstrained text.
                 tracing::warn!(error = %e, "grammar failed; ending the sequence");
-                self.matcher.tok_env().map(|env| env.tok_trie().eos_token_set()).unwrap_or_default()
+                let mut only_eos = SimpleVob::alloc(eos.iter().max().map_or(0, |&m| m as usize + 1));
+                eos.iter().for_each(|&e| only_eos.allow_token(e));
+                only_eos
             });
             self.next = Some(mask);
         }
