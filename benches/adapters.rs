@@ -84,6 +84,7 @@ fn main() {
                 stop: vec![],
                 // Every (adapters + 1)-th request runs on the base model alone.
                 adapter: if mixed { adapters.get(i % (adapters.len() + 1)).cloned() } else { None },
+                ..Default::default()
             })
             .collect()
     };

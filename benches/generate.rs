@@ -39,6 +39,7 @@ fn main() {
         sampling: SamplingParams::default(),
         stop: vec![],
         adapter: None,
+        ..Default::default()
     };
     pipeline.generate(&request).expect("warm-up");
     let (mut ttft, mut decode) = (Vec::new(), Vec::new());

@@ -43,6 +43,7 @@ fn main() {
                     sampling: SamplingParams::default(),
                     stop: vec![],
                     adapter: None,
+                    ..Default::default()
                 };
                 let a = compare(&exact, &quantized, &request, 32).unwrap();
                 println!("{}", serde_json::json!({ "model": model, "quant": quant.as_str(), "image": image, "agreement": a }));

@@ -49,6 +49,7 @@ fn bench(model: &str, image: &str, tokens: usize) {
         sampling: SamplingParams::default(),
         stop: vec![],
         adapter: None,
+        ..Default::default()
     };
     // The vision cache is off so that every request pays for its image, as distinct photos would.
     let engine = Engine::start(pipeline.clone(), EngineConfig { vision_cache_entries: 0, ..EngineConfig::default() });

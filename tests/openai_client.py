@@ -3,13 +3,18 @@
     python tests/openai_client.py BASE_URL IMAGE EXPECTED_TEXT MAX_TOKENS
 
 Sends the image as a data: URL, once plain and once streamed, and checks both replies
-against EXPECTED_TEXT (what `qwen-ocr generate` printed for the same input).
+against EXPECTED_TEXT (what `qwen-ocr generate` printed for the same input). Then asks for
+structured output through the client's own helper with a pydantic model, plain and streamed,
+and for log-probabilities.
 """
 
 import base64
+import re
 import sys
+from typing import Literal
 
 from openai import OpenAI
+from pydantic import BaseModel, Field
 
 base_url, image_path, expected, max_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 prompt = "Please extract the Vehicle Sr No, Engine No, and Model from this image. Response only json format nothing else."
@@ -53,4 +58,29 @@ for chunk in stream:
 assert text == expected, (text, expected)
 assert finish == "length", finish
 assert usage is not None and usage.completion_tokens == max_tokens, usage
+
+
+class Plate(BaseModel):
+    plate: str = Field(pattern=r"^[A-Z]{2}[0-9]{2}$")
+    year: int = Field(ge=1990, le=2030)
+    color: Literal["red", "blue", "white"]
+
+
+# The tiny model's random weights never write JSON: a parsed Plate is the constraint's doing.
+parsed = client.chat.completions.parse(model="base", messages=messages, response_format=Plate, max_tokens=64, temperature=0)
+plate = parsed.choices[0].message.parsed
+assert isinstance(plate, Plate), parsed
+assert re.fullmatch(r"[A-Z]{2}[0-9]{2}", plate.plate) and 1990 <= plate.year <= 2030, plate
+
+with client.chat.completions.stream(model="base", messages=messages, response_format=Plate, max_tokens=64, temperature=0) as events:
+    final = events.get_final_completion()
+assert final.choices[0].message.parsed == plate, (final.choices[0].message.parsed, plate)
+
+reply = client.chat.completions.create(
+    model="base", messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+)
+entries = reply.choices[0].logprobs.content
+assert len(entries) == 4, entries
+for entry in entries:
+    assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob, entry
 print("openai client: ok")

@@ -6,11 +6,18 @@ use tokenizers::Tokenizer;
 
 use crate::detokenize::IncrementalDecoder;
 use crate::error::{Error, Result};
-use crate::generate::FinishReason;
-use crate::sampling::{Sampler, SamplingParams};
+use crate::generate::{FinishReason, GenerateRequest};
+use crate::logits::LogitsChain;
+use crate::logprobs::{log_softmax, TokenLogprob};
+use crate::sampling::Sampler;
 
 pub struct Decoding {
+    /// Repetition penalty, grammar, temperature, top-k, top-p: what shapes the logits.
+    chain: LogitsChain,
     sampler: Sampler,
+    /// How many alternatives to report with each token's log-probability; `None`: none at all.
+    top_logprobs: Option<usize>,
+    logprobs: Vec<TokenLogprob>,
     /// Prompt and generated tokens, for the repetition penalty.
     history: Vec<u32>,
     prompt_len: usize,
@@ -31,16 +38,21 @@ pub struct Decoding {
 /// What one step produced.
 pub struct Step {
     pub token: u32,
+    /// Its log-probability, when the request asked for them.
+    pub logprob: Option<TokenLogprob>,
     /// Text newly safe to show; empty while a character or a possible stop string is pending.
     pub delta: String,
 }
 
 impl Decoding {
-    pub fn new(prompt: &[u32], sampling: SamplingParams, eos: Vec<u32>, stop: Vec<String>, max_new: usize, stream: bool) -> Self {
-        let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
+    pub fn new(prompt: &[u32], request: &GenerateRequest, eos: Vec<u32>, max_new: usize, stream: bool) -> Self {
+        let stop: Vec<String> = request.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
         Self {
             track_text: stream || !stop.is_empty(),
-            sampler: Sampler::new(sampling),
+            chain: LogitsChain::new(&request.sampling, request.grammar.as_deref()),
+            sampler: Sampler::new(&request.sampling),
+            top_logprobs: request.top_logprobs,
+            logprobs: Vec::new(),
             history: prompt.to_vec(),
             prompt_len: prompt.len(),
             eos,
@@ -54,13 +66,28 @@ impl Decoding {
         }
     }
 
-    /// Samples the next token from `logits` (modified in place) and updates the state.
+    /// Whether [`prepare`](Self::prepare) has work worth running beside the forward pass.
+    pub fn has_preparation(&self) -> bool {
+        self.chain.has_preparation()
+    }
+
+    /// Work for the next step that does not need its logits (the grammar's mask).
+    pub fn prepare(&mut self) {
+        self.chain.prepare();
+    }
+
+    /// Chooses the next token from `logits` (modified in place) and updates the state.
     pub fn step(&mut self, logits: &mut [f32], tokenizer: &Tokenizer) -> Result<Step> {
-        let token = self.sampler.next_token(logits, &self.history);
+        let raw = self.top_logprobs.map(|_| log_softmax(logits));
+        self.chain.process(logits, &self.history);
+        let token = self.sampler.choose(logits);
+        self.chain.accept(token);
+        let logprob = raw.map(|raw| TokenLogprob::new(&raw, logits, token, self.top_logprobs.unwrap_or(0)));
+        self.logprobs.extend(logprob.clone());
         self.history.push(token);
         if !self.track_text {
             self.finish_after(token, false);
-            return Ok(Step { token, delta: String::new() });
+            return Ok(Step { token, logprob, delta: String::new() });
         }
         if let Some(piece) = self.decoder.push(tokenizer, token)? {
             self.text.push_str(&piece);
@@ -74,7 +101,7 @@ impl Decoding {
         let delta = self.text[self.released..safe.max(self.released)].to_string();
         self.released = safe.max(self.released);
         self.finish_after(token, stop_at.is_some());
-        Ok(Step { token, delta })
+        Ok(Step { token, logprob, delta })
     }
 
     fn finish_after(&mut self, token: u32, stopped: bool) {
@@ -96,6 +123,11 @@ impl Decoding {
 
     pub fn generated(&self) -> &[u32] {
         &self.history[self.prompt_len..]
+    }
+
+    /// Log-probabilities of every generated token, when the request asked for them.
+    pub fn logprobs(&self) -> &[TokenLogprob] {
+        &self.logprobs
     }
 
     pub fn prompt_len(&self) -> usize {

@@ -36,6 +36,9 @@ pub enum Error {
     /// Every adapter slot is taken by one that cannot be unloaded now (pinned, or in use).
     #[error("cannot load adapter `{name}`: {resident} adapters are resident, the limit, and none can be unloaded now")]
     AdaptersFull { name: String, resident: usize },
+    /// A JSON Schema that does not parse, or uses what cannot be enforced.
+    #[error("invalid JSON schema: {0}")]
+    Schema(String),
 
     #[error("tokenizer: {0}")]
     Tokenizer(String),

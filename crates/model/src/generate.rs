@@ -2,7 +2,7 @@
 //! the one the scheduler's continuous batching must agree with token for token.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
@@ -12,8 +12,10 @@ use crate::checkpoint::{self, CheckpointFiles};
 use crate::config::{GenerationConfig, ModelConfig, PreprocessorConfig};
 use crate::decoding::{Decoding, Step};
 use crate::error::{Error, Result};
+use crate::grammar::{Grammar, Vocabulary};
 use crate::image::{self, ImageOptions, PreprocessedImage};
 use crate::kv_cache::KvCache;
+use crate::logprobs::{TokenLogprob, MAX_TOP_LOGPROBS};
 use crate::lora::LoraAdapter;
 use crate::model::{LoadOptions, Qwen2VL};
 use crate::positions::{decode_position, prompt_positions};
@@ -31,6 +33,9 @@ pub struct Pipeline {
     pub preprocessor: PreprocessorConfig,
     pub generation: GenerationConfig,
     pub files: CheckpointFiles,
+    /// Token bytes and the grammar compiler, built on first use (only constraints and
+    /// log-probabilities need them).
+    vocabulary: OnceLock<std::result::Result<Vocabulary, String>>,
 }
 
 impl Pipeline {
@@ -48,7 +53,7 @@ impl Pipeline {
         };
         let prompt = PromptBuilder::load(&files, config.tokens)?;
         let model = Qwen2VL::load(&files, &config, options)?;
-        Ok(Self { model, prompt, preprocessor, generation, files })
+        Ok(Self { model, prompt, preprocessor, generation, files, vocabulary: OnceLock::new() })
     }
 
     pub fn preprocess_file(&self, path: &Path, options: &ImageOptions) -> Result<PreprocessedImage> {
@@ -70,6 +75,14 @@ impl Pipeline {
         ["<|im_end|>", "<|endoftext|>"].iter().filter_map(|t| self.prompt.tokenizer().token_to_id(t)).collect()
     }
 
+    /// Every token's bytes and the compiler of JSON-schema constraints over them.
+    pub fn vocabulary(&self) -> Result<&Vocabulary> {
+        self.vocabulary
+            .get_or_init(|| Vocabulary::load(&self.files.tokenizer, &self.eos_token_ids()).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| Error::Config { file: self.files.tokenizer.display().to_string(), reason: e.clone() })
+    }
+
     /// Token ids of a conversation whose images are `images`, in order.
     pub fn encode_prompt(&self, messages: &[ChatMessage], images: &[PreprocessedImage]) -> Result<Vec<u32>> {
         let merge = self.model.config().vision.spatial_merge_size;
@@ -85,6 +98,9 @@ impl Pipeline {
     /// positions and the generation limit.
     pub fn prepare(&self, request: &GenerateRequest) -> Result<PreparedPrompt> {
         request.sampling.validate()?;
+        if request.top_logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return Err(Error::InvalidRequest(format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")));
+        }
         if request.max_new_tokens == Some(0) {
             return Err(Error::InvalidRequest("max_new_tokens must be at least 1".into()));
         }
@@ -99,7 +115,7 @@ impl Pipeline {
     /// A fresh decoding state for a prepared request. `stream`: release text token by token
     /// (otherwise text is decoded only where stop strings need it, and once at the end).
     pub fn decoding(&self, request: &GenerateRequest, prompt: &PreparedPrompt, stream: bool) -> Decoding {
-        Decoding::new(&prompt.ids, request.sampling.clone(), self.eos_token_ids(), request.stop.clone(), prompt.max_new, stream)
+        Decoding::new(&prompt.ids, request, self.eos_token_ids(), prompt.max_new, stream)
     }
 
     /// One forward pass over sequences that are prefilling (empty cache: the prompt, with
@@ -112,8 +128,12 @@ impl Pipeline {
         let last_embeds = if last.is_empty() { None } else { Some(self.model.token_embeds(&last)?) };
 
         let mut inputs = Vec::with_capacity(seqs.len());
+        let mut preparing: Vec<&mut Decoding> = Vec::new();
         let mut row = 0;
         for s in seqs.iter_mut() {
+            if s.decoding.has_preparation() {
+                preparing.push(&mut *s.decoding);
+            }
             let prompt: &PreparedPrompt = s.prompt;
             let (embeds, positions) = if s.cache.is_empty() {
                 (self.model.prompt_embeds(&prompt.ids, &s.images)?, &prompt.positions[..])
@@ -123,7 +143,17 @@ impl Pipeline {
             };
             inputs.push(SeqInput { embeds, positions, cache: &mut *s.cache, adapter: s.adapter });
         }
-        let logits = self.model.forward(&mut inputs)?.to_vec2::<f32>()?;
+        // Grammar masks depend only on the tokens chosen so far: compute them while the model
+        // computes the logits they will apply to.
+        let logits = std::thread::scope(|scope| {
+            let masks = (!preparing.is_empty()).then(|| scope.spawn(move || preparing.into_iter().for_each(|d| d.prepare())));
+            let logits = self.model.forward(&mut inputs);
+            if let Some(Err(panic)) = masks.map(|m| m.join()) {
+                std::panic::resume_unwind(panic);
+            }
+            logits
+        })?
+        .to_vec2::<f32>()?;
         drop(inputs);
         let tokenizer = self.prompt.tokenizer();
         seqs.iter_mut().zip(logits).map(|(s, mut row)| s.decoding.step(&mut row, tokenizer)).collect()
@@ -178,6 +208,7 @@ impl Pipeline {
                 Ok(GenerateOutput {
                     text,
                     token_ids: s.decoding.generated().to_vec(),
+                    logprobs: s.decoding.logprobs().to_vec(),
                     prompt_tokens: s.decoding.prompt_len(),
                     image_grid_thw: s.request.images.iter().map(|i| i.grid_thw).collect(),
                     finish_reason: s.decoding.finish_reason().expect("loop ends when all finished"),
@@ -218,7 +249,7 @@ struct Sequence<'r> {
     cache: KvCache,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GenerateRequest {
     pub messages: Vec<ChatMessage>,
     pub images: Vec<PreprocessedImage>,
@@ -227,6 +258,10 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// LoRA adapter applied (unmerged) to this request only.
     pub adapter: Option<Arc<LoraAdapter>>,
+    /// A constraint every generated token must keep satisfiable (from [`Pipeline::vocabulary`]).
+    pub grammar: Option<Arc<Grammar>>,
+    /// Report each token's log-probability with this many alternatives; `None`: do not.
+    pub top_logprobs: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -261,6 +296,8 @@ impl FinishReason {
 pub struct GenerateOutput {
     pub text: String,
     pub token_ids: Vec<u32>,
+    /// One per token, when the request asked for log-probabilities.
+    pub logprobs: Vec<TokenLogprob>,
     pub prompt_tokens: usize,
     pub image_grid_thw: Vec<[usize; 3]>,
     pub finish_reason: FinishReason,

@@ -1,6 +1,6 @@
 //! Image preprocessing, exactly as transformers' `Qwen2VLImageProcessor` with the PIL backend:
-//! decode (size checked before the pixels are decoded), EXIF orientation, RGB with alpha
-//! composited onto white, `smart_resize`, PIL's 8-bit bicubic resampling, rescale, normalise,
+//! decode (size checked before the pixels are decoded), EXIF orientation, RGB as PIL's
+//! `convert("RGB")` (alpha dropped), `smart_resize`, PIL's 8-bit bicubic resampling, rescale, normalise,
 //! temporal duplication and the merge-group patch order.
 
 use std::io::Cursor;
@@ -65,7 +65,11 @@ pub fn decode_rgb(bytes: &[u8], max_decoded_pixels: u64) -> Result<RgbImage> {
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(decoder).map_err(classify)?;
     img.apply_orientation(orientation);
-    Ok(to_rgb_on_white(img))
+    let mut rgb = to_rgb(img);
+    if let Some(key) = crate::color_key::png_color_key(bytes) {
+        rgb.pixels_mut().filter(|p| p.0 == key).for_each(|p| p.0 = [255; 3]);
+    }
+    Ok(rgb)
 }
 
 fn classify(e: image::ImageError) -> crate::error::Error {
@@ -75,38 +79,11 @@ fn classify(e: image::ImageError) -> crate::error::Error {
     }
 }
 
-/// RGB conversion as transformers' `convert_to_rgb`: images with alpha are composited onto
-/// opaque white with PIL's `alpha_composite` integer arithmetic; others are converted directly.
-fn to_rgb_on_white(img: DynamicImage) -> RgbImage {
-    if !img.color().has_alpha() {
-        return img.into_rgb8();
-    }
-    let rgba = img.into_rgba8();
-    let (w, h) = rgba.dimensions();
-    let mut out = RgbImage::new(w, h);
-    for (src, dst) in rgba.pixels().zip(out.pixels_mut()) {
-        let [r, g, b, a] = src.0;
-        dst.0 = composite_on_white([r, g, b], a);
-    }
-    out
-}
-
-/// Pillow's `ImagingAlphaComposite` with an opaque white destination (7 bits of extra precision).
-fn composite_on_white(rgb: [u8; 3], alpha: u8) -> [u8; 3] {
-    const PRECISION_BITS: u32 = 7;
-    if alpha == 0 {
-        return [255; 3];
-    }
-    let a = alpha as u32;
-    let blend = 255 * (255 - a);
-    let outa255 = a * 255 + blend;
-    let coef1 = a * 255 * 255 * (1 << PRECISION_BITS) / outa255;
-    let coef2 = 255 * (1 << PRECISION_BITS) - coef1;
-    let shift_div255 = |x: u32| ((x >> 8) + x) >> 8;
-    rgb.map(|c| {
-        let tmp = c as u32 * coef1 + 255 * coef2;
-        (shift_div255(tmp + (0x80 << PRECISION_BITS)) >> PRECISION_BITS) as u8
-    })
+/// RGB as PIL's `convert("RGB")`: alpha is dropped, not composited (RGBA, LA, palettes; for
+/// a single transparent colour see [`crate::color_key`]). `transformers.image_utils.load_image` and LLaMA-Factory's
+/// training both convert this way, so this is what fine-tuned adapters saw.
+fn to_rgb(img: DynamicImage) -> RgbImage {
+    img.into_rgb8()
 }
 
 /// The processor's `smart_resize`: both sides become multiples of `factor`, rounded with
@@ -331,9 +308,10 @@ mod tests {
     }
 
     #[test]
-    fn compositing_keeps_opaque_and_whitens_transparent() {
-        assert_eq!(composite_on_white([10, 20, 30], 255), [10, 20, 30]);
-        assert_eq!(composite_on_white([10, 20, 30], 0), [255, 255, 255]);
+    fn alpha_is_dropped_not_composited() {
+        let rgba = image::RgbaImage::from_fn(3, 1, |x, _| image::Rgba([10, 20, 30, [0, 128, 255][x as usize]]));
+        let rgb = to_rgb(DynamicImage::ImageRgba8(rgba));
+        assert!(rgb.pixels().all(|p| p.0 == [10, 20, 30]), "{rgb:?}");
     }
 
     #[test]

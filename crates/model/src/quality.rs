@@ -24,7 +24,7 @@ pub struct Agreement {
 
 /// Log-probabilities `[positions, vocab]` of `pipeline` for the request's prompt followed by
 /// `forced` tokens, one row per next-token prediction.
-fn next_token_logprobs(pipeline: &Pipeline, request: &GenerateRequest, forced: &[u32]) -> Result<Tensor> {
+pub fn next_token_logprobs(pipeline: &Pipeline, request: &GenerateRequest, forced: &[u32]) -> Result<Tensor> {
     let prompt = pipeline.prepare(request)?;
     let model = &pipeline.model;
     let images: Vec<_> = request.images.iter().collect();

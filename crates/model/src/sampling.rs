@@ -1,5 +1,4 @@
-//! Choosing the next token from logits: greedy, or sampling with repetition penalty,
-//! temperature, top-k and top-p applied in the order transformers applies them.
+//! Sampling settings, and choosing the next token from processed logits: greedy, or a draw.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -56,55 +55,38 @@ impl SamplingParams {
     }
 }
 
+/// Chooses the token from logits the [`LogitsChain`](crate::logits::LogitsChain) has
+/// already processed: the largest when greedy, else a draw from their softmax.
 pub struct Sampler {
-    params: SamplingParams,
+    greedy: bool,
     rng: StdRng,
 }
 
 impl Sampler {
-    pub fn new(params: SamplingParams) -> Self {
+    pub fn new(params: &SamplingParams) -> Self {
         let rng = match params.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
-        Self { params, rng }
+        Self { greedy: params.is_greedy(), rng }
     }
 
-    /// Picks the next token; `history` is every token so far (prompt and generated).
-    pub fn next_token(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
-        if self.params.repetition_penalty != 1.0 {
-            apply_repetition_penalty(logits, history, self.params.repetition_penalty as f32);
-        }
-        if self.params.is_greedy() {
+    pub fn choose(&mut self, logits: &[f32]) -> u32 {
+        if self.greedy {
             return argmax(logits);
         }
-        let t = self.params.temperature as f32;
-        logits.iter_mut().for_each(|l| *l /= t);
-        let mut candidates: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
-        candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
-        if self.params.top_k > 0 && self.params.top_k < candidates.len() {
-            let kth = candidates[self.params.top_k - 1].1;
-            candidates.retain(|c| c.1 >= kth);
+        // Walk the candidates from the most likely down, so one draw maps to one token
+        // whatever the vocabulary order.
+        let mut candidates: Vec<(u32, f32)> =
+            logits.iter().enumerate().filter(|(_, l)| **l > f32::NEG_INFINITY).map(|(i, &l)| (i as u32, l)).collect();
+        if candidates.is_empty() {
+            return argmax(logits);
         }
+        candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
         let max = candidates[0].1;
         let mut probs: Vec<f32> = candidates.iter().map(|c| (c.1 - max).exp()).collect();
         let sum: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
-        if self.params.top_p < 1.0 {
-            // Keep the smallest prefix whose mass reaches top_p (at least one token).
-            let mut mass = 0.0;
-            let mut keep = probs.len();
-            for (i, p) in probs.iter().enumerate() {
-                mass += p;
-                if mass as f64 >= self.params.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            probs.truncate(keep);
-            let sum: f32 = probs.iter().sum();
-            probs.iter_mut().for_each(|p| *p /= sum);
-        }
         let mut u: f32 = self.rng.random();
         for (i, p) in probs.iter().enumerate() {
             if u < *p {
@@ -127,39 +109,35 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
-    let mut seen = std::collections::HashSet::with_capacity(history.len());
-    for &id in history {
-        if seen.insert(id) {
-            if let Some(l) = logits.get_mut(id as usize) {
-                *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logits::LogitsChain;
+
+    fn next_token(params: &SamplingParams, sampler: &mut Sampler, logits: &[f32], history: &[u32]) -> u32 {
+        let mut logits = logits.to_vec();
+        LogitsChain::new(params, None).process(&mut logits, history);
+        sampler.choose(&logits)
+    }
 
     #[test]
     fn greedy_takes_the_first_maximum() {
-        let mut s = Sampler::new(SamplingParams::default());
-        assert_eq!(s.next_token(&mut [0.1, 2.0, 2.0, -1.0], &[]), 1);
+        let params = SamplingParams::default();
+        assert_eq!(next_token(&params, &mut Sampler::new(&params), &[0.1, 2.0, 2.0, -1.0], &[]), 1);
     }
 
     #[test]
     fn repetition_penalty_demotes_seen_tokens() {
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 4.0, ..Default::default() });
-        assert_eq!(s.next_token(&mut [1.0, 2.0, 0.9], &[1]), 0);
+        let params = SamplingParams { repetition_penalty: 4.0, ..Default::default() };
+        assert_eq!(next_token(&params, &mut Sampler::new(&params), &[1.0, 2.0, 0.9], &[1]), 0);
     }
 
     #[test]
     fn seeded_sampling_is_reproducible_and_respects_top_k() {
         let params = SamplingParams { temperature: 1.0, top_k: 2, seed: Some(3), ..Default::default() };
         let draw = || {
-            let mut s = Sampler::new(params.clone());
-            (0..50).map(|_| s.next_token(&mut [0.0, 1.0, 1.1, -5.0], &[])).collect::<Vec<_>>()
+            let mut s = Sampler::new(&params);
+            (0..50).map(|_| next_token(&params, &mut s, &[0.0, 1.0, 1.1, -5.0], &[])).collect::<Vec<_>>()
         };
         let a = draw();
         assert_eq!(a, draw());

@@ -88,6 +88,7 @@ fn check_cases(
             sampling: SamplingParams::default(),
             stop: vec![],
             adapter: adapter.clone(),
+            ..Default::default()
         };
         let out = pipeline.generate(&request).unwrap();
         let grids: Vec<Value> = out.image_grid_thw.iter().map(|g| serde_json::json!(g)).collect();
@@ -151,7 +152,7 @@ fn preprocessing_matches_transformers_pixel_values() {
         levels.sort_by(f32::total_cmp);
         let max = levels[levels.len() - 1];
         if file.ends_with(".png") {
-            // PIL's bicubic, compositing and normalisation reproduced: identical, not just close.
+            // PIL's RGB conversion, bicubic and normalisation reproduced: identical, not just close.
             assert!(max * ONE_LEVEL <= 1e-6, "{key}: PNG pixel values differ by {max:.2} levels");
         } else {
             // JPEG decoders (zune-jpeg here, libjpeg-turbo in PIL) round IDCT and chroma
@@ -201,6 +202,7 @@ fn mixed_adapter_batch_matches_each_sequence_alone() {
             sampling: SamplingParams::default(),
             stop: vec![],
             adapter,
+            ..Default::default()
         });
         expected.push(ids(&golden["token_ids"]));
     }

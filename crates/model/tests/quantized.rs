@@ -28,6 +28,7 @@ fn request(pipeline: &Pipeline, image: &str) -> GenerateRequest {
         sampling: SamplingParams::default(),
         stop: vec![],
         adapter: None,
+        ..Default::default()
     }
 }
 

@@ -237,7 +237,7 @@ impl Worker {
         let now = Instant::now();
         for (seq, step) in self.running.iter_mut().zip(steps) {
             seq.first_token.get_or_insert(now);
-            let _ = seq.events.send(Event::Token { id: step.token, text: step.delta });
+            let _ = seq.events.send(Event::Token { id: step.token, text: step.delta, logprob: step.logprob });
         }
         let batch = self.running.len();
         self.stats.last_batch_size.store(batch, Ordering::Relaxed);

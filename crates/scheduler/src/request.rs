@@ -2,6 +2,7 @@
 
 use std::time::Instant;
 
+use qwen_ocr_model::logprobs::TokenLogprob;
 use qwen_ocr_model::{FinishReason, GenerateRequest, Timings};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -24,7 +25,8 @@ impl From<GenerateRequest> for Request {
 pub enum Event {
     /// One generated token and the text it releases. The text is empty while a UTF-8
     /// character or a possible stop string is still incomplete.
-    Token { id: u32, text: String },
+    /// `logprob` is there when the request asked for log-probabilities.
+    Token { id: u32, text: String, logprob: Option<TokenLogprob> },
     /// The last event of every request. Its `text` is the concatenation of all released text.
     Done(Completion),
 }
@@ -37,6 +39,8 @@ pub struct Completion {
     #[serde(skip)]
     pub tail: String,
     pub token_ids: Vec<u32>,
+    /// One per generated token, when the request asked for log-probabilities.
+    pub logprobs: Vec<TokenLogprob>,
     pub finish_reason: FinishReason,
     /// Why the request ended with `error` or `timeout`.
     pub error: Option<String>,

@@ -70,6 +70,7 @@ impl Sequence {
             text,
             tail,
             token_ids: self.decoding.generated().to_vec(),
+            logprobs: self.decoding.logprobs().to_vec(),
             finish_reason,
             error,
             prompt_tokens: self.prompt.ids.len(),

@@ -32,6 +32,7 @@ fn request(pipeline: &Pipeline, images: &[&str], prompt: &str, max_new: usize) -
         sampling: SamplingParams::default(),
         stop: vec![],
         adapter: None,
+        ..Default::default()
     }
 }
 
@@ -48,7 +49,7 @@ fn finish(stream: RequestStream) -> Completion {
 /// Waits for the first token, proof that the request is running.
 fn first_token(stream: &mut RequestStream) -> (u32, String) {
     match stream.blocking_next() {
-        Some(Event::Token { id, text }) => (id, text),
+        Some(Event::Token { id, text, .. }) => (id, text),
         other => panic!("expected a token, got {other:?}"),
     }
 }
@@ -58,7 +59,7 @@ fn finish_started(mut stream: RequestStream, first: Option<(u32, String)>) -> Co
     let (mut tokens, mut streamed): (Vec<u32>, String) = first.into_iter().unzip();
     loop {
         match stream.blocking_next().expect("a Done event before the stream ends") {
-            Event::Token { id, text } => {
+            Event::Token { id, text, .. } => {
                 tokens.push(id);
                 streamed.push_str(&text);
             }

@@ -197,6 +197,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         sampling,
         stop: args.stop,
         adapter,
+        ..Default::default()
     };
     let out = pipeline.generate(&request)?;
     if args.json {

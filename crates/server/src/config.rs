@@ -63,6 +63,9 @@ pub struct ServerConfig {
     pub allowed_image_hosts: Vec<String>,
     /// The extraction prompt for requests without one, when the adapter has none.
     pub extraction_prompt: String,
+    /// A JSON Schema file that `/v1/extract` answers of the base model must validate against
+    /// (relative paths resolve against the config file's folder).
+    pub extraction_schema_file: Option<PathBuf>,
     pub engine: EngineConfig,
 }
 
@@ -70,8 +73,22 @@ pub struct ServerConfig {
 #[serde(deny_unknown_fields)]
 pub struct AdapterConfig {
     pub path: PathBuf,
-    /// This adapter's extraction prompt, e.g. the one it was fine-tuned on.
+    /// This adapter's extraction profile: the prompt it was fine-tuned on, the JSON Schema of
+    /// its answers (relative paths resolve against the config file's folder), its generation
+    /// settings and the pixel range its images were trained at.
     pub prompt: Option<String>,
+    pub schema_file: Option<PathBuf>,
+    pub max_tokens: Option<usize>,
+    pub temperature: Option<f64>,
+    pub min_pixels: Option<u64>,
+    pub max_pixels: Option<u64>,
+}
+
+impl AdapterConfig {
+    /// An adapter with no profile of its own.
+    pub fn at(path: PathBuf) -> Self {
+        Self { path, prompt: None, schema_file: None, max_tokens: None, temperature: None, min_pixels: None, max_pixels: None }
+    }
 }
 
 impl Default for ServerConfig {
@@ -101,6 +118,7 @@ impl Default for ServerConfig {
             retry_after_secs: 1,
             allowed_image_hosts: Vec::new(),
             extraction_prompt: DEFAULT_EXTRACTION_PROMPT.into(),
+            extraction_schema_file: None,
             engine: EngineConfig::default(),
         }
     }
@@ -180,7 +198,7 @@ impl ServerConfig {
             config.api_keys = api_keys;
         }
         for (name, path) in adapters {
-            config.adapters.insert(name, AdapterConfig { path, prompt: None });
+            config.adapters.insert(name, AdapterConfig::at(path));
         }
         config.api_keys.retain(|k| !k.is_empty());
         if let Some(id) = &config.replica_id {
@@ -202,7 +220,14 @@ impl ServerConfig {
 
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("invalid configuration in {}", path.display()))
+        let mut config: Self = toml::from_str(&text).with_context(|| format!("invalid configuration in {}", path.display()))?;
+        let folder = path.parent().unwrap_or(Path::new(""));
+        let schema_files =
+            config.adapters.values_mut().filter_map(|a| a.schema_file.as_mut()).chain(config.extraction_schema_file.as_mut());
+        for file in schema_files {
+            *file = folder.join(&*file);
+        }
+        Ok(config)
     }
 }
 

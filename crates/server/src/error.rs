@@ -86,6 +86,7 @@ impl From<ModelError> for ApiError {
             ModelError::Adapter { .. } => Self::bad_request("invalid_adapter", message),
             // Busy, not wrong: the slots free up as the requests holding them end.
             ModelError::AdaptersFull { .. } => Self { code: "adapters_full", ..Self::unavailable(message) },
+            ModelError::Schema(_) => Self::bad_request("invalid_schema", message),
             ModelError::Io { .. } | ModelError::Config { .. } | ModelError::Hub { .. } | ModelError::Weights(_) | ModelError::Candle(_) => {
                 Self::internal(message)
             }

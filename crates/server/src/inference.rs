@@ -5,11 +5,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode};
+use qwen_ocr_model::grammar::Grammar;
 use qwen_ocr_model::image::{self, ImageOptions, PreprocessedImage};
 use qwen_ocr_model::lora::LoraAdapter;
 use qwen_ocr_model::sampling::SamplingParams;
 use qwen_ocr_model::{FinishReason, GenerateRequest};
 use qwen_ocr_scheduler::{Completion, Request, RequestStream};
+use serde_json::Value;
 
 use crate::error::{ApiError, ApiResult};
 use crate::metrics;
@@ -46,6 +48,16 @@ pub async fn resolve_adapter(state: &Arc<AppState>, headers: &HeaderMap, model: 
 
 /// Decodes and preprocesses images off the async threads.
 pub async fn preprocess_images(state: &Arc<AppState>, images: Vec<Vec<u8>>) -> ApiResult<Vec<PreprocessedImage>> {
+    preprocess_images_within(state, images, (None, None)).await
+}
+
+/// Like [`preprocess_images`], resized within `(min_pixels, max_pixels)` where given (an
+/// adapter's profile: the size its images were trained at), else the server's bounds.
+pub async fn preprocess_images_within(
+    state: &Arc<AppState>,
+    images: Vec<Vec<u8>>,
+    (min_pixels, max_pixels): (Option<u64>, Option<u64>),
+) -> ApiResult<Vec<PreprocessedImage>> {
     let limit = state.config.max_images_per_request;
     if images.len() > limit {
         return Err(ApiError::bad_request("too_many_images", format!("{} images, the limit is {limit} per request", images.len())));
@@ -53,8 +65,8 @@ pub async fn preprocess_images(state: &Arc<AppState>, images: Vec<Vec<u8>>) -> A
     let engine = state.engine()?;
     let pipeline = engine.pipeline().clone();
     let options = ImageOptions {
-        min_pixels: state.config.min_pixels,
-        max_pixels: state.config.max_pixels,
+        min_pixels: min_pixels.or(state.config.min_pixels),
+        max_pixels: max_pixels.or(state.config.max_pixels),
         max_decoded_pixels: Some(state.config.max_image_pixels),
     };
     tokio::task::spawn_blocking(move || {
@@ -87,6 +99,16 @@ pub fn sampling(state: &AppState, temperature: Option<f64>, top_p: Option<f64>, 
     params.seed = seed;
     params.validate()?;
     Ok(params)
+}
+
+/// Compiles a JSON Schema into a decoding constraint off the async threads (a hit in the
+/// compiled-schema cache is immediate). A schema that cannot be enforced is a 400.
+pub async fn compile_schema(state: &AppState, schema: Value) -> ApiResult<Arc<Grammar>> {
+    let pipeline = state.engine()?.pipeline().clone();
+    tokio::task::spawn_blocking(move || pipeline.vocabulary()?.compile(&schema))
+        .await
+        .map_err(|e| ApiError::internal(format!("schema compilation failed: {e}")))?
+        .map_err(ApiError::from)
 }
 
 /// Queues the request with the configured deadline.

@@ -2,12 +2,15 @@
 
 mod adapter_folder;
 mod cli;
+mod confidence;
 mod config;
 mod error;
 mod extract_json;
 mod inference;
+mod logprobs;
 mod metrics;
 mod on_demand;
+mod profile;
 mod routes;
 mod serve;
 mod state;

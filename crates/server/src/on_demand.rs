@@ -17,6 +17,7 @@ use qwen_ocr_model::Error as ModelError;
 use crate::adapter_folder::{self, PEFT_CONFIG, PEFT_WEIGHTS, PROFILE_FILE};
 use crate::error::{ApiError, ApiResult};
 use crate::metrics;
+use crate::profile::ProfileSpec;
 use crate::state::AppState;
 
 /// Where an adapter that is not resident can be loaded from.
@@ -71,8 +72,10 @@ async fn load_from(state: &Arc<AppState>, name: &str, source: Source) -> ApiResu
             Source::Folder(dir) => dir,
             Source::Hub => download(&name)?,
         };
-        // The prompt is in place before the adapter is visible, so no request sees it without.
-        set_prompt(&state, &name, adapter_folder::read_profile(&dir)?.prompt);
+        // The profile is in place before the adapter is visible, so no request sees it without;
+        // a bad profile leaves the adapter unloaded.
+        let spec = ProfileSpec::from_config(&adapter_folder::read_profile(&dir)?, &dir)?;
+        state.set_profile(&name, Some(spec.compile(&pipeline)?));
         Ok(load(&state, &pipeline.model, &name, &dir, Residency::Evictable)?.adapter)
     })
     .await
@@ -101,22 +104,13 @@ pub fn load(state: &AppState, model: &Qwen2VL, name: &str, dir: &Path, residency
     ::metrics::counter!(metrics::ADAPTER_LOADS).increment(1);
     ::metrics::histogram!(metrics::ADAPTER_LOAD_SECONDS).record(started.elapsed().as_secs_f64());
     if let Some(evicted) = &loaded.evicted {
-        set_prompt(state, evicted, None);
+        state.set_profile(evicted, None);
         ::metrics::counter!(metrics::ADAPTER_EVICTIONS).increment(1);
         tracing::info!(adapter = %evicted, "adapter evicted: least recently used");
     }
     ::metrics::gauge!(metrics::ADAPTERS_RESIDENT).set(state.adapters.list().len() as f64);
     tracing::info!(adapter = %name, seconds = started.elapsed().as_secs_f64(), path = %dir.display(), "adapter loaded");
     Ok(loaded)
-}
-
-/// Records (or clears) an adapter's own extraction prompt.
-pub fn set_prompt(state: &AppState, name: &str, prompt: Option<String>) {
-    let mut prompts = state.adapter_prompts.write().expect("prompts lock");
-    match prompt {
-        Some(p) => prompts.insert(name.to_string(), p),
-        None => prompts.remove(name),
-    };
 }
 
 /// One gate per adapter being loaded on first use: the first request through loads it, the

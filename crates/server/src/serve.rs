@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use qwen_ocr_model::adapter_registry::Residency;
 use qwen_ocr_model::Pipeline;
 use qwen_ocr_scheduler::Engine;
@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::config::{ServeArgs, ServerConfig};
 use crate::on_demand;
+use crate::profile::{read_schema_file, ProfileSpec};
 use crate::state::AppState;
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -81,14 +82,24 @@ fn load(state: &AppState) -> Result<()> {
         seconds = started.elapsed().as_secs_f64(),
         "weights loaded"
     );
+    let base = ProfileSpec { schema: read_schema(config.extraction_schema_file.as_deref())?, ..ProfileSpec::default() };
+    state.set_base_profile(base.compile(&pipeline).map_err(|e| anyhow!("extraction_schema_file: {}", e.message))?);
     for (name, adapter) in &config.adapters {
+        // Absolute already: the config's relative paths were resolved against its folder.
+        let spec = ProfileSpec::from_config(adapter, std::path::Path::new("")).map_err(|e| anyhow!("adapter `{name}`: {}", e.message))?;
+        let profile = spec.compile(&pipeline).map_err(|e| anyhow!("adapter `{name}`: {}", e.message))?;
+        state.set_profile(name, Some(profile));
         on_demand::load(state, &pipeline.model, name, &adapter.path, Residency::Pinned)
             .with_context(|| format!("loading adapter `{name}`"))?;
-        on_demand::set_prompt(state, name, adapter.prompt.clone());
     }
     state.set_engine(Engine::start(Arc::new(pipeline), config.engine.clone()));
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded; ready");
     Ok(())
+}
+
+/// A configured schema file, read; a bad one stops the start with its path and reason.
+fn read_schema(path: Option<&std::path::Path>) -> Result<Option<serde_json::Value>> {
+    path.map(|p| read_schema_file(p).map_err(|e| anyhow!(e.message))).transpose()
 }
 
 async fn shutdown_signal() {

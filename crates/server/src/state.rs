@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use qwen_ocr_model::adapter_registry::AdapterRegistry;
@@ -12,6 +12,7 @@ use qwen_ocr_scheduler::Engine;
 use crate::config::ServerConfig;
 use crate::error::{ApiError, ApiResult};
 use crate::on_demand::FirstLoads;
+use crate::profile::ExtractionProfile;
 
 pub struct AppState {
     pub config: ServerConfig,
@@ -19,8 +20,10 @@ pub struct AppState {
     pub adapters: AdapterRegistry,
     /// Adapters being loaded from the adapters folder on their first request.
     pub first_loads: FirstLoads,
-    /// Extraction prompts of adapters that have one, by adapter name.
-    pub adapter_prompts: RwLock<HashMap<String, String>>,
+    /// Extraction profiles of adapters that have one, by adapter name.
+    pub profiles: RwLock<HashMap<String, Arc<ExtractionProfile>>>,
+    /// The base model's profile (set once the model has loaded and its schema compiled).
+    base_profile: RwLock<Arc<ExtractionProfile>>,
     pub metrics: PrometheusHandle,
     shutting_down: AtomicBool,
 }
@@ -32,7 +35,8 @@ impl AppState {
             first_loads: FirstLoads::default(),
             config,
             engine: OnceLock::new(),
-            adapter_prompts: RwLock::new(HashMap::new()),
+            profiles: RwLock::new(HashMap::new()),
+            base_profile: RwLock::new(Arc::default()),
             metrics,
             shutting_down: AtomicBool::new(false),
         }
@@ -57,9 +61,29 @@ impl AppState {
         self.shutting_down.store(true, Ordering::Relaxed);
     }
 
+    /// The profile `/v1/extract` uses for this adapter (`None`: the base model). An adapter
+    /// without one gets an empty profile: the server's prompt, no schema.
+    pub fn profile(&self, adapter: Option<&str>) -> Arc<ExtractionProfile> {
+        match adapter {
+            None => self.base_profile.read().expect("profile lock").clone(),
+            Some(a) => self.profiles.read().expect("profiles lock").get(a).cloned().unwrap_or_default(),
+        }
+    }
+
+    pub fn set_base_profile(&self, profile: ExtractionProfile) {
+        *self.base_profile.write().expect("profile lock") = Arc::new(profile);
+    }
+
+    /// Sets (or with `None` removes) an adapter's profile.
+    pub fn set_profile(&self, adapter: &str, profile: Option<ExtractionProfile>) {
+        let mut profiles = self.profiles.write().expect("profiles lock");
+        match profile {
+            Some(p) => profiles.insert(adapter.to_string(), Arc::new(p)),
+            None => profiles.remove(adapter),
+        };
+    }
+
     pub fn extraction_prompt(&self, adapter: Option<&str>) -> String {
-        adapter
-            .and_then(|a| self.adapter_prompts.read().expect("prompts lock").get(a).cloned())
-            .unwrap_or_else(|| self.config.extraction_prompt.clone())
+        self.profile(adapter).settings.prompt.clone().unwrap_or_else(|| self.config.extraction_prompt.clone())
     }
 }

@@ -15,8 +15,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
 use futures_util::stream;
+use qwen_ocr_model::logprobs::{TokenLogprob, MAX_TOP_LOGPROBS};
 use qwen_ocr_model::prompt::{ChatMessage, Content, ContentPart};
-use qwen_ocr_model::GenerateRequest;
+use qwen_ocr_model::{GenerateRequest, Pipeline};
 use qwen_ocr_scheduler::{Completion, Event, RequestStream};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -24,6 +25,7 @@ use serde_json::{json, Value};
 use super::parse_json;
 use crate::error::{ApiError, ApiResult};
 use crate::inference::{self, finish_reason_name};
+use crate::logprobs::openai_logprobs;
 use crate::metrics::AdapterLabel;
 use crate::state::AppState;
 
@@ -41,6 +43,9 @@ struct ChatRequest {
     stream: bool,
     stream_options: Option<StreamOptions>,
     response_format: Option<ResponseFormat>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<i64>,
     n: Option<u32>,
 }
 
@@ -84,10 +89,31 @@ struct StreamOptions {
     include_usage: bool,
 }
 
+/// OpenAI's `response_format`: `json_object` and `json_schema` are enforced while decoding.
 #[derive(Debug, Deserialize)]
-struct ResponseFormat {
-    #[serde(rename = "type")]
-    kind: String,
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+/// OpenAI's `json_schema` object. Its `name`, `description` and `strict` are accepted and not
+/// needed: the schema is always enforced, and one that cannot be is refused.
+#[derive(Debug, Deserialize)]
+struct JsonSchemaFormat {
+    schema: Option<Value>,
+}
+
+impl ResponseFormat {
+    /// The schema to enforce, if any; OpenAI's `json_object` is any object.
+    fn schema(self) -> Option<Value> {
+        match self {
+            ResponseFormat::Text => None,
+            ResponseFormat::JsonObject => Some(json!({ "type": "object" })),
+            ResponseFormat::JsonSchema { json_schema } => Some(json_schema.schema.unwrap_or_else(|| json!({}))),
+        }
+    }
 }
 
 pub async fn completions(
@@ -100,11 +126,18 @@ pub async fn completions(
     if request.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad_request("unsupported_n", "only n=1 is supported"));
     }
-    if let Some(format) = &request.response_format {
-        if !matches!(format.kind.as_str(), "text" | "json_object") {
-            return Err(ApiError::bad_request("unsupported_response_format", "response_format.type must be `text` or `json_object`"));
+    let top_logprobs = match (request.logprobs, request.top_logprobs) {
+        (false, None) => None,
+        (false, Some(_)) => return Err(ApiError::bad_request("invalid_logprobs", "top_logprobs needs logprobs: true")),
+        (true, None) => Some(0),
+        (true, Some(n)) if (0..=MAX_TOP_LOGPROBS as i64).contains(&n) => Some(n as usize),
+        (true, Some(n)) => {
+            return Err(ApiError::bad_request(
+                "invalid_logprobs",
+                format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"),
+            ))
         }
-    }
+    };
     if request.messages.is_empty() {
         return Err(ApiError::bad_request("invalid_messages", "messages must not be empty"));
     }
@@ -116,17 +149,26 @@ pub async fn completions(
         Some(Stop::Many(v)) if v.len() <= 4 => v,
         Some(Stop::Many(_)) => return Err(ApiError::bad_request("invalid_stop", "at most 4 stop strings")),
     };
+    let grammar = match request.response_format.and_then(ResponseFormat::schema) {
+        Some(schema) => Some(inference::compile_schema(&state, schema).await?),
+        None => None,
+    };
     let (messages, image_bytes) = convert_messages(&state, request.messages).await?;
     let images = inference::preprocess_images(&state, image_bytes).await?;
     let adapter_name = adapter.as_ref().map(|a| a.name.clone());
-    let generate = GenerateRequest { messages, images, max_new_tokens, sampling, stop, adapter };
+    let generate = GenerateRequest { messages, images, max_new_tokens, sampling, stop, adapter, grammar, top_logprobs };
     let stream = inference::submit(&state, generate)?;
+    let vocabulary = match top_logprobs {
+        Some(_) => Some(state.engine()?.pipeline().clone()),
+        None => None,
+    };
 
     let reply = Reply {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         model: adapter_name.clone().or(request.model).unwrap_or_else(|| inference::BASE_MODEL.into()),
         adapter: adapter_name.clone(),
+        vocabulary,
     };
     let mut response = if request.stream {
         let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
@@ -226,6 +268,8 @@ struct Reply {
     created: u64,
     model: String,
     adapter: Option<String>,
+    /// Where token bytes come from, when the request asked for log-probabilities.
+    vocabulary: Option<Arc<Pipeline>>,
 }
 
 impl Reply {
@@ -239,15 +283,24 @@ impl Reply {
                 "index": 0,
                 "message": { "role": "assistant", "content": done.text },
                 "finish_reason": finish_reason_name(done.finish_reason),
-                "logprobs": null,
+                "logprobs": self.logprobs(&done.logprobs),
             }],
             "usage": usage(done),
             "system_fingerprint": null,
         })
     }
 
-    fn chunk(&self, delta: Value, finish_reason: Option<&str>, include_usage: bool) -> SseEvent {
-        let choices = json!([{ "index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": null }]);
+    /// The choice's `logprobs`: null unless asked for.
+    fn logprobs(&self, tokens: &[TokenLogprob]) -> Value {
+        match self.vocabulary.as_ref().map(|p| p.vocabulary()) {
+            Some(Ok(vocabulary)) => openai_logprobs(vocabulary, tokens),
+            _ => Value::Null,
+        }
+    }
+
+    fn chunk(&self, delta: Value, logprobs: &[TokenLogprob], finish_reason: Option<&str>, include_usage: bool) -> SseEvent {
+        let logprobs = if logprobs.is_empty() { Value::Null } else { self.logprobs(logprobs) };
+        let choices = json!([{ "index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs }]);
         self.chunk_event(choices, include_usage.then_some(Value::Null))
     }
 
@@ -289,39 +342,57 @@ async fn stream_reply(
             return Err(error);
         }
     }
-    let mut pending = VecDeque::from([reply.chunk(json!({ "role": "assistant", "content": "" }), None, include_usage)]);
+    let mut out = Outbox {
+        pending: VecDeque::from([reply.chunk(json!({ "role": "assistant", "content": "" }), &[], None, include_usage)]),
+        held_logprobs: Vec::new(),
+        include_usage,
+    };
     let mut events = Some(events);
-    reply.push_event(first, &mut pending, &mut events, include_usage);
-    let body = stream::unfold((reply, events, pending), move |(reply, mut events, mut pending)| async move {
+    reply.push_event(first, &mut out, &mut events);
+    let body = stream::unfold((reply, events, out), move |(reply, mut events, mut out)| async move {
         loop {
-            if let Some(event) = pending.pop_front() {
-                return Some((Ok(event), (reply, events, pending)));
+            if let Some(event) = out.pending.pop_front() {
+                return Some((Ok(event), (reply, events, out)));
             }
             let event = events.as_mut()?.next().await;
-            reply.push_event(event, &mut pending, &mut events, include_usage);
+            reply.push_event(event, &mut out, &mut events);
         }
     });
     Ok(Sse::new(body).keep_alive(KeepAlive::default()))
 }
 
+/// SSE events ready to send, and what the next text chunk must carry.
+struct Outbox {
+    pending: VecDeque<SseEvent>,
+    /// Log-probabilities of tokens whose text is still held back (part of a character or of a
+    /// possible stop string): they go out with the chunk that releases it.
+    held_logprobs: Vec<TokenLogprob>,
+    include_usage: bool,
+}
+
 impl Reply {
     /// Turns one engine event (`None`: the engine went away) into SSE events; ends the stream
     /// (`events = None`) after the last one.
-    fn push_event(&self, event: Option<Event>, pending: &mut VecDeque<SseEvent>, events: &mut Option<RequestStream>, include_usage: bool) {
+    fn push_event(&self, event: Option<Event>, out: &mut Outbox, events: &mut Option<RequestStream>) {
+        let (pending, include_usage) = (&mut out.pending, out.include_usage);
         match event {
-            Some(Event::Token { text, .. }) if !text.is_empty() => {
-                pending.push_back(self.chunk(json!({ "content": text }), None, include_usage));
+            Some(Event::Token { text, logprob, .. }) => {
+                out.held_logprobs.extend(logprob);
+                if !text.is_empty() {
+                    let logprobs = std::mem::take(&mut out.held_logprobs);
+                    pending.push_back(self.chunk(json!({ "content": text }), &logprobs, None, include_usage));
+                }
             }
-            Some(Event::Token { .. }) => {}
             Some(Event::Done(done)) => {
                 inference::record(&done, self.adapter.as_deref());
                 if let Some(error) = inference::failure(&done) {
                     pending.push_back(SseEvent::default().data(error.body().to_string()));
                 } else {
-                    if !done.tail.is_empty() {
-                        pending.push_back(self.chunk(json!({ "content": done.tail }), None, include_usage));
+                    let logprobs = std::mem::take(&mut out.held_logprobs);
+                    if !done.tail.is_empty() || !logprobs.is_empty() {
+                        pending.push_back(self.chunk(json!({ "content": done.tail }), &logprobs, None, include_usage));
                     }
-                    pending.push_back(self.chunk(json!({}), Some(finish_reason_name(done.finish_reason)), include_usage));
+                    pending.push_back(self.chunk(json!({}), &[], Some(finish_reason_name(done.finish_reason)), include_usage));
                     if include_usage {
                         pending.push_back(self.chunk_event(json!([]), Some(usage(&done))));
                     }

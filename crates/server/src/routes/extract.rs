@@ -9,15 +9,17 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use qwen_ocr_model::prompt::ChatMessage;
-use qwen_ocr_model::GenerateRequest;
+use qwen_ocr_model::{FinishReason, GenerateRequest};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{body_error, unreadable_body};
+use crate::confidence::field_confidences;
 use crate::error::{ApiError, ApiResult};
 use crate::extract_json::extract_json;
 use crate::inference::{self, finish_reason_name};
 use crate::metrics::AdapterLabel;
+use crate::profile::parse_schema;
 use crate::state::AppState;
 
 /// The optional fields, from multipart parts or (for raw bodies) the query string.
@@ -27,6 +29,8 @@ struct ExtractOptions {
     prompt: Option<String>,
     max_tokens: Option<i64>,
     temperature: Option<f64>,
+    /// A JSON Schema (as JSON text) that replaces the profile's for this request.
+    schema: Option<String>,
 }
 
 pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, request: Request) -> ApiResult<Response> {
@@ -51,11 +55,17 @@ pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, req
     if image.is_empty() {
         return Err(ApiError::bad_request("missing_image", "the image is empty"));
     }
-    let max_new_tokens = inference::check_max_tokens(&state, options.max_tokens)?;
-    let sampling = inference::sampling(&state, options.temperature, None, None)?;
     let adapter_name = adapter.as_ref().map(|a| a.name.clone());
+    let profile = state.profile(adapter_name.as_deref());
+    let max_new_tokens = inference::check_max_tokens(&state, options.max_tokens.or(profile.settings.max_tokens.map(|n| n as i64)))?;
+    let sampling = inference::sampling(&state, options.temperature.or(profile.settings.temperature), None, None)?;
     let prompt = options.prompt.unwrap_or_else(|| state.extraction_prompt(adapter_name.as_deref()));
-    let images = inference::preprocess_images(&state, vec![image]).await?;
+    let grammar = match options.schema {
+        Some(text) => Some(inference::compile_schema(&state, parse_schema(&text)?).await?),
+        None => profile.grammar.clone(),
+    };
+    let pixels = (profile.settings.min_pixels, profile.settings.max_pixels);
+    let images = inference::preprocess_images_within(&state, vec![image], pixels).await?;
     let request = GenerateRequest {
         messages: vec![ChatMessage::user_with_images(images.len(), &prompt)],
         images,
@@ -63,7 +73,11 @@ pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, req
         sampling,
         stop: vec![],
         adapter,
+        // Confidences are made of the chosen tokens' probabilities.
+        top_logprobs: grammar.as_ref().map(|_| 0),
+        grammar,
     };
+    let constrained = request.grammar.is_some();
     let stream = inference::submit(&state, request)?;
     let done = inference::complete(stream, adapter_name.as_deref()).await?;
     let t = &done.timings;
@@ -82,9 +96,19 @@ pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, req
         },
         "timings": { "queued_ms": t.queued_ms, "prefill_ms": t.prefill_ms, "vision_ms": t.vision_ms, "decode_ms": t.decode_ms },
     });
-    match extract_json(&done.text) {
-        Ok(data) => body["data"] = data,
-        Err(why) => body["error"] = json!(why),
+    if !constrained {
+        match extract_json(&done.text) {
+            Ok(data) => body["data"] = data,
+            Err(why) => body["error"] = json!(why),
+        }
+    } else if done.finish_reason != FinishReason::Stop {
+        body["error"] = json!("max_tokens cut the answer before its JSON was complete: raise max_tokens");
+    } else {
+        // The grammar admitted only text that parses and validates.
+        body["data"] = serde_json::from_str(&done.text).map_err(|e| ApiError::internal(format!("constrained output is not JSON: {e}")))?;
+        let vocabulary = state.engine()?.pipeline().vocabulary()?;
+        let bytes = |t| if vocabulary.is_special(t) { Vec::new() } else { vocabulary.token_bytes(t) };
+        body["confidence"] = Value::Object(field_confidences(&done.logprobs, bytes));
     }
     let mut response = Json(body).into_response();
     response.extensions_mut().insert(AdapterLabel(adapter_name.unwrap_or_default()));
@@ -116,6 +140,7 @@ async fn read_multipart(request: Request) -> ApiResult<(Vec<u8>, ExtractOptions)
             "prompt" => options.prompt = Some(field.text().await.map_err(broken)?),
             "max_tokens" => options.max_tokens = Some(parse_field(&name, &field.text().await.map_err(broken)?)?),
             "temperature" => options.temperature = Some(parse_field(&name, &field.text().await.map_err(broken)?)?),
+            "schema" => options.schema = Some(field.text().await.map_err(broken)?),
             other => return Err(ApiError::bad_request("unknown_field", format!("unknown form field `{other}`"))),
         }
     }

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod json_schema;
+
 pub const PLATE_PROMPT: &str =
     "Please extract the Vehicle Sr No, Engine No, and Model from this image. Response only json format nothing else.";
 
@@ -93,7 +95,15 @@ impl Server {
 
     /// Starts it with `toml` as its configuration file, plus extra flags.
     pub fn start_with_config(toml: &str, extra: &[&str]) -> Self {
+        Self::start_with_config_files(toml, &[], extra)
+    }
+
+    /// Starts it with `toml` as its configuration file and `files` (name, contents) beside it.
+    pub fn start_with_config_files(toml: &str, files: &[(&str, &str)], extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        for (name, contents) in files {
+            std::fs::write(dir.path().join(name), contents).unwrap();
+        }
         let config = dir.path().join("qwen-ocr.toml");
         std::fs::write(&config, toml).unwrap();
         let config = config.display().to_string();

@@ -1,0 +1,241 @@
+//! Schema-guaranteed output over real HTTP on the tiny checkpoint: extraction profiles,
+//! per-request schemas, `response_format` on chat, log-probabilities and bad schemas. The
+//! checkpoint's random weights never write JSON on their own, so every valid answer here is
+//! the constraint's doing.
+
+mod common;
+
+use common::json_schema::validate;
+use common::*;
+use serde_json::{json, Value};
+
+/// The plate adapter's profile schema: bounded strings, so an answer always finishes.
+fn profile_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "Vehicle Sr No": { "type": "string", "maxLength": 10 },
+            "Engine No": { "type": "string", "maxLength": 10 },
+            "Model": { "type": "string", "maxLength": 12 }
+        },
+        "required": ["Vehicle Sr No", "Engine No", "Model"],
+        "additionalProperties": false
+    })
+}
+
+/// A string pattern, an integer range and an enum (shared with the model crate's tests).
+fn plate_schema() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("schemas/plate.schema.json")).unwrap()).unwrap()
+}
+
+fn assert_valid_extraction(body: &Value, schema: &Value, what: &str) {
+    assert_eq!(body["finish_reason"], "stop", "{what}: {body}");
+    validate(&body["data"], schema).unwrap_or_else(|e| panic!("{what}: {e}\n{body}"));
+    let data = body["data"].as_object().unwrap();
+    let confidence = body["confidence"].as_object().unwrap_or_else(|| panic!("{what}: no confidence: {body}"));
+    assert_eq!(confidence.keys().collect::<Vec<_>>(), data.keys().collect::<Vec<_>>(), "{what}");
+    for (field, c) in confidence {
+        let c = c.as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&c), "{what}: {field} confidence {c}");
+    }
+}
+
+#[test]
+fn extract_with_a_profile_gives_valid_fields_and_confidences_for_every_committed_image() {
+    let toml = format!(
+        "[adapters.plates]\npath = {:?}\nprompt = {PLATE_PROMPT:?}\nschema_file = \"plates.schema.json\"\nmax_tokens = 96\nmax_pixels = 50176\n",
+        adapter_dir("lm-qv-r4").display().to_string()
+    );
+    let server = Server::start_with_config_files(&toml, &[("plates.schema.json", &profile_schema().to_string())], &[]);
+    let mut images: Vec<String> =
+        std::fs::read_dir(fixtures().join("images")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    images.sort();
+    assert!(images.len() >= 8, "{images:?}");
+    for image in &images {
+        let (status, body) = server.extract_multipart(&[("image", image, &image_bytes(image))], &[], &[("X-Adapter", "plates")]);
+        assert_eq!(status, 200, "{image}: {body}");
+        assert_valid_extraction(&body, &profile_schema(), image);
+        assert_eq!(body["adapter"], "plates");
+    }
+    // The same image on the base model, which has no profile schema: the model's own text,
+    // which is not JSON.
+    let (status, body) = server.extract_multipart(&[("image", "plate.png", &image_bytes("plate.png"))], &[("max_tokens", "24")], &[]);
+    assert_eq!(status, 200, "{body}");
+    assert!(body["data"].is_null() && body.get("confidence").is_none(), "{body}");
+
+    let (_, listed) = server.get("/v1/adapters");
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["data"][0]["schema"], profile_schema());
+    assert_eq!(listed["data"][0]["max_pixels"], 50176);
+}
+
+#[test]
+fn a_request_schema_with_a_pattern_an_integer_range_and_an_enum_validates_and_a_cut_answer_says_length() {
+    let server = Server::start(&[]);
+    let schema = plate_schema().to_string();
+    for image in ["plate.png", "photo.jpg"] {
+        let (status, body) = server.extract_multipart(&[("image", image, &image_bytes(image))], &[("schema", &schema)], &[]);
+        assert_eq!(status, 200, "{body}");
+        assert_valid_extraction(&body, &plate_schema(), image);
+    }
+    let query: String = schema.bytes().map(|b| format!("%{b:02X}")).collect();
+    let (status, body) = server.post_raw(&format!("/v1/extract?schema={query}"), "image/png", &image_bytes("gray.png"), &[]);
+    assert_eq!(status, 200, "{body}");
+    assert_valid_extraction(&body, &plate_schema(), "query schema");
+
+    let (status, body) =
+        server.extract_multipart(&[("image", "plate.png", &image_bytes("plate.png"))], &[("schema", &schema), ("max_tokens", "3")], &[]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["finish_reason"], "length");
+    assert!(body["data"].is_null() && body["error"].as_str().unwrap().contains("max_tokens"), "{body}");
+}
+
+fn with_format(mut body: Value, format: Value) -> Value {
+    body["response_format"] = format;
+    body
+}
+
+fn json_schema_format(schema: Value) -> Value {
+    json!({ "type": "json_schema", "json_schema": { "name": "plate", "schema": schema, "strict": true } })
+}
+
+#[test]
+fn chat_enforces_json_schema_and_json_object_beside_unconstrained_and_adapter_requests() {
+    let adapter = format!("lm={}", adapter_dir("lm-qv-r4").display());
+    let server = Server::start(&["--adapter", &adapter]);
+    let solo_base = generate_text("plate.png", PLATE_PROMPT, 16, None);
+    let solo_adapter = generate_text("plate.png", PLATE_PROMPT, 16, Some("lm-qv-r4"));
+    let schema = plate_schema();
+    let constrained = with_format(chat_body(None, &["plate.png"], PLATE_PROMPT, 64), json_schema_format(schema.clone()));
+    let mut streamed = with_format(chat_body(Some("lm"), &["plate.png"], PLATE_PROMPT, 64), json_schema_format(schema.clone()));
+    streamed["stream"] = json!(true);
+    // Any object is allowed, so its length is the model's choice: this prompt's is short.
+    let object = with_format(chat_body(None, &["plate.png"], "Describe it as JSON.", 64), json!({ "type": "json_object" }));
+    let cut = with_format(chat_body(None, &["plate.png"], PLATE_PROMPT, 4), json_schema_format(schema.clone()));
+
+    // All at once, so that the engine batches them together.
+    std::thread::scope(|s| {
+        let server = &server;
+        let plain = |body: Value| s.spawn(move || server.post_json("/v1/chat/completions", &body, &[]));
+        let constrained = plain(constrained);
+        let object = plain(object);
+        let cut = plain(cut);
+        let base = plain(chat_body(None, &["plate.png"], PLATE_PROMPT, 16));
+        let adapted = plain(chat_body(Some("lm"), &["plate.png"], PLATE_PROMPT, 16));
+        let streamed = s.spawn(move || server.chat_stream(&streamed, &[]));
+
+        let content = |reply: &(u16, Value)| {
+            assert_eq!(reply.0, 200, "{}", reply.1);
+            (reply.1["choices"][0]["message"]["content"].as_str().unwrap().to_string(), reply.1["choices"][0]["finish_reason"].clone())
+        };
+        let (text, finish) = content(&constrained.join().unwrap());
+        assert_eq!(finish, "stop");
+        validate(&serde_json::from_str(&text).unwrap(), &schema).unwrap();
+        let (text, finish) = content(&object.join().unwrap());
+        assert_eq!(finish, "stop", "{text}");
+        assert!(serde_json::from_str::<Value>(&text).unwrap().is_object(), "{text}");
+        let (text, finish) = content(&cut.join().unwrap());
+        assert_eq!(finish, "length", "{text}");
+        assert!(serde_json::from_str::<Value>(&text).is_err(), "four tokens cannot finish this JSON: {text}");
+        assert_eq!(content(&base.join().unwrap()).0, solo_base);
+        assert_eq!(content(&adapted.join().unwrap()).0, solo_adapter);
+        let (text, finish, _) = streamed.join().unwrap();
+        assert_eq!(finish.as_deref(), Some("stop"));
+        validate(&serde_json::from_str(&text).unwrap(), &schema).unwrap();
+    });
+}
+
+#[test]
+fn logprobs_are_openai_shaped_sorted_and_agree_with_the_greedy_choice_plain_and_streamed() {
+    let server = Server::start(&[]);
+    let mut body = chat_body(None, &["plate.png"], PLATE_PROMPT, 8);
+    body["temperature"] = json!(0);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(4);
+    let (status, reply) = server.post_json("/v1/chat/completions", &body, &[]);
+    assert_eq!(status, 200, "{reply}");
+    let entries = reply["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    assert_eq!(entries.len(), 8);
+    let mut bytes = Vec::new();
+    for entry in &entries {
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 4);
+        assert_eq!((&top[0]["token"], &top[0]["logprob"], &top[0]["bytes"]), (&entry["token"], &entry["logprob"], &entry["bytes"]));
+        let values: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(values.windows(2).all(|w| w[0] >= w[1]) && values[0] <= 0.0, "{values:?}");
+        bytes.extend(entry["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8));
+    }
+    assert_eq!(String::from_utf8(bytes).unwrap(), reply["choices"][0]["message"]["content"].as_str().unwrap());
+
+    body["stream"] = json!(true);
+    let (_, _, lines) = server.chat_stream(&body, &[]);
+    let streamed: Vec<Value> = lines
+        .iter()
+        .filter(|l| *l != "[DONE]")
+        .flat_map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["choices"][0]["logprobs"]["content"].as_array().cloned().unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(streamed, entries, "the stream carries the same log-probabilities");
+
+    // Without `logprobs`, none; out-of-range or orphan `top_logprobs` are refused.
+    body["stream"] = json!(false);
+    body["logprobs"] = json!(false);
+    body.as_object_mut().unwrap().remove("top_logprobs");
+    assert!(server.post_json("/v1/chat/completions", &body, &[]).1["choices"][0]["logprobs"].is_null());
+    body["top_logprobs"] = json!(2);
+    assert_api_error(&server.post_json("/v1/chat/completions", &body, &[]), 400, "invalid_logprobs");
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(21);
+    assert_api_error(&server.post_json("/v1/chat/completions", &body, &[]), 400, "invalid_logprobs");
+}
+
+#[test]
+fn bad_schemas_get_a_400_that_names_the_problem_in_chat_extract_and_profiles() {
+    let adapters_dir = adapter_dir("lm-qv-r4").parent().unwrap().to_path_buf();
+    let server = Server::start(&["--adapters-dir", adapters_dir.to_str().unwrap()]);
+    let chat = |schema: Value| {
+        server.post_json("/v1/chat/completions", &with_format(chat_body(None, &[], "hi", 4), json_schema_format(schema)), &[])
+    };
+    let named = |reply: (u16, Value), needle: &str| {
+        assert_api_error(&reply, 400, "invalid_schema");
+        let message = reply.1["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains(needle), "{message}");
+    };
+    named(chat(json!({ "type": "strng" })), "strng");
+    named(chat(json!({ "type": "array", "uniqueItems": true })), "uniqueItems");
+    named(chat(json!({ "type": "string", "format": "bogus" })), "bogus");
+    let unknown_format =
+        server.post_json("/v1/chat/completions", &with_format(chat_body(None, &[], "hi", 4), json!({ "type": "xml" })), &[]);
+    assert_api_error(&unknown_format, 400, "invalid_json");
+
+    let plate = image_bytes("plate.png");
+    named(server.extract_multipart(&[("image", "p.png", &plate)], &[("schema", "{not json")], &[]), "not JSON");
+    named(server.extract_multipart(&[("image", "p.png", &plate)], &[("schema", r#"{"not": {}}"#)], &[]), "not");
+
+    let load = |extra: Value| {
+        let mut body = json!({ "name": "plates", "path": "lm-qv-r4" });
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        server.post_json("/v1/adapters", &body, &[])
+    };
+    named(load(json!({ "schema": { "type": "object", "properties": { "a": { "type": "strng" } } } })), "strng");
+    assert!(server.get("/v1/adapters").1.contains("\"data\":[]"), "a refused profile loads nothing");
+    let (status, body) = load(json!({ "schema": plate_schema(), "max_tokens": 64 }));
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = server.extract_multipart(&[("image", "p.png", &plate)], &[], &[("X-Adapter", "plates")]);
+    assert_eq!(status, 200, "{body}");
+    assert_valid_extraction(&body, &plate_schema(), "runtime profile");
+
+    // At start-up, a bad profile schema stops the server with the file and the reason.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad.json"), r#"{"type": "object", "properties": {"a": {"type": "strng"}}}"#).unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!("[adapters.x]\npath = {:?}\nschema_file = \"bad.json\"\n", adapter_dir("lm-qv-r4").display().to_string()),
+    )
+    .unwrap();
+    let out = qwen_ocr(&["serve", "--model", &tiny_model(), "--host", "127.0.0.1", "--port", "0", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("adapter `x`") && stderr.contains("strng"), "{stderr}");
+}
