@@ -182,3 +182,26 @@ fn hub_adapters_load_from_the_hub_cache_when_allowed() {
 fn toml_string(s: &str) -> String {
     serde_json::to_string(s).unwrap()
 }
+
+/// An adapter loaded on first use brings its folder's extraction profile, schema included (its
+/// `schema_file` resolved against that folder): an image and `X-Adapter` alone give fields
+/// that validate, with confidences.
+#[test]
+fn an_adapter_loaded_on_first_use_answers_with_its_folders_profile_schema() {
+    let schema = json!({
+        "type": "object",
+        "properties": { "Engine No": { "type": "string", "maxLength": 8 }, "Model": { "enum": ["A", "B"] } },
+        "required": ["Engine No", "Model"],
+        "additionalProperties": false
+    });
+    let root = adapters_folder(&[("plates", "lm-qv-r4", Some("schema_file = \"schema.json\"\nmax_tokens = 64\n"))]);
+    std::fs::write(root.path().join("plates/schema.json"), schema.to_string()).unwrap();
+    let server = serve_folder(root.path(), "");
+    let (status, body) = server.extract_multipart(&[("image", "plate.png", &image_bytes("plate.png"))], &[], &[("X-Adapter", "plates")]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["finish_reason"], "stop", "{body}");
+    common::json_schema::validate(&body["data"], &schema).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    let confidence = body["confidence"].as_object().unwrap_or_else(|| panic!("no confidence: {body}"));
+    assert_eq!(confidence.len(), 2, "{body}");
+    assert_eq!(resident(&server), ["plates"]);
+}
