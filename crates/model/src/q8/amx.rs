@@ -174,24 +174,9 @@ unsafe fn dequantize_panel(panel: &[u8], kb: usize, dst: &mut [u16]) {
     // A weight group is 64 bytes: column j's 4 consecutive k at bytes 4j..4j+4. Lane l of the
     // quarter c holds column 4c + l/4, so its scale is lane 4c + l/4 of the scale vector.
     let scale_idx: [__m512i; 4] = std::array::from_fn(|c| {
-        _mm512_set_epi32(
-            4 * c as i32 + 3,
-            4 * c as i32 + 3,
-            4 * c as i32 + 3,
-            4 * c as i32 + 3,
-            4 * c as i32 + 2,
-            4 * c as i32 + 2,
-            4 * c as i32 + 2,
-            4 * c as i32 + 2,
-            4 * c as i32 + 1,
-            4 * c as i32 + 1,
-            4 * c as i32 + 1,
-            4 * c as i32 + 1,
-            4 * c as i32,
-            4 * c as i32,
-            4 * c as i32,
-            4 * c as i32,
-        )
+        let lanes: [i32; 16] = std::array::from_fn(|l| (4 * c + l / 4) as i32);
+        // SAFETY: an unaligned load of 16 i32 from a local array.
+        unsafe { _mm512_loadu_si512(lanes.as_ptr() as *const _) }
     });
     // Tile row 2g holds the pairs (k = 4g, 4g+1) of all 16 columns, row 2g+1 (4g+2, 4g+3): the
     // even and odd u32 of the group's bf16 quads.
