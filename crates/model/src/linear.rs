@@ -6,7 +6,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 
-use crate::cpu_kernels::Activation;
+use crate::cpu_kernels::{Activation, Combine};
 use crate::lora::{canonical_module, RowAdapters};
 use crate::q8::Q8Weights;
 use crate::quant::{Q8MatMul, Quant};
@@ -93,22 +93,23 @@ impl Linear {
         rows.apply(&self.name, x, y)
     }
 
-    /// `activation(x Wᵀ + b + LoRA) + residual` (either optional; `x` and `residual` 2-D).
-    /// With quantized weights and no adapter on this module in the batch, the activation and
-    /// the residual add run inside the product's output pass instead of as passes of their own.
+    /// `activation(x Wᵀ + b + LoRA)`, then combined with `other` (a residual added, or a gate
+    /// multiplied); either optional, `x` and `other` 2-D. With quantized weights and no adapter
+    /// on this module in the batch, all of it runs inside the product's output pass instead of
+    /// as passes of their own.
     pub fn forward_fused(
         &self,
         x: &Tensor,
         rows: &RowAdapters,
         activation: Option<Activation>,
-        residual: Option<&Tensor>,
+        other: Option<(Combine, &Tensor)>,
     ) -> Result<Tensor> {
         if let Weight::Q8(op) = &self.weight {
             if !rows.adapts(&self.name) && crate::cpu_kernels::handles(x) {
-                let (op, x) = (op.fused(activation), x.contiguous()?);
-                return match residual {
-                    Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op),
-                    None => x.apply_op1_no_bwd(&op),
+                let x = x.contiguous()?;
+                return match other {
+                    Some((combine, o)) => x.apply_op2_no_bwd(&o.contiguous()?, &op.fused(activation, combine)),
+                    None => x.apply_op1_no_bwd(&op.fused(activation, Combine::Add)),
                 };
             }
         }
@@ -117,8 +118,8 @@ impl Linear {
             Some(a) => a.apply(&y)?,
             None => y,
         };
-        match residual {
-            Some(r) => y + r,
+        match other {
+            Some((combine, o)) => combine.apply(&y, o),
             None => Ok(y),
         }
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape};
 
-use crate::cpu_kernels::Activation;
+use crate::cpu_kernels::{Activation, Combine};
 
 use crate::error::{Error, Result as ModelResult};
 use crate::q8::Q8Weights;
@@ -48,7 +48,7 @@ impl Quant {
 }
 
 /// `x [m, k] · Wᵀ + b` with `W` held as Q8_0, as a candle op on f32 CPU tensors, optionally
-/// followed by an activation and a residual add (`Q8MatMul::fused`). The bias and whatever
+/// followed by an activation and a combination with a second operand (`Q8MatMul::fused`). The bias and whatever
 /// follows are applied block by block while the output is still in cache (see
 /// [`Q8Weights::matmul_then`]), rather than as separate passes over the whole output.
 #[derive(Clone)]
@@ -56,23 +56,26 @@ pub struct Q8MatMul {
     pub weights: Arc<Q8Weights>,
     pub bias: Option<Arc<[f32]>>,
     activation: Option<Activation>,
+    /// How the second operand of the `CustomOp2` form joins the output.
+    combine: Combine,
 }
 
 impl Q8MatMul {
     pub fn new(weights: Arc<Q8Weights>, bias: Option<Arc<[f32]>>) -> Self {
-        Q8MatMul { weights, bias, activation: None }
+        Q8MatMul { weights, bias, activation: None, combine: Combine::Add }
     }
 
-    /// The same product with `activation` applied to its output (before any residual).
-    pub fn fused(&self, activation: Option<Activation>) -> Self {
-        Q8MatMul { activation, ..self.clone() }
+    /// The same product with `activation` applied to its output, then (as a `CustomOp2`) the
+    /// second operand combined by `combine`.
+    pub fn fused(&self, activation: Option<Activation>, combine: Combine) -> Self {
+        Q8MatMul { activation, combine, ..self.clone() }
     }
 
-    /// `act(x·Wᵀ + b) (+ residual)` for x `[m, k]` (contiguous), residual `[m, n]`.
-    fn run(&self, x: &[f32], m: usize, residual: Option<&[f32]>) -> Vec<f32> {
+    /// `act(x·Wᵀ + b) ∘ other` for x `[m, k]` (contiguous), other `[m, n]`.
+    fn run(&self, x: &[f32], m: usize, other: Option<&[f32]>) -> Vec<f32> {
         let n = self.weights.n();
         let mut out = vec![0f32; m * n];
-        let (bias, activation) = (self.bias.as_deref(), self.activation);
+        let (bias, activation, combine) = (self.bias.as_deref(), self.activation, self.combine);
         let epilogue = |row: usize, col0: usize, seg: &mut [f32]| {
             if let Some(bias) = bias {
                 seg.iter_mut().zip(&bias[col0..]).for_each(|(y, b)| *y += b);
@@ -80,11 +83,11 @@ impl Q8MatMul {
             if let Some(activation) = activation {
                 activation.apply_in_place(seg);
             }
-            if let Some(residual) = residual {
-                seg.iter_mut().zip(&residual[row * n + col0..]).for_each(|(y, r)| *y += r);
+            if let Some(other) = other {
+                combine.apply_in_place(seg, &other[row * n + col0..]);
             }
         };
-        let any = bias.is_some() || activation.is_some() || residual.is_some();
+        let any = bias.is_some() || activation.is_some() || other.is_some();
         self.weights.matmul_then(x, m, &mut out, if any { Some(&epilogue) } else { None });
         out
     }
@@ -111,10 +114,10 @@ impl CustomOp1 for Q8MatMul {
     }
 }
 
-/// The product plus a residual `[m, n]` (the second operand).
+/// The product combined with a second operand `[m, n]` (a residual, or the gate).
 impl CustomOp2 for Q8MatMul {
     fn name(&self) -> &'static str {
-        "q8_0-matmul-add"
+        "q8_0-matmul-combine"
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout, res: &CpuStorage, res_layout: &Layout) -> Result<(CpuStorage, Shape)> {

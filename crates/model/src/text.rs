@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::Embedding;
 
 use crate::config::TextConfig;
-use crate::cpu_kernels;
+use crate::cpu_kernels::{self, Activation, Combine};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::lora::{LoraAdapter, RowAdapters};
@@ -64,6 +64,7 @@ impl Attention {
         caches: &mut [&mut KvCache],
         layer: usize,
         rows: &RowAdapters,
+        residual: &Tensor,
     ) -> Result<Tensor> {
         let q = self.q_proj.forward_with(x, rows)?;
         let k = self.k_proj.forward_with(x, rows)?;
@@ -103,7 +104,7 @@ impl Attention {
             outs.push(out);
         }
         let out = if outs.len() == 1 { outs.pop().expect("one output") } else { Tensor::cat(&outs, 0)? };
-        self.o_proj.forward_with(&out, rows)
+        self.o_proj.forward_fused(&out, rows, None, Some((Combine::Add, residual)))
     }
 }
 
@@ -130,9 +131,12 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor, rows: &RowAdapters) -> Result<Tensor> {
-        let gated = cpu_kernels::silu_mul(&self.gate_proj.forward_with(x, rows)?, &self.up_proj.forward_with(x, rows)?)?;
-        self.down_proj.forward_with(&gated, rows)
+    /// `residual` plus the gated MLP of `x`; the gate's activation, the gating and the residual
+    /// add ride on the projections' output passes.
+    fn forward(&self, x: &Tensor, rows: &RowAdapters, residual: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward_fused(x, rows, Some(Activation::Silu), None)?;
+        let gated = self.up_proj.forward_fused(x, rows, None, Some((Combine::Mul, &gate)))?;
+        self.down_proj.forward_fused(&gated, rows, None, Some((Combine::Add, residual)))
     }
 }
 
@@ -274,10 +278,8 @@ impl TextModel {
                 .collect::<Result<_>>()?;
         let mut caches: Vec<&mut KvCache> = batch.iter_mut().map(|s| &mut *s.cache).collect();
         for (i, layer) in self.layers.iter().enumerate() {
-            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, &spans, &rotary, &masks, &mut caches, i, &rows)?;
-            x = (x + h)?;
-            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?, &rows)?;
-            x = (x + h)?;
+            x = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, &spans, &rotary, &masks, &mut caches, i, &rows, &x)?;
+            x = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?, &rows, &x)?;
         }
         for (cache, &(_, n)) in caches.iter_mut().zip(&spans) {
             cache.advance(n);

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{layer_norm, LayerNorm, LayerNormConfig};
 
 use crate::config::VisionConfig;
-use crate::cpu_kernels::{self, Activation};
+use crate::cpu_kernels::{self, Activation, Combine};
 use crate::linear::Linear;
 use crate::lora::{LoraAdapter, RowAdapters};
 use crate::weights::Loader;
@@ -70,7 +70,7 @@ impl VisionAttention {
             // [1, heads, seq, head_dim] -> [seq, heads * head_dim]
             Tensor::cat(&outs, 2)?.squeeze(0)?.transpose(0, 1)?.reshape((seq, self.num_heads * self.head_dim))?
         };
-        self.proj.forward_fused(&out, rows, None, Some(residual))
+        self.proj.forward_fused(&out, rows, None, Some((Combine::Add, residual)))
     }
 }
 
@@ -98,7 +98,7 @@ impl VisionBlock {
         // The residual adds and the activation ride on the projections' output pass.
         let x = self.attn.forward(&self.norm1.forward(x)?, cos, sin, spans, rows, x)?;
         let h = self.fc1.forward_fused(&self.norm2.forward(&x)?, rows, Some(Activation::QuickGelu), None)?;
-        self.fc2.forward_fused(&h, rows, None, Some(&x))
+        self.fc2.forward_fused(&h, rows, None, Some((Combine::Add, &x)))
     }
 }
 
