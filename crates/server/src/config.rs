@@ -55,6 +55,9 @@ pub struct ServerConfig {
     pub max_tokens_limit: usize,
     /// A request not finished after this long ends with a timeout.
     pub request_timeout_secs: u64,
+    /// A request body not fully received this long after its headers gets 408, so that a
+    /// client trickling its upload cannot hold a connection's worker forever.
+    pub read_timeout_secs: u64,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace_secs: u64,
     /// Suggested wait sent with 429 responses.
@@ -114,6 +117,7 @@ impl Default for ServerConfig {
             max_pixels: None,
             max_tokens_limit: 4096,
             request_timeout_secs: 300,
+            read_timeout_secs: 30,
             shutdown_grace_secs: 30,
             retry_after_secs: 1,
             allowed_image_hosts: Vec::new(),
