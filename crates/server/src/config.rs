@@ -55,8 +55,9 @@ pub struct ServerConfig {
     pub max_tokens_limit: usize,
     /// A request not finished after this long ends with a timeout.
     pub request_timeout_secs: u64,
-    /// A request body not fully received this long after its headers gets 408, so that a
-    /// client trickling its upload cannot hold a connection's worker forever.
+    /// A request head not complete within this long closes its connection, and a body not
+    /// fully received this long after its head gets 408: a client trickling its request
+    /// cannot hold a connection or a worker forever.
     pub read_timeout_secs: u64,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace_secs: u64,
