@@ -1,5 +1,5 @@
 //! Load and faults over real HTTP on loopback with the tiny checkpoint: a small queue under
-//! many clients that honour `Retry-After`, and a client too slow to send its request.
+//! many clients that honour `Retry-After`, and clients too slow to send their requests.
 //! (SIGTERM draining and a dropped stream freeing its slot are in tests/http.rs.)
 
 mod common;
@@ -120,6 +120,14 @@ fn trickle_head(server: &Server) -> TcpStream {
     stream
 }
 
+/// Asserts that the server closes `stream` (end of file or reset) before `within` passes.
+fn assert_closed_within(mut stream: TcpStream, within: Duration) {
+    stream.set_read_timeout(Some(within)).unwrap();
+    let read = stream.read(&mut [0u8; 1]);
+    let closed = matches!(read, Ok(0)) || read.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset);
+    assert!(closed, "the slow head's connection is still open: {read:?}");
+}
+
 /// An HTTP/1.1 response with a `Content-Length` body, read off a raw connection.
 fn read_response(stream: TcpStream) -> (u16, Value) {
     let mut reader = BufReader::new(stream);
@@ -145,7 +153,7 @@ fn read_response(stream: TcpStream) -> (u16, Value) {
 }
 
 #[test]
-fn a_trickled_body_gets_408_and_cannot_hold_the_only_slot() {
+fn a_trickled_body_gets_408_a_trickled_head_is_dropped_and_neither_holds_the_only_slot() {
     let server = Server::start_with_config("read_timeout_secs = 1\n[engine]\nmax_batch_size = 1\nmax_queue = 1\n", &[]);
     let body = chat_body(None, &["plate.png"], "hi", 2).to_string();
     let head = format!(
@@ -161,10 +169,12 @@ fn a_trickled_body_gets_408_and_cannot_hold_the_only_slot() {
     assert!(started.elapsed() < Duration::from_secs(20), "408 after {:?}", started.elapsed());
 
     // Nothing was left holding the one batch slot, and a client trickling its headers holds
-    // none either (no handler runs before the head is complete): a normal request is served.
-    let _slow_head = trickle_head(&server);
+    // none either (no handler runs before the head is complete): a normal request is served,
+    // and the trickling connection is closed once its head is late (hyper answers nothing).
+    let slow_head = trickle_head(&server);
     assert_eq!(running(&server), 0);
     let (status, reply) = server.post_json("/v1/chat/completions", &chat_body(None, &["plate.png"], "hi", 2), &[]);
     assert_eq!(status, 200, "{reply}");
+    assert_closed_within(slow_head, Duration::from_secs(20));
     assert_eq!(metric_sum(&server, "qwen_ocr_http_requests_total{route=\"/v1/chat/completions\",status=\"408\""), 1.0);
 }
