@@ -55,6 +55,10 @@ pub struct ServerConfig {
     pub max_tokens_limit: usize,
     /// A request not finished after this long ends with a timeout.
     pub request_timeout_secs: u64,
+    /// A request head not complete within this long closes its connection, and a body not
+    /// fully received this long after its head gets 408: a client trickling its request
+    /// cannot hold a connection or a worker forever.
+    pub read_timeout_secs: u64,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace_secs: u64,
     /// Suggested wait sent with 429 responses.
@@ -114,6 +118,7 @@ impl Default for ServerConfig {
             max_pixels: None,
             max_tokens_limit: 4096,
             request_timeout_secs: 300,
+            read_timeout_secs: 30,
             shutdown_grace_secs: 30,
             retry_after_secs: 1,
             allowed_image_hosts: Vec::new(),
@@ -201,6 +206,8 @@ impl ServerConfig {
             config.adapters.insert(name, AdapterConfig::at(path));
         }
         config.api_keys.retain(|k| !k.is_empty());
+        // Zero would drop every connection before its request head could arrive.
+        anyhow::ensure!(config.read_timeout_secs > 0, "read_timeout_secs must be at least 1");
         if let Some(id) = &config.replica_id {
             anyhow::ensure!(is_header_token(id), "replica_id must be printable ASCII without spaces (it is sent as a header), got `{id}`");
         }
@@ -290,6 +297,15 @@ mod tests {
         assert_eq!(named.replica_name(), "replica-a");
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
         assert_eq!(ServerConfig::default().replica_name(), host.trim());
+    }
+
+    #[test]
+    fn a_zero_read_timeout_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "read_timeout_secs = 0\n").unwrap();
+        let err = format!("{:#}", ServerConfig::load(ServeArgs { config: Some(file), ..ServeArgs::default() }).unwrap_err());
+        assert!(err.contains("read_timeout_secs"), "{err}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod confidence;
 mod config;
 mod error;
 mod extract_json;
+mod http_server;
 mod inference;
 mod logprobs;
 mod metrics;

@@ -37,7 +37,8 @@ async fn serve(config: ServerConfig) -> Result<()> {
     let app = crate::routes::router(state.clone());
     let shutdown_state = state.clone();
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let read_timeout = Duration::from_secs(state.config.read_timeout_secs);
+    let server = crate::http_server::serve(listener, app, read_timeout, async move {
         shutdown_signal().await;
         tracing::info!(grace_secs = grace.as_secs(), "shutting down: finishing in-flight requests");
         shutdown_state.begin_shutdown();
@@ -50,13 +51,13 @@ async fn serve(config: ServerConfig) -> Result<()> {
             std::future::pending::<()>().await;
         }
     };
-    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+    let mut server = std::pin::pin!(server);
     let mut loader = std::pin::pin!(loader);
     let mut deadline = std::pin::pin!(deadline);
     let mut loaded = false;
     loop {
         tokio::select! {
-            result = &mut server => return result.context("server failed"),
+            _ = &mut server => return Ok(()),
             result = &mut loader, if !loaded => {
                 result.context("model loading panicked")??;
                 loaded = true;

@@ -7,13 +7,16 @@ mod models;
 mod ops;
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
+use futures_util::StreamExt;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -45,6 +48,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), read_body_within))
         // A bug in a handler answers 500 in the API's error shape instead of dropping the connection.
         .layer(CatchPanicLayer::custom(|_| ApiError::internal("internal error while handling the request").into_response()))
         .layer(middleware::from_fn(crate::metrics::track))
@@ -87,6 +91,36 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not accept that method")
+}
+
+/// Receives the whole body before the handler runs, within `read_timeout_secs` of the
+/// headers: a client trickling its upload gets 408 instead of holding a worker (and, once
+/// the handler submits it, a batch slot) for as long as it likes. Handlers buffer bodies
+/// anyway, so reading them here costs no memory they would not use.
+async fn read_body_within(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let within = Duration::from_secs(state.config.read_timeout_secs);
+    let bytes = tokio::time::timeout(within, read_body(body, state.config.max_body_bytes)).await.map_err(|_| {
+        let message = format!("the request body was not received within {} s (read_timeout_secs)", within.as_secs());
+        ApiError::new(StatusCode::REQUEST_TIMEOUT, "read_timeout", message)
+    })??;
+    Ok(next.run(Request::from_parts(parts, Body::from(bytes))).await)
+}
+
+/// The body's bytes, stopping as soon as they pass `limit` (413) so that an oversized
+/// upload is never held whole.
+async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let mut frames = body.into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(frame) = frames.next().await {
+        let frame = frame.map_err(|e| ApiError::bad_request("invalid_body", format!("failed to read the request body: {e}")))?;
+        if bytes.len() + frame.len() > limit {
+            let message = format!("the request body is over max_body_bytes ({limit})");
+            return Err(unreadable_body(StatusCode::PAYLOAD_TOO_LARGE, message, "invalid_body"));
+        }
+        bytes.extend_from_slice(&frame);
+    }
+    Ok(bytes)
 }
 
 /// A JSON body, with malformed JSON, wrong fields and oversized bodies as API errors.

@@ -398,3 +398,10 @@ impl OpenStream {
         self.lines.map_while(Result::ok).filter_map(|l| l.strip_prefix("data: ").map(str::to_string)).collect()
     }
 }
+
+/// The resident memory of process `pid` in bytes, from `/proc/PID/status` (Linux).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).expect("VmRSS in /proc/PID/status");
+    kib.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024
+}
