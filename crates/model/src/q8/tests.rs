@@ -217,7 +217,7 @@ fn amx_tiles_match_the_dequantized_weights_within_bf16() {
         return;
     }
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
-    for &(m, n, k) in &[(32, 16, 32), (33, 17, 48), (100, 48, 1176), (64, 256, 1536), (47, 100, 96), (40, 150, 4100)] {
+    for &(m, n, k) in &[(128, 16, 32), (129, 17, 48), (150, 48, 1176), (144, 256, 1536), (143, 100, 96), (136, 150, 4100)] {
         let (w, x) = (rng.vec(n * k), rng.vec(m * k));
         let q = weights(&w, n, k);
         let mut row = vec![0f32; k];
@@ -245,7 +245,7 @@ fn amx_tiles_match_the_dequantized_weights_within_bf16() {
 #[test]
 fn epilogue_runs_once_on_every_element_after_the_product() {
     let mut rng = Rng(0x1234_5678_9abc_def1);
-    for &(m, n, k) in &[(3, 40, 64), (70, 40, 64), (33, 300, 96)] {
+    for &(m, n, k) in &[(3, 40, 64), (140, 40, 64), (129, 300, 96)] {
         let (w, x) = (rng.vec(n * k), rng.vec(m * k));
         let q = weights(&w, n, k);
         let mut plain = vec![0f32; m * n];
