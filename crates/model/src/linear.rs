@@ -89,8 +89,28 @@ impl Linear {
 
     /// `x W^T + b`, plus the LoRA delta of whichever adapter covers each row span.
     pub fn forward_with(&self, x: &Tensor, rows: &RowAdapters) -> Result<Tensor> {
-        let y = self.forward(x)?;
+        let y = self.project(x, rows)?;
         rows.apply(&self.name, x, y)
+    }
+
+    /// `x W^T + b` for `x` of shape `[..., in]` whose rows come in `rows`' spans (no LoRA): the
+    /// spans choose the quantized kernel, so a row's numbers do not depend on its batch.
+    pub fn project(&self, x: &Tensor, rows: &RowAdapters) -> Result<Tensor> {
+        let dims = x.dims();
+        let n: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((n, self.in_dim))?;
+        let y = match &self.weight {
+            Weight::Dense(w) => x2.matmul(&w.t()?)?,
+            Weight::Q8(op) => x2.contiguous()?.apply_op1_no_bwd(&op.for_rows(rows.spans()))?,
+            Weight::Ggml(q) => q.forward(&x2.contiguous()?)?,
+        };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_shape = dims[..dims.len() - 1].to_vec();
+        out_shape.push(self.out_dim);
+        y.reshape(out_shape)
     }
 
     /// `activation(x Wᵀ + b + LoRA)`, then combined with `other` (a residual added, or a gate
@@ -107,9 +127,10 @@ impl Linear {
         if let Weight::Q8(op) = &self.weight {
             if !rows.adapts(&self.name) && crate::cpu_kernels::handles(x) {
                 let x = x.contiguous()?;
+                let spans = rows.spans();
                 return match other {
-                    Some((combine, o)) => x.apply_op2_no_bwd(&o.contiguous()?, &op.fused(activation, combine)),
-                    None => x.apply_op1_no_bwd(&op.fused(activation, Combine::Add)),
+                    Some((combine, o)) => x.apply_op2_no_bwd(&o.contiguous()?, &op.fused(activation, combine).for_rows(spans)),
+                    None => x.apply_op1_no_bwd(&op.fused(activation, Combine::Add).for_rows(spans)),
                 };
             }
         }
@@ -167,22 +188,8 @@ fn quantize_q8(loader: &Loader, path: &str, out_dim: usize, in_dim: usize) -> Re
 }
 
 impl Module for Linear {
-    /// `x W^T + b` for `x` of shape `[..., in]`.
+    /// `x W^T + b` for `x` of shape `[..., in]`, its rows one span.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = x.reshape((rows, self.in_dim))?;
-        let y = match &self.weight {
-            Weight::Dense(w) => x2.matmul(&w.t()?)?,
-            Weight::Q8(op) => x2.contiguous()?.apply_op1_no_bwd(op)?,
-            Weight::Ggml(q) => q.forward(&x2.contiguous()?)?,
-        };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut out_shape = dims[..dims.len() - 1].to_vec();
-        out_shape.push(self.out_dim);
-        y.reshape(out_shape)
+        self.project(x, &RowAdapters::none())
     }
 }

@@ -261,6 +261,11 @@ impl<'a> RowAdapters<'a> {
         Self { spans }
     }
 
+    /// `(first row, rows)` of each span, in order; empty for [`RowAdapters::none`].
+    pub fn spans(&self) -> Vec<(usize, usize)> {
+        self.spans.iter().map(|&(start, len, _)| (start, len)).collect()
+    }
+
     /// Whether any row's adapter adapts `module`.
     pub fn adapts(&self, module: &str) -> bool {
         self.spans.iter().any(|(_, _, a)| a.is_some_and(|a| a.module(module).is_some()))

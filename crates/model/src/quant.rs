@@ -58,17 +58,25 @@ pub struct Q8MatMul {
     activation: Option<Activation>,
     /// How the second operand of the `CustomOp2` form joins the output.
     combine: Combine,
+    /// The rows' spans (sequences, images), which choose the kernel (see
+    /// [`Q8Weights::matmul_spans`]); empty: one span.
+    spans: Arc<[(usize, usize)]>,
 }
 
 impl Q8MatMul {
     pub fn new(weights: Arc<Q8Weights>, bias: Option<Arc<[f32]>>) -> Self {
-        Q8MatMul { weights, bias, activation: None, combine: Combine::Add }
+        Q8MatMul { weights, bias, activation: None, combine: Combine::Add, spans: Arc::new([]) }
     }
 
     /// The same product with `activation` applied to its output, then (as a `CustomOp2`) the
     /// second operand combined by `combine`.
     pub fn fused(&self, activation: Option<Activation>, combine: Combine) -> Self {
         Q8MatMul { activation, combine, ..self.clone() }
+    }
+
+    /// The same product for rows in these spans.
+    pub fn for_rows(&self, spans: Vec<(usize, usize)>) -> Self {
+        Q8MatMul { spans: spans.into(), ..self.clone() }
     }
 
     /// `act(x·Wᵀ + b) ∘ other` for x `[m, k]` (contiguous), other `[m, n]`.
@@ -88,7 +96,7 @@ impl Q8MatMul {
             }
         };
         let any = bias.is_some() || activation.is_some() || other.is_some();
-        self.weights.matmul_then(x, m, &mut out, if any { Some(&epilogue) } else { None });
+        self.weights.matmul_spans(x, m, &mut out, if any { Some(&epilogue) } else { None }, &self.spans);
         out
     }
 

@@ -166,7 +166,7 @@ impl VisionTower {
         let per_group = self.cfg.spatial_merge_size * self.cfg.spatial_merge_size;
         let patch_rows = RowAdapters::from_spans(grids.iter().zip(adapters).map(|(g, a)| (g[0] * g[1] * g[2], *a)));
         let merged_rows = RowAdapters::from_spans(grids.iter().zip(adapters).map(|(g, a)| (g[0] * g[1] * g[2] / per_group, *a)));
-        let mut x = self.patch_embed.forward(pixels)?;
+        let mut x = self.patch_embed.project(pixels, &patch_rows)?;
         for block in &self.blocks {
             x = block.forward(&x, &cos, &sin, &spans, &patch_rows)?;
         }

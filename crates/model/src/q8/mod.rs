@@ -256,9 +256,10 @@ impl Q8Weights {
 
     /// y[m, n] = x[m, k] · Wᵀ (row-major, y overwritten), on rayon's global pool.
     ///
-    /// On CPUs with AMX, calls of at least [`amx::MIN_ROWS`] rows (prefill) run on bf16 tiles
-    /// from weights dequantized per call (see `amx`): the Q8_0 weights with bf16 rather than
-    /// Q8_0 activations, which is no less accurate and several times faster.
+    /// On CPUs with AMX, spans of at least [`amx::MIN_ROWS`] rows (prefill; see
+    /// [`Q8Weights::matmul_spans`]) run on bf16 tiles from weights dequantized per call (see
+    /// `amx`): the Q8_0 weights with bf16 rather than Q8_0 activations, which is no less
+    /// accurate and several times faster.
     pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
         self.matmul_then(x, m, y, None)
     }
@@ -266,12 +267,43 @@ impl Q8Weights {
     /// As [`Q8Weights::matmul`], then `epilogue` on every finished block of the output while
     /// it is still in cache (bias, activation, residual: one pass over y saved each).
     pub fn matmul_then(&self, x: &[f32], m: usize, y: &mut [f32], epilogue: Option<Epilogue>) {
-        if m >= amx::MIN_ROWS && crate::amx::available() {
-            assert!(x.len() == m * self.k && y.len() == m * self.n, "Q8Weights::matmul: x must be m × k, y m × n");
-            // SAFETY: AMX checked; shapes asserted.
-            return unsafe { amx::matmul(self, x, m, y, epilogue) };
+        self.matmul_spans(x, m, y, epilogue, &[])
+    }
+
+    /// As [`Q8Weights::matmul_then`] for rows that come in spans `(first row, rows)` (one per
+    /// sequence or image; empty: all m rows are one). The kernel is chosen per span, by the
+    /// span's own length, so a row gets the same numbers whatever else shares its batch: a
+    /// sequence's prefill is computed the same alone and batched, and decode rows (spans of
+    /// one) always take the VNNI kernel.
+    pub fn matmul_spans(&self, x: &[f32], m: usize, y: &mut [f32], epilogue: Option<Epilogue>, spans: &[(usize, usize)]) {
+        assert!(x.len() == m * self.k && y.len() == m * self.n, "Q8Weights::matmul: x must be m × k, y m × n");
+        let tiles = crate::amx::available();
+        let whole = [(0, m)];
+        // Spans must tile 0..m in order; anything else is treated as one span.
+        let tiling = spans.iter().try_fold(0, |at, &(first, rows)| (first == at).then_some(at + rows)) == Some(m);
+        let spans = if tiling { spans } else { &whole[..] };
+        // Consecutive spans of the same kind run as one call, so a decode batch reads the
+        // weights once.
+        let mut i = 0;
+        while i < spans.len() {
+            let on_tiles = tiles && spans[i].1 >= amx::MIN_ROWS;
+            let start = spans[i].0;
+            let mut end = start + spans[i].1;
+            i += 1;
+            while i < spans.len() && (tiles && spans[i].1 >= amx::MIN_ROWS) == on_tiles {
+                end = spans[i].0 + spans[i].1;
+                i += 1;
+            }
+            let (xs, ys) = (&x[start * self.k..end * self.k], &mut y[start * self.n..end * self.n]);
+            let shifted = epilogue.map(|e| move |row: usize, col: usize, seg: &mut [f32]| e(start + row, col, seg));
+            let shifted = shifted.as_ref().map(|e| e as Epilogue);
+            if on_tiles {
+                // SAFETY: AMX checked; the slices are these rows of x and y.
+                unsafe { amx::matmul(self, xs, end - start, ys, shifted) };
+            } else {
+                self.matmul_with(Backend::detect(), xs, end - start, ys, shifted);
+            }
         }
-        self.matmul_with(Backend::detect(), x, m, y, epilogue)
     }
 
     pub(crate) fn matmul_with(&self, backend: Backend, x: &[f32], m: usize, y: &mut [f32], epilogue: Option<Epilogue>) {

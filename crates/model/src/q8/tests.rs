@@ -265,3 +265,22 @@ fn epilogue_runs_once_on_every_element_after_the_product() {
         }
     }
 }
+
+/// A row's result does not depend on what shares its call: each span (a sequence or an image)
+/// gets exactly the numbers it gets alone, whichever kernel its length selects.
+#[test]
+fn spans_get_the_numbers_they_get_alone() {
+    let mut rng = Rng(0x0bad_cafe_f00d_1234);
+    let (n, k) = (48, 96);
+    let spans = [(0, 3), (3, 130), (133, 1), (134, 1), (135, 140)];
+    let m = 275;
+    let (w, x) = (rng.vec(n * k), rng.vec(m * k));
+    let q = weights(&w, n, k);
+    let mut batched = vec![f32::NAN; m * n];
+    q.matmul_spans(&x, m, &mut batched, None, &spans);
+    for &(first, rows) in &spans {
+        let mut alone = vec![f32::NAN; rows * n];
+        q.matmul(&x[first * k..(first + rows) * k], rows, &mut alone);
+        assert_eq!(&batched[first * n..(first + rows) * n], &alone[..], "span ({first}, {rows})");
+    }
+}
