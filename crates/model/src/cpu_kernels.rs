@@ -183,11 +183,6 @@ impl CustomOp1 for ActivationOp {
     }
 }
 
-/// `x * sigmoid(1.702 x)` (the vision tower's activation).
-pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
-    Activation::QuickGelu.apply(x)
-}
-
 /// Queries handled together: their scores (`QUERY_BLOCK x keys` f32) stay in L2.
 const QUERY_BLOCK: usize = 128;
 
@@ -340,7 +335,7 @@ fn span_tasks(heads: usize, spans: &[(usize, usize)]) -> Vec<Task> {
 #[allow(clippy::too_many_arguments)]
 fn attend(q: Heads, k: Heads, v: Heads, heads: usize, n: usize, d: usize, tasks: &[Task], scale: f32) -> Vec<f32> {
     let mut out = vec![0f32; n * heads * d];
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    let out_ptr = crate::q8::OutPtr(out.as_mut_ptr());
     tasks.par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, t| {
         let (len, rows) = (t.keys, t.rows);
         scores.resize(rows * len, 0.0);
@@ -418,11 +413,6 @@ unsafe fn matmul_1t(
     }
 }
 
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint regions (see `attention_within_spans`).
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendPtr {}
-
 fn slice_of(t: &Tensor) -> Result<&[f32]> {
     // The tensors are contiguous CPU f32 and outlive the returned slice's use.
     let (storage, layout) = t.storage_and_layout();
@@ -465,7 +455,7 @@ mod tests {
             vision_self_attention(&qkv, &cos, &sin, heads, &[(0, n)], 0.1, true).unwrap();
             let tiles = t.elapsed();
             let t = std::time::Instant::now();
-            quick_gelu(&x).unwrap();
+            Activation::QuickGelu.apply(&x).unwrap();
             println!("attention f32 {a:?}, bf16 tiles (AMX: {}) {tiles:?}, quick_gelu {:?}", crate::amx::available(), t.elapsed());
         }
     }
@@ -475,7 +465,7 @@ mod tests {
         let x = Tensor::randn(0f32, 3.0, (37, 129), &Device::Cpu).unwrap();
         let y = Tensor::randn(0f32, 1.0, (37, 129), &Device::Cpu).unwrap();
         let want = (&x * candle_nn::ops::sigmoid(&(&x * 1.702).unwrap()).unwrap()).unwrap();
-        let diff = (quick_gelu(&x).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (Activation::QuickGelu.apply(&x).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "quick_gelu differs by {diff}");
         let want = (x.silu().unwrap() * &y).unwrap();
         let got = Combine::Mul.apply(&y, &Activation::Silu.apply(&x).unwrap()).unwrap();

@@ -48,9 +48,9 @@ impl Quant {
 }
 
 /// `x [m, k] · Wᵀ + b` with `W` held as Q8_0, as a candle op on f32 CPU tensors, optionally
-/// followed by an activation and a combination with a second operand (`Q8MatMul::fused`). The bias and whatever
-/// follows are applied block by block while the output is still in cache (see
-/// [`Q8Weights::matmul_then`]), rather than as separate passes over the whole output.
+/// followed by an activation and a combination with a second operand (`Q8MatMul::fused`).
+/// The bias and whatever follows are applied block by block while the output is still in
+/// cache (see [`Q8Weights::matmul_spans`]), rather than as separate passes over the output.
 #[derive(Clone)]
 pub struct Q8MatMul {
     pub weights: Arc<Q8Weights>,

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use super::pack::bf16x16;
 use super::pack::{ksteps, pack_a_serial, pack_b_from_cols, pack_b_from_rows, packed_len};
 use super::{gemm, gemm_into, Aligned, BLOCK, KSTEP, TILE};
+use crate::q8::OutPtr;
 
 /// Query rows per task: their f32 scores (`64 × keys`) and bf16 probabilities stay in L2.
 const QUERY_BLOCK: usize = 64;
@@ -18,11 +19,6 @@ struct Packed {
     k: Aligned<u16>,
     v: Aligned<u16>,
 }
-
-/// Output pointer shared by tasks that write disjoint (row, head) blocks.
-struct Out(*mut f32);
-// SAFETY: every task writes its own rows of its own head's columns.
-unsafe impl Sync for Out {}
 
 /// Attention of rows `start..start + len` of each span among themselves, all heads; `q(h, r)`,
 /// `k(h, r)`, `v(h, r)` give head `h`'s `d` values of row `r`; probabilities are
@@ -65,7 +61,8 @@ pub(crate) unsafe fn within_spans<'a>(
     let tasks: Vec<(usize, usize)> =
         units.iter().enumerate().flat_map(|(u, &(_, _, len))| (0..len).step_by(QUERY_BLOCK).map(move |q0| (u, q0))).collect();
     let mut out = vec![0f32; n * width];
-    let dst = Out(out.as_mut_ptr());
+    // Every task writes its own rows of its own head's columns.
+    let dst = OutPtr(out.as_mut_ptr());
     tasks.par_iter().for_each_init(
         || (Aligned::zeroed(0), Aligned::zeroed(0)),
         |(scores, probs): &mut (Aligned<f32>, Aligned<u16>), &(u, q0)| {

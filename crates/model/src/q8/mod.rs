@@ -137,7 +137,8 @@ thread_local! {
 /// values)` for each row segment of the block, in parallel across blocks.
 pub type Epilogue<'a> = &'a (dyn Fn(usize, usize, &mut [f32]) + Sync);
 
-/// `y` shared between rayon tasks that write disjoint tiles.
+/// An output buffer shared between rayon tasks that write disjoint parts of it (tiles of a
+/// product, blocks of attention output).
 #[derive(Clone, Copy)]
 pub(crate) struct OutPtr(pub *mut f32);
 
@@ -155,7 +156,8 @@ impl OutPtr {
         }
     }
 }
-// SAFETY: tiles are disjoint (see `for_each_tile`), so no two threads write the same element.
+// SAFETY: its users write disjoint elements (e.g. the tiles of `for_each_tile`), so no two
+// threads write the same element.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
