@@ -1,25 +1,10 @@
 //! `qwen-ocr`: the command-line entry point.
 
-mod adapter_folder;
-mod cli;
-mod confidence;
-mod config;
-mod error;
-mod extract_json;
-mod http_server;
-mod inference;
-mod logprobs;
-mod metrics;
-mod on_demand;
-mod profile;
-mod routes;
-mod serve;
-mod state;
-
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
+use qwen_ocr_server::cli;
 
 fn main() -> ExitCode {
     qwen_ocr_model::threads::pin_cpu_thread_count();

@@ -1,0 +1,18 @@
+//! The qwen-ocr server as a library: the `qwen-ocr` binary is a thin `main` over [`cli::run`],
+//! and the integration tests and fuzz targets reach the same types and parsers through here.
+
+pub mod adapter_folder;
+pub mod cli;
+pub mod confidence;
+pub mod config;
+pub mod error;
+pub mod extract_json;
+pub mod http_server;
+pub mod inference;
+pub mod logprobs;
+pub mod metrics;
+pub mod on_demand;
+pub mod profile;
+pub mod routes;
+pub mod serve;
+pub mod state;
