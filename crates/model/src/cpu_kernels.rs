@@ -55,6 +55,7 @@ macro_rules! dispatch {
         }
     };
 }
+pub(crate) use dispatch;
 
 dispatch!(quick_gelu_in_place(xs: &mut [f32]) {
     for x in xs.iter_mut() {
@@ -221,8 +222,8 @@ fn attention_within_spans(q: &Tensor, k: &Tensor, v: &Tensor, spans: &[(usize, u
 
 /// The vision tower's attention from its fused projection `qkv` (`[n, 3 * heads * head_dim]`,
 /// as `[n, 3, heads, head_dim]`): rotary on queries and keys (`cos`/`sin`: `[n, head_dim / 2]`,
-/// rotate-half convention) in one pass that also lays them out per head, values read in place,
-/// then attention within each span. Returns `[n, heads * head_dim]`. With `bf16_tiles` and a
+/// rotate-half convention) in one pass that also lays them out per head (on tiles: per head
+/// while it is packed), values read in place, then attention within each span. Returns `[n, heads * head_dim]`. With `bf16_tiles` and a
 /// CPU with AMX, the two products run on tiles in bf16 (see [`crate::amx`]); otherwise in f32.
 #[allow(clippy::too_many_arguments)]
 pub fn vision_self_attention(
@@ -239,29 +240,42 @@ pub fn vision_self_attention(
     let half = d / 2;
     let (qkv, cos, sin) = (qkv.contiguous()?, cos.contiguous()?, sin.contiguous()?);
     let (x, cos_v, sin_v) = (slice_of(&qkv)?, slice_of(&cos)?, slice_of(&sin)?);
+    // Row r of head h of queries (which = 0) or keys (1), rotated into `dst`.
+    let rotate = |which: usize, h: usize, r: usize, dst: &mut [f32]| {
+        let src = &x[r * width + which * heads * d + h * d..][..d];
+        let (c, s) = (&cos_v[r * half..][..half], &sin_v[r * half..][..half]);
+        for i in 0..half {
+            dst[i] = src[i] * c[i] - src[i + half] * s[i];
+            dst[i + half] = src[i + half] * c[i] + src[i] * s[i];
+        }
+    };
+    if bf16_tiles && crate::amx::available() {
+        let v_of = |h: usize, r: usize| &x[r * width + 2 * heads * d + h * d..][..d];
+        // SAFETY: AMX checked just above.
+        let out = unsafe {
+            crate::amx::attention::within_spans(
+                heads,
+                n,
+                d,
+                spans,
+                scale,
+                |h, r, dst| rotate(0, h, r, dst),
+                |h, r, dst| rotate(1, h, r, dst),
+                v_of,
+            )
+        };
+        return Tensor::from_vec(out, (n, heads * d), qkv.device());
+    }
     let rotated = |which: usize| -> Vec<f32> {
         let mut out = vec![0f32; heads * n * d];
         out.par_chunks_mut(n * d).enumerate().for_each(|(h, head)| {
             for (r, dst) in head.chunks_exact_mut(d).enumerate() {
-                let src = &x[r * width + which * heads * d + h * d..][..d];
-                let (c, s) = (&cos_v[r * half..][..half], &sin_v[r * half..][..half]);
-                for i in 0..half {
-                    dst[i] = src[i] * c[i] - src[i + half] * s[i];
-                    dst[i + half] = src[i + half] * c[i] + src[i] * s[i];
-                }
+                rotate(which, h, r, dst);
             }
         });
         out
     };
     let (q, k) = (rotated(0), rotated(1));
-    if bf16_tiles && crate::amx::available() {
-        let q_of = |h: usize, r: usize| &q[(h * n + r) * d..][..d];
-        let k_of = |h: usize, r: usize| &k[(h * n + r) * d..][..d];
-        let v_of = |h: usize, r: usize| &x[r * width + 2 * heads * d + h * d..][..d];
-        // SAFETY: AMX checked just above.
-        let out = unsafe { crate::amx::attention::within_spans(heads, n, d, spans, scale, q_of, k_of, v_of) };
-        return Tensor::from_vec(out, (n, heads * d), qkv.device());
-    }
     let v = Heads { data: x, offset: 2 * heads * d, head_stride: d, row_stride: width };
     let out = attend(Heads::contiguous(&q, n, d), Heads::contiguous(&k, n, d), v, heads, n, d, &span_tasks(heads, spans), scale);
     Tensor::from_vec(out, (n, heads * d), qkv.device())

@@ -19,6 +19,7 @@ pub mod logprobs;
 pub mod lora;
 pub mod merge;
 pub mod model;
+pub mod norm;
 pub mod positions;
 pub mod prompt;
 pub mod q8;

@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape};
 use crate::cpu_kernels::{Activation, Combine};
 
 use crate::error::{Error, Result as ModelResult};
-use crate::q8::Q8Weights;
+use crate::q8::{Epilogue, Q8Weights};
 
 /// How the projections' weights are held. Activations, norms and attention stay f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -82,7 +82,6 @@ impl Q8MatMul {
     /// `act(x·Wᵀ + b) ∘ other` for x `[m, k]` (contiguous), other `[m, n]`.
     fn run(&self, x: &[f32], m: usize, other: Option<&[f32]>) -> Vec<f32> {
         let n = self.weights.n();
-        let mut out = vec![0f32; m * n];
         let (bias, activation, combine) = (self.bias.as_deref(), self.activation, self.combine);
         let epilogue = |row: usize, col0: usize, seg: &mut [f32]| {
             if let Some(bias) = bias {
@@ -95,8 +94,12 @@ impl Q8MatMul {
                 combine.apply_in_place(seg, &other[row * n + col0..]);
             }
         };
+        let mut out = Vec::with_capacity(m * n);
         let any = bias.is_some() || activation.is_some() || other.is_some();
-        self.weights.matmul_spans(x, m, &mut out, if any { Some(&epilogue) } else { None }, &self.spans);
+        let epilogue = any.then_some(&epilogue as Epilogue);
+        self.weights.matmul_uninit(x, m, &mut out.spare_capacity_mut()[..m * n], epilogue, &self.spans);
+        // SAFETY: `matmul_uninit` wrote all m·n elements.
+        unsafe { out.set_len(m * n) };
         out
     }
 

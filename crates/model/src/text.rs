@@ -12,6 +12,7 @@ use crate::cpu_kernels::{self, Activation, Combine};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::lora::{LoraAdapter, RowAdapters};
+use crate::norm::RmsNorm;
 use crate::quant::Quant;
 use crate::weights::Loader;
 
@@ -137,21 +138,6 @@ impl Mlp {
         let gate = self.gate_proj.forward_fused(x, rows, Some(Activation::Silu), None)?;
         let gated = self.up_proj.forward_fused(x, rows, None, Some((Combine::Mul, &gate)))?;
         self.down_proj.forward_fused(&gated, rows, None, Some((Combine::Add, residual)))
-    }
-}
-
-struct RmsNorm {
-    weight: Tensor,
-    eps: f32,
-}
-
-impl RmsNorm {
-    fn load(vb: Loader, size: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get(size, "weight")?, eps: eps as f32 })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(x, &self.weight, self.eps)
     }
 }
 

@@ -2,13 +2,13 @@
 //! each image, never across images) and the patch merger that maps groups of
 //! `merge x merge` patches to language-model embeddings.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{layer_norm, LayerNorm, LayerNormConfig};
+use candle_core::{DType, Device, Result, Tensor};
 
 use crate::config::VisionConfig;
 use crate::cpu_kernels::{self, Activation, Combine};
 use crate::linear::Linear;
 use crate::lora::{LoraAdapter, RowAdapters};
+use crate::norm::LayerNorm;
 use crate::weights::Loader;
 
 const LAYER_NORM_EPS: f64 = 1e-6;
@@ -84,10 +84,9 @@ struct VisionBlock {
 
 impl VisionBlock {
     fn load(vb: Loader, cfg: &VisionConfig) -> Result<Self> {
-        let ln = LayerNormConfig { eps: LAYER_NORM_EPS, ..Default::default() };
         Ok(Self {
-            norm1: layer_norm(cfg.embed_dim, ln, vb.vb().pp("norm1"))?,
-            norm2: layer_norm(cfg.embed_dim, ln, vb.vb().pp("norm2"))?,
+            norm1: LayerNorm::load(vb.pp("norm1"), cfg.embed_dim, LAYER_NORM_EPS)?,
+            norm2: LayerNorm::load(vb.pp("norm2"), cfg.embed_dim, LAYER_NORM_EPS)?,
             attn: VisionAttention::load(vb.pp("attn"), cfg)?,
             fc1: Linear::load(vb.pp("mlp.fc1"), cfg.embed_dim, cfg.mlp_hidden(), true)?,
             fc2: Linear::load(vb.pp("mlp.fc2"), cfg.mlp_hidden(), cfg.embed_dim, true)?,
@@ -112,9 +111,8 @@ struct PatchMerger {
 impl PatchMerger {
     fn load(vb: Loader, cfg: &VisionConfig) -> Result<Self> {
         let group = cfg.embed_dim * cfg.spatial_merge_size * cfg.spatial_merge_size;
-        let ln = LayerNormConfig { eps: LAYER_NORM_EPS, ..Default::default() };
         Ok(Self {
-            ln_q: layer_norm(cfg.embed_dim, ln, vb.vb().pp("ln_q"))?,
+            ln_q: LayerNorm::load(vb.pp("ln_q"), cfg.embed_dim, LAYER_NORM_EPS)?,
             fc1: Linear::load(vb.pp("mlp.0"), group, group, true)?,
             fc2: Linear::load(vb.pp("mlp.2"), group, cfg.hidden_size, true)?,
             group,

@@ -20,10 +20,11 @@ struct Packed {
     v: Aligned<u16>,
 }
 
-/// Attention of rows `start..start + len` of each span among themselves, all heads; `q(h, r)`,
-/// `k(h, r)`, `v(h, r)` give head `h`'s `d` values of row `r`; probabilities are
-/// `softmax(scale · q·k)`. Returns
-/// `[n, heads * d]`, rows outside every span zero.
+/// Attention of rows `start..start + len` of each span among themselves, all heads; `q(h, r,
+/// out)` and `k(h, r, out)` write head `h`'s `d` values of row `r` (so the caller can rotate
+/// them while they are packed, instead of in a pass of its own), `v(h, r)` gives them;
+/// probabilities are `softmax(scale · q·k)`. Returns `[n, heads * d]`, rows outside every
+/// span zero.
 ///
 /// # Safety
 /// [`super::available`] must be true.
@@ -34,8 +35,8 @@ pub(crate) unsafe fn within_spans<'a>(
     d: usize,
     spans: &[(usize, usize)],
     scale: f32,
-    q: impl Fn(usize, usize) -> &'a [f32] + Sync,
-    k: impl Fn(usize, usize) -> &'a [f32] + Sync,
+    q: impl Fn(usize, usize, &mut [f32]) + Sync,
+    k: impl Fn(usize, usize, &mut [f32]) + Sync,
     v: impl Fn(usize, usize) -> &'a [f32] + Sync,
 ) -> Vec<f32> {
     let width = heads * d;
@@ -43,16 +44,19 @@ pub(crate) unsafe fn within_spans<'a>(
     let units: Vec<(usize, usize, usize)> = spans.iter().flat_map(|&(start, len)| (0..heads).map(move |h| (h, start, len))).collect();
     let packed: Vec<Packed> = units
         .par_iter()
-        .map(|&(h, start, len)| {
+        .map_init(Vec::new, |rows: &mut Vec<f32>, &(h, start, len)| {
             let mut p = Packed {
                 q: Aligned::zeroed(packed_len(len, d)),
                 k: Aligned::zeroed(packed_len(len, d)),
                 v: Aligned::zeroed(packed_len(d, len)),
             };
+            rows.resize(len * d, 0.0);
             // SAFETY: AMX (hence AVX-512) present, the caller's contract.
             unsafe {
-                pack_a_serial(len, d, |r| q(h, start + r), &mut p.q);
-                pack_b_from_rows(len, d, |r| k(h, start + r), &mut p.k);
+                rows.chunks_exact_mut(d).enumerate().for_each(|(r, out)| q(h, start + r, out));
+                pack_a_serial(len, d, |r| &rows[r * d..][..d], &mut p.q);
+                rows.chunks_exact_mut(d).enumerate().for_each(|(r, out)| k(h, start + r, out));
+                pack_b_from_rows(len, d, |r| &rows[r * d..][..d], &mut p.k);
                 pack_b_from_cols(len, d, |r| v(h, start + r), &mut p.v);
             }
             p

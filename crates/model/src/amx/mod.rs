@@ -364,14 +364,24 @@ impl<T: Plain> Aligned<T> {
     }
 
     /// Sets the length to `len`, keeping the allocation when it is large enough; elements
-    /// beyond the old length are zero or left over from earlier use.
+    /// beyond the old length are zero or left over from earlier use. Lines are never given
+    /// back, so a buffer that alternates between sizes (the projections of one layer) is not
+    /// zeroed again on every call: on the 2B prefill that zeroing cost 0.3 s.
     pub(crate) fn resize(&mut self, len: usize) {
-        self.lines.resize((len * std::mem::size_of::<T>()).div_ceil(64), Line([0; 64]));
+        let lines = Self::lines_for(len);
+        if lines > self.lines.len() {
+            self.lines.resize(lines, Line([0; 64]));
+        }
         self.len = len;
     }
 
     pub(crate) fn fill_zero(&mut self) {
-        self.lines.fill(Line([0; 64]));
+        let lines = Self::lines_for(self.len);
+        self.lines[..lines].fill(Line([0; 64]));
+    }
+
+    fn lines_for(len: usize) -> usize {
+        (len * std::mem::size_of::<T>()).div_ceil(64)
     }
 }
 

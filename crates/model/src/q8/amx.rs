@@ -10,6 +10,7 @@ use super::pack::{BLOCK_BYTES, PANEL, SCALE_BYTES};
 use super::{Epilogue, OutPtr, Q8Weights};
 use crate::amx::pack::{pack_a, packed_len};
 use crate::amx::{gemm, gemm_accumulate, gemm_into, Aligned, BLOCK, KSTEP, TILE};
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 const _: () = assert!(PANEL == TILE && super::pack::QK == KSTEP, "a Q8_0 panel block is one tile block");
@@ -53,7 +54,7 @@ fn give_back(cache: &std::sync::Mutex<Option<Aligned<u16>>>, buf: Aligned<u16>) 
 ///
 /// # Safety
 /// [`crate::amx::available`] must be true; `x` is m × k, `y` m × n.
-pub(crate) unsafe fn matmul(w: &Q8Weights, x: &[f32], m: usize, y: &mut [f32], epilogue: Option<Epilogue>) {
+pub(crate) unsafe fn matmul(w: &Q8Weights, x: &[f32], m: usize, y: &mut [MaybeUninit<f32>], epilogue: Option<Epilogue>) {
     let (n, k, kb) = (w.n, w.k, w.kb);
     let mut a = take(&A_SCRATCH, packed_len(m, k));
     // SAFETY: AMX (with AVX-512) available, the caller's contract.
@@ -88,7 +89,7 @@ unsafe fn run_tiles(
     ks: usize,
     m: usize,
     ycols: Range<usize>,
-    y: &mut [f32],
+    y: &mut [MaybeUninit<f32>],
     ystride: usize,
     epilogue: Option<Epilogue>,
 ) {
@@ -101,7 +102,7 @@ unsafe fn run_tiles(
     let per_block = if kblocked { KBLOCK_TILES } else { (TASK_BLOCK_BYTES / (ks * BLOCK * 2)).clamp(2, 16) & !1 };
     let (rbs, cbs) = (rts.div_ceil(per_block), cts.div_ceil(per_block));
     let full_rows = m / TILE;
-    let out = OutPtr(y[col0..].as_mut_ptr());
+    let out = OutPtr(y[col0..].as_mut_ptr().cast());
     // Copies a 16 × 16 tile into y, clipped to m rows and `cols` columns.
     let copy_out = |out: &crate::q8::OutPtr, rt: usize, ct: usize, tile: &[f32]| {
         for r in 0..TILE.min(m - rt * TILE) {
