@@ -104,7 +104,7 @@ fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
     let out = Command::new(&python)
         .args(["-m", "schemathesis.cli", "run", &server.url("/openapi.json")])
         .args(["--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"])
-        .args(["--max-examples", "30", "--seed", "11", "--workers", "1", "--request-timeout", "60", "--max-time", "240"])
+        .args(["--max-examples", "30", "--seed", "11", "--workers", "1", "--request-timeout", "60", "--max-time", "150"])
         .args(["--phases", "examples,coverage,fuzzing", "--suppress-health-check", "all"])
         .arg("--report-dir")
         .arg(report.path())
