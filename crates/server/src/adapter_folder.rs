@@ -3,10 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use axum::http::StatusCode;
-
 use crate::config::AdapterConfig;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ErrorKind};
 use crate::inference::BASE_MODEL;
 
 /// The optional profile beside an adapter's weights, in `[adapters.NAME]`'s format less `path`.
@@ -38,7 +36,7 @@ pub fn find(root: &Path, name: &str) -> ApiResult<Option<PathBuf>> {
 /// the folder itself, so profiles accept exactly what the configuration file accepts.
 pub fn read_profile(dir: &Path) -> ApiResult<AdapterConfig> {
     let file = dir.join(PROFILE_FILE);
-    let invalid = |reason: String| ApiError::bad_request("invalid_adapter_profile", format!("{}: {reason}", file.display()));
+    let invalid = |reason: String| ApiError::new(ErrorKind::InvalidAdapterProfile, format!("{}: {reason}", file.display()));
     let mut table = match std::fs::read_to_string(&file) {
         Ok(text) => text.parse::<toml::Table>().map_err(|e| invalid(e.to_string()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
@@ -60,8 +58,8 @@ pub fn check_name(name: &str) -> ApiResult<()> {
     if valid {
         Ok(())
     } else {
-        Err(ApiError::bad_request(
-            "invalid_adapter_name",
+        Err(ApiError::new(
+            ErrorKind::InvalidAdapterName,
             format!("adapter names are 1-64 of [A-Za-z0-9._-] and not `{BASE_MODEL}`, got `{name}`"),
         ))
     }
@@ -80,7 +78,7 @@ pub fn confine(root: &Path, path: &Path) -> ApiResult<Option<PathBuf>> {
     let root = root.canonicalize().map_err(|e| ApiError::internal(format!("adapters dir {}: {e}", root.display())))?;
     let Ok(resolved) = root.join(path).canonicalize() else { return Ok(None) };
     if !resolved.starts_with(&root) {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "adapter_path_outside", "adapter paths must stay inside the adapters directory"));
+        return Err(ApiError::new(ErrorKind::AdapterPathOutside, "adapter paths must stay inside the adapters directory"));
     }
     Ok(Some(resolved))
 }

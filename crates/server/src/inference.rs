@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use qwen_ocr_model::grammar::Grammar;
 use qwen_ocr_model::image::{self, ImageOptions, PreprocessedImage};
 use qwen_ocr_model::lora::LoraAdapter;
@@ -13,7 +13,8 @@ use qwen_ocr_model::{FinishReason, GenerateRequest};
 use qwen_ocr_scheduler::{Completion, Request, RequestStream};
 use serde_json::Value;
 
-use crate::error::{ApiError, ApiResult};
+use crate::api;
+use crate::error::{ApiError, ApiResult, ErrorKind};
 use crate::metrics;
 use crate::on_demand::get_or_load;
 use crate::state::AppState;
@@ -28,20 +29,20 @@ pub const BASE_MODEL: &str = "base";
 /// folder.
 pub async fn resolve_adapter(state: &Arc<AppState>, headers: &HeaderMap, model: Option<&str>) -> ApiResult<Option<Arc<LoraAdapter>>> {
     if let Some(value) = headers.get(ADAPTER_HEADER) {
-        let name = value.to_str().map_err(|_| ApiError::bad_request("invalid_adapter", "X-Adapter is not valid text"))?.trim();
+        let name = value.to_str().map_err(|_| ApiError::new(ErrorKind::InvalidAdapter, "X-Adapter is not valid text"))?.trim();
         if name.is_empty() || name == BASE_MODEL {
             return Ok(None);
         }
         return get_or_load(state, name)
             .await?
             .map(Some)
-            .ok_or_else(|| ApiError::not_found("adapter_not_found", format!("adapter `{name}` is not loaded (see GET /v1/adapters)")));
+            .ok_or_else(|| ApiError::new(ErrorKind::AdapterNotFound, format!("adapter `{name}` is not loaded (see GET /v1/adapters)")));
     }
     match model {
         None | Some("") | Some(BASE_MODEL) => Ok(None),
         Some(m) if m == state.config.model => Ok(None),
         Some(name) => get_or_load(state, name).await?.map(Some).ok_or_else(|| {
-            ApiError::not_found("model_not_found", format!("model `{name}` does not exist: use `{BASE_MODEL}` or a loaded adapter's name"))
+            ApiError::new(ErrorKind::ModelNotFound, format!("model `{name}` does not exist: use `{BASE_MODEL}` or a loaded adapter's name"))
         }),
     }
 }
@@ -60,7 +61,7 @@ pub async fn preprocess_images_within(
 ) -> ApiResult<Vec<PreprocessedImage>> {
     let limit = state.config.max_images_per_request;
     if images.len() > limit {
-        return Err(ApiError::bad_request("too_many_images", format!("{} images, the limit is {limit} per request", images.len())));
+        return Err(ApiError::new(ErrorKind::TooManyImages, format!("{} images, the limit is {limit} per request", images.len())));
     }
     let engine = state.engine()?;
     let pipeline = engine.pipeline().clone();
@@ -83,7 +84,7 @@ pub fn check_max_tokens(state: &AppState, max_tokens: Option<i64>) -> ApiResult<
     match max_tokens {
         None => Ok(None),
         Some(n) if n >= 1 && n as u64 <= limit as u64 => Ok(Some(n as usize)),
-        Some(n) => Err(ApiError::bad_request("invalid_max_tokens", format!("max_tokens must be between 1 and {limit}, got {n}"))),
+        Some(n) => Err(ApiError::new(ErrorKind::InvalidMaxTokens, format!("max_tokens must be between 1 and {limit}, got {n}"))),
     }
 }
 
@@ -116,7 +117,7 @@ pub fn submit(state: &AppState, request: GenerateRequest) -> ApiResult<RequestSt
     let deadline = Some(Instant::now() + Duration::from_secs(state.config.request_timeout_secs));
     state.engine()?.submit(Request { generate: request, deadline }).map_err(|e| {
         let mut error = ApiError::from(e);
-        if error.status == StatusCode::TOO_MANY_REQUESTS {
+        if error.kind == ErrorKind::QueueFull {
             error.retry_after = Some(state.config.retry_after_secs);
         }
         error
@@ -138,8 +139,8 @@ pub fn failure(completion: &Completion) -> Option<ApiError> {
     let detail = completion.error.clone().unwrap_or_default();
     match completion.finish_reason {
         FinishReason::Stop | FinishReason::Length => None,
-        FinishReason::Timeout => Some(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", format!("request timed out: {detail}"))),
-        FinishReason::Cancelled => Some(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cancelled", "the request was cancelled")),
+        FinishReason::Timeout => Some(ApiError::new(ErrorKind::Timeout, format!("request timed out: {detail}"))),
+        FinishReason::Cancelled => Some(ApiError::new(ErrorKind::Cancelled, "the request was cancelled")),
         FinishReason::Error => Some(ApiError::internal(detail)),
     }
 }
@@ -154,10 +155,10 @@ pub fn record(completion: &Completion, adapter: Option<&str>) {
     ::metrics::counter!(metrics::COMPLETION_TOKENS, "adapter" => adapter).increment(completion.token_ids.len() as u64);
 }
 
-/// OpenAI's name for how generation ended.
-pub fn finish_reason_name(reason: FinishReason) -> &'static str {
+/// How generation ended, as OpenAI reports it.
+pub fn finish_reason(reason: FinishReason) -> api::FinishReason {
     match reason {
-        FinishReason::Length => "length",
-        _ => "stop",
+        FinishReason::Length => api::FinishReason::Length,
+        _ => api::FinishReason::Stop,
     }
 }

@@ -2,6 +2,7 @@
 //! and the integration tests and fuzz targets reach the same types and parsers through here.
 
 pub mod adapter_folder;
+pub mod api;
 pub mod cli;
 pub mod confidence;
 pub mod config;

@@ -15,7 +15,7 @@ use qwen_ocr_model::model::Qwen2VL;
 use qwen_ocr_model::Error as ModelError;
 
 use crate::adapter_folder::{self, PEFT_CONFIG, PEFT_WEIGHTS, PROFILE_FILE};
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ErrorKind};
 use crate::metrics;
 use crate::profile::ProfileSpec;
 use crate::state::AppState;
@@ -85,7 +85,7 @@ async fn load_from(state: &Arc<AppState>, name: &str, source: Source) -> ApiResu
 /// The hub repo's files in the local cache (fetched unless `HF_HUB_OFFLINE`); the folder they
 /// share.
 fn download(id: &str) -> ApiResult<PathBuf> {
-    let not_found = |reason: String| ApiError::not_found("adapter_not_found", format!("adapter `{id}` is not on the hub: {reason}"));
+    let not_found = |reason: String| ApiError::new(ErrorKind::AdapterNotFound, format!("adapter `{id}` is not on the hub: {reason}"));
     let files = hub_files(id, &[PEFT_CONFIG, PEFT_WEIGHTS, PROFILE_FILE]).map_err(|e| match e {
         ModelError::Hub { .. } => not_found(e.to_string()),
         e => e.into(),

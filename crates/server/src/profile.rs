@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use qwen_ocr_model::grammar::Grammar;
 use qwen_ocr_model::Pipeline;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
 use crate::config::AdapterConfig;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ErrorKind};
 
 /// A profile ready for use: its settings and its schema's compiled constraint.
 #[derive(Debug, Clone, Default)]
@@ -21,7 +22,7 @@ pub struct ExtractionProfile {
 }
 
 /// A profile's settings, as configured or posted.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct ProfileSpec {
     /// The prompt the adapter was trained on; `None`: the server's `extraction_prompt`.
     pub prompt: Option<String>,
@@ -54,11 +55,11 @@ impl ProfileSpec {
     pub fn compile(self, pipeline: &Pipeline) -> ApiResult<ExtractionProfile> {
         if let Some(t) = self.temperature {
             if !(t.is_finite() && t >= 0.0) {
-                return Err(ApiError::bad_request("invalid_profile", format!("temperature must be a finite number >= 0, got {t}")));
+                return Err(ApiError::new(ErrorKind::InvalidProfile, format!("temperature must be a finite number >= 0, got {t}")));
             }
         }
         if self.max_tokens == Some(0) {
-            return Err(ApiError::bad_request("invalid_profile", "max_tokens must be at least 1"));
+            return Err(ApiError::new(ErrorKind::InvalidProfile, "max_tokens must be at least 1"));
         }
         let grammar = match &self.schema {
             Some(schema) => Some(pipeline.vocabulary()?.compile(schema)?),
@@ -71,11 +72,11 @@ impl ProfileSpec {
 /// Reads a schema file; a file that is not JSON is refused with where and why.
 pub fn read_schema_file(path: &Path) -> ApiResult<Value> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| ApiError::bad_request("invalid_schema", format!("cannot read schema file {}: {e}", path.display())))?;
-    parse_schema(&text).map_err(|e| ApiError::bad_request("invalid_schema", format!("{}: {}", path.display(), e.message)))
+        .map_err(|e| ApiError::new(ErrorKind::InvalidSchema, format!("cannot read schema file {}: {e}", path.display())))?;
+    parse_schema(&text).map_err(|e| ApiError::new(ErrorKind::InvalidSchema, format!("{}: {}", path.display(), e.message)))
 }
 
 /// A schema sent as JSON text (a form field or a query parameter).
 pub fn parse_schema(text: &str) -> ApiResult<Value> {
-    serde_json::from_str(text).map_err(|e| ApiError::bad_request("invalid_schema", format!("invalid JSON schema: not JSON: {e}")))
+    serde_json::from_str(text).map_err(|e| ApiError::new(ErrorKind::InvalidSchema, format!("invalid JSON schema: not JSON: {e}")))
 }

@@ -10,7 +10,7 @@ use qwen_ocr_model::adapter_registry::AdapterRegistry;
 use qwen_ocr_scheduler::Engine;
 
 use crate::config::ServerConfig;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ErrorKind};
 use crate::on_demand::FirstLoads;
 use crate::profile::ExtractionProfile;
 
@@ -44,7 +44,7 @@ impl AppState {
 
     /// The engine, or 503 while the model is still loading.
     pub fn engine(&self) -> ApiResult<&Engine> {
-        self.engine.get().ok_or_else(|| ApiError::unavailable("the model is still loading"))
+        self.engine.get().ok_or_else(|| ApiError::new(ErrorKind::Unavailable, "the model is still loading"))
     }
 
     pub fn set_engine(&self, engine: Engine) {

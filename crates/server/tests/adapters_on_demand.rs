@@ -7,6 +7,11 @@ mod common;
 use std::path::Path;
 
 use common::*;
+use qwen_ocr_server::api::adapters::AdapterList;
+use qwen_ocr_server::api::chat::ChatCompletion;
+use qwen_ocr_server::api::extract::Extraction;
+use qwen_ocr_server::api::models::ModelList;
+use qwen_ocr_server::api::FinishReason;
 use serde_json::{json, Value};
 
 /// An adapters folder: each entry is (name, fixture adapter, optional qwen-ocr.toml text).
@@ -36,14 +41,12 @@ fn extract(server: &Server, adapter: &str, max_tokens: &str) -> (u16, Value) {
 /// `(id, loaded)` of every model `/v1/models` lists.
 fn models(server: &Server) -> Vec<(String, bool)> {
     let (_, body) = server.get("/v1/models");
-    let body: Value = serde_json::from_str(&body).unwrap();
-    body["data"].as_array().unwrap().iter().map(|m| (m["id"].as_str().unwrap().to_string(), m["loaded"].as_bool().unwrap())).collect()
+    parse_str::<ModelList>(&body).data.into_iter().map(|m| (m.id, m.loaded)).collect()
 }
 
 fn resident(server: &Server) -> Vec<String> {
     let (_, body) = server.get("/v1/adapters");
-    let body: Value = serde_json::from_str(&body).unwrap();
-    body["data"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap().to_string()).collect()
+    parse_str::<AdapterList>(&body).data.into_iter().map(|a| a.name).collect()
 }
 
 fn owned(list: &[(&str, bool)]) -> Vec<(String, bool)> {
@@ -66,7 +69,8 @@ fn an_adapter_in_the_folder_is_served_on_its_first_request_and_loaded_once_howev
         for request in requests {
             let (status, body) = request.join().unwrap();
             assert_eq!(status, 200, "{body}");
-            assert_eq!((&body["adapter"], &body["raw"]), (&json!("plates"), &json!(expected)));
+            let body: Extraction = parse(&body);
+            assert_eq!((body.adapter.as_deref(), body.raw.as_str()), (Some("plates"), expected.as_str()));
         }
     });
     assert_eq!(metric(&server, "qwen_ocr_adapter_loads_total"), 1.0);
@@ -76,7 +80,8 @@ fn an_adapter_in_the_folder_is_served_on_its_first_request_and_loaded_once_howev
     // Naming it as the chat `model` loads it too.
     let (status, body) = server.post_json("/v1/chat/completions", &chat_body(Some("vision"), &["plate.png"], PLATE_PROMPT, 6), &[]);
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["choices"][0]["message"]["content"], generate_text("plate.png", PLATE_PROMPT, 6, Some("vision-merger-pattern")));
+    let body: ChatCompletion = parse(&body);
+    assert_eq!(body.choices[0].message.content, generate_text("plate.png", PLATE_PROMPT, 6, Some("vision-merger-pattern")));
     assert_eq!(metric(&server, "qwen_ocr_adapter_loads_total"), 2.0);
     assert_eq!(resident(&server), ["plates", "vision"]);
     assert_eq!(metric(&server, "qwen_ocr_adapter_evictions_total"), 0.0);
@@ -171,7 +176,11 @@ fn hub_adapters_load_from_the_hub_cache_when_allowed() {
 
     let (status, body) = extract(&server, "acme/plates", "8");
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["raw"], generate_text("plate.png", PLATE_PROMPT, 8, Some("lm-qv-r4")), "its weights and its profile's prompt");
+    assert_eq!(
+        parse::<Extraction>(&body).raw,
+        generate_text("plate.png", PLATE_PROMPT, 8, Some("lm-qv-r4")),
+        "its weights and its profile's prompt"
+    );
     assert_eq!(resident(&server), ["acme/plates"]);
     assert_api_error(&extract(&server, "acme/missing", "2"), 404, "adapter_not_found");
     assert_api_error(&extract(&server, "../plates", "2"), 400, "invalid_adapter_name");
@@ -199,9 +208,10 @@ fn an_adapter_loaded_on_first_use_answers_with_its_folders_profile_schema() {
     let server = serve_folder(root.path(), "");
     let (status, body) = server.extract_multipart(&[("image", "plate.png", &image_bytes("plate.png"))], &[], &[("X-Adapter", "plates")]);
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["finish_reason"], "stop", "{body}");
-    common::json_schema::validate(&body["data"], &schema).unwrap_or_else(|e| panic!("{e}\n{body}"));
-    let confidence = body["confidence"].as_object().unwrap_or_else(|| panic!("no confidence: {body}"));
+    let extraction: Extraction = parse(&body);
+    assert_eq!(extraction.finish_reason, FinishReason::Stop, "{body}");
+    common::json_schema::validate(&extraction.data, &schema).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    let confidence = extraction.confidence.unwrap_or_else(|| panic!("no confidence: {body}"));
     assert_eq!(confidence.len(), 2, "{body}");
     assert_eq!(resident(&server), ["plates"]);
 }

@@ -15,6 +15,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
+use qwen_ocr_server::api::chat::ChatCompletionChunk;
+use qwen_ocr_server::api::extract::Extraction;
+use qwen_ocr_server::api::models::ModelList;
+use qwen_ocr_server::api::FinishReason;
 use serde_json::{json, Value};
 
 const ADAPTERS: [&str; 4] = ["lm-qv-r4", "lm-qv-r4-old-layout", "lm-all-rslora-regex", "vision-merger-pattern"];
@@ -162,7 +166,7 @@ fn the_gateway_keeps_each_adapter_on_one_replica_streams_and_answers_its_own_err
         let replicas: HashSet<_> = replies.iter().map(|r| r.replica.clone().unwrap()).collect();
         assert_eq!(replicas.len(), 1, "{adapter} went to {replicas:?}");
         home.insert(adapter, replies[0].replica.clone().unwrap());
-        text.insert(adapter, replies[0].json()["raw"].clone());
+        text.insert(adapter, parse::<Extraction>(&replies[0].json()).raw);
     }
     let loads = |s: &Server| metric(s, "qwen_ocr_adapter_loads_total");
     assert_eq!(loads(&a) + loads(&b), ADAPTERS.len() as f64, "each adapter loaded once, on its replica");
@@ -175,7 +179,8 @@ fn the_gateway_keeps_each_adapter_on_one_replica_streams_and_answers_its_own_err
     for server in [&a, &b] {
         for adapter in ADAPTERS {
             let reply = extract(server, Some(adapter), 6);
-            assert_eq!((reply.status, &reply.json()["raw"]), (200, &text[adapter]), "{adapter} on {:?}", reply.replica);
+            assert_eq!(reply.status, 200, "{}", reply.body);
+            assert_eq!(parse::<Extraction>(&reply.json()).raw, text[adapter], "{adapter} on {:?}", reply.replica);
         }
     }
 
@@ -186,12 +191,14 @@ fn the_gateway_keeps_each_adapter_on_one_replica_streams_and_answers_its_own_err
         &[("content-type", "image/png")],
         Some(&image_bytes("plate.png")),
     );
-    assert_eq!((reply.status, &reply.json()["adapter"], &reply.replica), (200, &json!("lm-qv-r4"), &Some(home["lm-qv-r4"].clone())));
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let adapter = parse::<Extraction>(&reply.json()).adapter;
+    assert_eq!((adapter.as_deref(), &reply.replica), (Some("lm-qv-r4"), &Some(home["lm-qv-r4"].clone())));
 
     // The client's request id reaches the replica's logs and comes back.
     let reply = gateway.call("GET", "/v1/models", &[("x-request-id", "through-the-gateway-7")], None);
     assert_eq!(reply.request_id.as_deref(), Some("through-the-gateway-7"));
-    let models: Vec<Value> = reply.json()["data"].as_array().unwrap().clone();
+    let models = parse::<ModelList>(&reply.json()).data;
     assert_eq!(models.len(), 1 + ADAPTERS.len(), "base and every adapter of the folder: {models:?}");
     let logged = || a.logs().contains("through-the-gateway-7") || b.logs().contains("through-the-gateway-7");
     let started = Instant::now();
@@ -322,12 +329,22 @@ fn raw_exchange(gateway: &Gateway, request: &str) -> String {
     reply
 }
 
-/// The body of a raw reply, checked to be one of the API's errors with this status.
+/// The body of a raw reply, checked to be in the API's error shape with this status. nginx
+/// writes these itself, with codes of its own (`bad_request`, a 502 `unavailable`), so they are
+/// checked for the shape rather than read as the server's `ErrorResponse`.
 fn assert_raw_api_error(reply: &str, status: u16, code: &str) {
     assert!(reply.starts_with(&format!("HTTP/1.1 {status} ")), "{reply}");
     assert!(reply.to_ascii_lowercase().contains("content-type: application/json"), "{reply}");
     let body: Value = serde_json::from_str(reply.split("\r\n\r\n").nth(1).unwrap().trim()).unwrap();
-    assert_api_error(&(status, body), status, code);
+    assert_gateway_error(&(status, body), status, code);
+}
+
+/// An error nginx wrote itself, in the API's shape (see `assert_raw_api_error`).
+fn assert_gateway_error((got, body): &(u16, Value), status: u16, code: &str) {
+    assert_eq!(*got, status, "{body}");
+    let error = &body["error"];
+    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()) && error["type"].is_string(), "{body}");
+    assert_eq!((&error["code"], &error["param"]), (&json!(code), &Value::Null), "{body}");
 }
 
 /// nginx's own 504, 400 and 404 are the API's JSON too. The upstream here accepts connections and
@@ -342,11 +359,11 @@ fn the_gateways_own_timeouts_and_bad_requests_are_json() {
     };
     let Some(gateway) = Gateway::start_with(&[&address], shorten) else { return };
     let reply = gateway.call("GET", "/v1/models", &[("x-request-id", "slow-1")], None);
-    assert_api_error(&(reply.status, reply.json()), 504, "timeout");
+    assert_gateway_error(&(reply.status, reply.json()), 504, "timeout");
     assert_eq!(reply.request_id.as_deref(), Some("slow-1"));
     assert_raw_api_error(&raw_exchange(&gateway, "NOT A REQUEST\r\n\r\n"), 400, "bad_request");
     let reply = gateway.call("GET", "/.gateway-errors/502", &[], None);
-    assert_api_error(&(reply.status, reply.json()), 404, "unknown_route");
+    assert_gateway_error(&(reply.status, reply.json()), 404, "unknown_route");
 }
 
 #[test]
@@ -386,8 +403,8 @@ fn sigterm_to_one_replica_during_traffic_loses_no_request() {
         a.terminate();
         let rest = stream.finish();
         assert_eq!(rest.last().map(String::as_str), Some("[DONE]"));
-        let finish: Value = serde_json::from_str(&rest[rest.len() - 2]).unwrap();
-        assert_eq!(finish["choices"][0]["finish_reason"], "length", "the stream ran to its end");
+        let finish: ChatCompletionChunk = parse_str(&rest[rest.len() - 2]);
+        assert_eq!(finish.choices[0].finish_reason, Some(FinishReason::Length), "the stream ran to its end");
         let status = a.wait_exit(Duration::from_secs(30)).expect("replica-a exits after draining");
         assert!(status.success(), "{status:?}");
         let served_by_b = count("replica-b", true);
@@ -402,5 +419,5 @@ fn sigterm_to_one_replica_during_traffic_loses_no_request() {
     // With no replica left, the gateway's own 502 is JSON too.
     drop(b);
     let reply = extract(&gateway, None, 1);
-    assert_api_error(&(reply.status, reply.json()), 502, "unavailable");
+    assert_gateway_error(&(reply.status, reply.json()), 502, "unavailable");
 }

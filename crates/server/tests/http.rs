@@ -7,6 +7,13 @@ use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
 use common::*;
+use qwen_ocr_server::api::adapters::{AdapterList, LoadedAdapter};
+use qwen_ocr_server::api::chat::{ChatCompletion, ChatCompletionChunk};
+use qwen_ocr_server::api::error::{ErrorKind, ErrorResponse};
+use qwen_ocr_server::api::extract::Extraction;
+use qwen_ocr_server::api::models::ModelList;
+use qwen_ocr_server::api::ops::{Health, Ready};
+use qwen_ocr_server::api::{FinishReason, ObjectKind};
 use serde_json::{json, Value};
 
 fn adapter_flags() -> Vec<String> {
@@ -27,7 +34,8 @@ fn adapters_can_come_from_the_environment() {
     let server = Server::start_with_env(&[], &[("QWEN_OCR_ADAPTERS", &env)]);
     let (status, body) = server.post_json("/v1/chat/completions", &chat_body(Some("lm"), &["plate.png"], PLATE_PROMPT, 6), &[]);
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["choices"][0]["message"]["content"], generate_text("plate.png", PLATE_PROMPT, 6, Some("lm-qv-r4")));
+    let body: ChatCompletion = parse(&body);
+    assert_eq!(body.choices[0].message.content, generate_text("plate.png", PLATE_PROMPT, 6, Some("lm-qv-r4")));
 }
 
 #[test]
@@ -40,23 +48,26 @@ fn extract_and_chat_return_what_generate_returns_with_and_without_adapters() {
         let (status, body) =
             server.extract_multipart(&[("image", image, &image_bytes(image))], &[("prompt", PLATE_PROMPT), ("max_tokens", "16")], &header);
         assert_eq!(status, 200, "{body}");
-        assert_eq!(body["raw"], expected, "extract {image} {adapter:?}");
-        assert_eq!(body["adapter"], json!(adapter));
-        assert_eq!(body["usage"]["completion_tokens"], 16);
-        assert!(body["data"].is_null() && body["error"].is_string(), "random weights write no JSON: {body}");
+        let body: Extraction = parse(&body);
+        assert_eq!(body.raw, expected, "extract {image} {adapter:?}");
+        assert_eq!((body.object, body.adapter.as_deref()), (ObjectKind::Extraction, adapter));
+        assert_eq!(body.usage.completion_tokens, 16);
+        assert!(body.data.is_null() && body.error.is_some(), "random weights write no JSON: {body:?}");
 
         let query = format!("/v1/extract?max_tokens=16&prompt={}", PLATE_PROMPT.replace(' ', "%20").replace(',', "%2C"));
         let (status, body) = server.post_raw(&query, "image/png", &image_bytes(image), &header);
-        assert_eq!((status, body["raw"].as_str().unwrap()), (200, expected.as_str()), "raw-body extract {image} {adapter:?}");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(parse::<Extraction>(&body).raw, expected, "raw-body extract {image} {adapter:?}");
 
         // The adapter by `model` field, not streamed.
         let (status, body) =
             server.post_json("/v1/chat/completions", &chat_body(adapter.or(Some("base")), &[image], PLATE_PROMPT, 16), &[]);
         assert_eq!(status, 200, "{body}");
-        assert_eq!(body["object"], "chat.completion");
-        assert_eq!(body["choices"][0]["message"]["content"], expected, "chat {image} {adapter:?}");
-        assert_eq!(body["choices"][0]["finish_reason"], "length");
-        assert_eq!(body["usage"]["completion_tokens"], 16);
+        let body: ChatCompletion = parse(&body);
+        assert_eq!(body.object, ObjectKind::ChatCompletion);
+        assert_eq!(body.choices[0].message.content, expected, "chat {image} {adapter:?}");
+        assert_eq!(body.choices[0].finish_reason, FinishReason::Length);
+        assert_eq!(body.usage.completion_tokens, 16);
 
         // The adapter by header, streamed with usage.
         let mut request = chat_body(Some("whatever-the-client-sends-is-overridden"), &[image], PLATE_PROMPT, 16);
@@ -65,8 +76,8 @@ fn extract_and_chat_return_what_generate_returns_with_and_without_adapters() {
         let (text, finish, lines) = server.chat_stream(&request, &[("X-Adapter", adapter.unwrap_or("base"))]);
         assert_eq!(text, expected, "streamed chat {image} {adapter:?}");
         assert_eq!(finish.as_deref(), Some("length"));
-        let usage: Value = serde_json::from_str(&lines[lines.len() - 2]).unwrap();
-        assert_eq!(usage["usage"]["completion_tokens"], 16, "the usage chunk precedes [DONE]");
+        let usage: ChatCompletionChunk = parse_str(&lines[lines.len() - 2]);
+        assert_eq!(usage.usage.flatten().map(|u| u.completion_tokens), Some(16), "the usage chunk precedes [DONE]");
     }
 }
 
@@ -80,7 +91,7 @@ fn extract_defaults_to_the_adapters_configured_prompt() {
     let (status, body) =
         server.extract_multipart(&[("image", "plate.png", &image_bytes("plate.png"))], &[("max_tokens", "8")], &[("X-Adapter", "plates")]);
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["raw"], generate_text("plate.png", prompt, 8, Some("lm-qv-r4")));
+    assert_eq!(parse::<Extraction>(&body).raw, generate_text("plate.png", prompt, 8, Some("lm-qv-r4")));
 }
 
 #[test]
@@ -122,7 +133,8 @@ fn bad_input_gets_its_status_and_an_openai_error_and_the_server_stays_healthy() 
 
     assert_eq!(server.get("/health").0, 200);
     let (status, body) = server.extract_multipart(&[("image", "plate.png", &plate)], &[("max_tokens", "4")], &[]);
-    assert_eq!((status, body["usage"]["completion_tokens"].as_u64()), (200, Some(4)), "a normal request still works: {body}");
+    assert_eq!(status, 200, "a normal request still works: {body}");
+    assert_eq!(parse::<Extraction>(&body).usage.completion_tokens, 4);
     assert!(!server.logs().contains("panicked"));
 }
 
@@ -148,7 +160,7 @@ fn remote_images_are_fetched_only_from_allowed_hosts() {
     let body = json!({ "messages": [{ "role": "user", "content": content }], "max_tokens": 8 });
     let (status, reply) = server.post_json("/v1/chat/completions", &body, &[]);
     assert_eq!(status, 200, "{reply}");
-    assert_eq!(reply["choices"][0]["message"]["content"], generate_text("plate.png", PLATE_PROMPT, 8, None));
+    assert_eq!(parse::<ChatCompletion>(&reply).choices[0].message.content, generate_text("plate.png", PLATE_PROMPT, 8, None));
     host.join().unwrap();
     let other = json!({ "messages": [{ "role": "user", "content": [{ "type": "image_url", "image_url": { "url": "http://localhost/plate.png" } }] }] });
     assert_api_error(&server.post_json("/v1/chat/completions", &other, &[]), 400, "remote_image_not_allowed");
@@ -204,8 +216,8 @@ fn adapters_load_replace_and_unload_at_runtime_while_requests_run() {
             }
         });
         let (status, body) = load("hot", "lm-qv-r4");
-        assert_eq!((status, &body["replaced"]), (201, &json!(false)), "{body}");
-        assert_eq!(extract("hot", "16").1["raw"], generate_text("plate.png", PLATE_PROMPT, 16, Some("lm-qv-r4")));
+        assert_eq!((status, parse::<LoadedAdapter>(&body).replaced), (201, false), "{body}");
+        assert_eq!(parse::<Extraction>(&extract("hot", "16").1).raw, generate_text("plate.png", PLATE_PROMPT, 16, Some("lm-qv-r4")));
 
         // A long request on the first version, replaced while it runs, finishes on that version.
         let in_flight = s.spawn(|| {
@@ -215,13 +227,14 @@ fn adapters_load_replace_and_unload_at_runtime_while_requests_run() {
         });
         std::thread::sleep(Duration::from_millis(100));
         let (status, body) = load("hot", "vision-merger-pattern");
-        assert_eq!((status, &body["replaced"]), (200, &json!(true)), "{body}");
-        assert_eq!(extract("hot", "16").1["raw"], generate_text("plate.png", PLATE_PROMPT, 16, Some("vision-merger-pattern")));
+        assert_eq!((status, parse::<LoadedAdapter>(&body).replaced), (200, true), "{body}");
+        let raw = parse::<Extraction>(&extract("hot", "16").1).raw;
+        assert_eq!(raw, generate_text("plate.png", PLATE_PROMPT, 16, Some("vision-merger-pattern")));
         let (_, finish, _) = in_flight.join().unwrap();
         assert_eq!(finish.as_deref(), Some("length"), "the in-flight request completed");
 
-        let (_, models) = json_get(&server, "/v1/models");
-        assert!(models["data"].as_array().unwrap().iter().any(|m| m["id"] == "hot"), "{models}");
+        let models: ModelList = parse(&json_get(&server, "/v1/models").1);
+        assert!(models.data.iter().any(|m| m.id == "hot" && m.loaded), "{models:?}");
         let (status, _) = delete(&server, "/v1/adapters/hot");
         assert_eq!(status, 200);
         assert_api_error(&extract("hot", "4"), 404, "adapter_not_found");
@@ -233,7 +246,7 @@ fn adapters_load_replace_and_unload_at_runtime_while_requests_run() {
 #[test]
 fn a_full_queue_answers_429_with_retry_after_and_a_dropped_client_frees_its_slot() {
     let server = Server::start_with_config("retry_after_secs = 7\n[engine]\nmax_batch_size = 1\nmax_queue = 1\n", &[]);
-    let engine = |field: &str| json_get(&server, "/ready").1["engine"][field].as_u64().unwrap();
+    let engine = || parse::<Ready>(&json_get(&server, "/ready").1).engine;
     let wait = |what: &str, cond: &dyn Fn() -> bool| {
         let started = std::time::Instant::now();
         while !cond() {
@@ -248,30 +261,34 @@ fn a_full_queue_answers_429_with_retry_after_and_a_dropped_client_frees_its_slot
     let running = open_stream();
     let mut running_lines = BufReader::new(running.into_reader()).lines();
     running_lines.next();
-    wait("one running", &|| engine("running") == 1);
+    wait("one running", &|| engine().running == 1);
     let queued = std::thread::spawn({
         let open_stream = open_stream.clone();
         move || open_stream().into_reader()
     });
-    wait("one queued", &|| engine("queue_depth") == 1);
+    wait("one queued", &|| engine().queue_depth == 1);
 
     let refused = ureq::post(&server.url("/v1/chat/completions")).send_bytes(chat_body(None, &[], "hi", 2).to_string().as_bytes());
     let Err(ureq::Error::Status(429, response)) = refused else { panic!("expected 429") };
     assert_eq!(response.header("retry-after"), Some("7"));
-    let body: Value = serde_json::from_str(&response.into_string().unwrap()).unwrap();
-    assert_eq!(body["error"]["code"], "queue_full");
+    let body: ErrorResponse = parse_str(&response.into_string().unwrap());
+    assert_eq!(body.error.code, ErrorKind::QueueFull);
 
     // Clients hang up: their sequences end and the slot serves new work.
     drop(running_lines);
     drop(queued.join().unwrap());
-    wait("the engine to drain", &|| engine("running") == 0 && engine("queue_depth") == 0 && engine("kv_cache_used_bytes") == 0);
+    wait("the engine to drain", &|| {
+        let engine = engine();
+        engine.running == 0 && engine.queue_depth == 0 && engine.kv_cache_used_bytes == 0
+    });
     assert_eq!(server.post_json("/v1/chat/completions", &chat_body(None, &[], "hi", 2), &[]).0, 200);
 }
 
 #[test]
 fn operations_health_ready_metrics_and_request_ids() {
     let server = start_with_adapters();
-    assert_eq!(server.get("/health"), (200, json!({ "status": "ok" }).to_string()));
+    let (status, health) = server.get("/health");
+    assert_eq!((status, parse_str::<Health>(&health).status.as_str()), (200, "ok"));
     let response = ureq::post(&server.url("/v1/chat/completions"))
         .set("x-request-id", "trace-me-42")
         .set("x-adapter", "lm-qv-r4")
@@ -292,8 +309,8 @@ fn operations_health_ready_metrics_and_request_ids() {
     ] {
         assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
     }
-    let (_, adapters) = json_get(&server, "/v1/adapters");
-    assert_eq!(adapters["data"].as_array().unwrap().len(), 2);
+    let adapters: AdapterList = parse(&json_get(&server, "/v1/adapters").1);
+    assert_eq!(adapters.data.len(), 2);
     assert!(server.logs().lines().any(|l| l.contains("trace-me-42") && l.contains("finished processing request")), "{}", server.logs());
 }
 
@@ -308,8 +325,8 @@ fn sigterm_lets_in_flight_requests_finish() {
     server.terminate();
     let data: Vec<String> = lines.map_while(Result::ok).filter_map(|l| l.strip_prefix("data: ").map(str::to_string)).collect();
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    let finish: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
-    assert_eq!(finish["choices"][0]["finish_reason"], "length", "the request ran to its end");
+    let finish: ChatCompletionChunk = parse_str(&data[data.len() - 2]);
+    assert_eq!(finish.choices[0].finish_reason, Some(FinishReason::Length), "the request ran to its end");
     let status = server.wait_exit(Duration::from_secs(20)).expect("the server exits after draining");
     assert!(status.success(), "{status:?}");
 }

@@ -163,8 +163,7 @@ fn a_trickled_body_gets_408_a_trickled_head_is_dropped_and_neither_holds_the_onl
     let started = Instant::now();
     let answer = trickle_body(&server, &head, body.as_bytes());
     assert_api_error(&answer, 408, "read_timeout");
-    assert_eq!(answer.1["error"]["type"], "invalid_request_error", "{}", answer.1);
-    assert!(answer.1["error"].as_object().unwrap().contains_key("param"), "{}", answer.1);
+    assert!(answer.1["error"].as_object().unwrap().contains_key("param"), "OpenAI's clients read `param`: {}", answer.1);
     // The body would take minutes at this pace; the answer came at the 1 s timeout.
     assert!(started.elapsed() < Duration::from_secs(20), "408 after {:?}", started.elapsed());
 

@@ -7,6 +7,12 @@ mod common;
 
 use common::json_schema::validate;
 use common::*;
+use qwen_ocr_server::api::adapters::AdapterList;
+use qwen_ocr_server::api::chat::{ChatCompletion, ChatCompletionChunk};
+use qwen_ocr_server::api::error::ErrorResponse;
+use qwen_ocr_server::api::extract::Extraction;
+use qwen_ocr_server::api::logprobs::TokenLogprob;
+use qwen_ocr_server::api::FinishReason;
 use serde_json::{json, Value};
 
 /// The plate adapter's profile schema: bounded strings, so an answer always finishes.
@@ -28,16 +34,18 @@ fn plate_schema() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("schemas/plate.schema.json")).unwrap()).unwrap()
 }
 
-fn assert_valid_extraction(body: &Value, schema: &Value, what: &str) {
-    assert_eq!(body["finish_reason"], "stop", "{what}: {body}");
-    validate(&body["data"], schema).unwrap_or_else(|e| panic!("{what}: {e}\n{body}"));
-    let data = body["data"].as_object().unwrap();
-    let confidence = body["confidence"].as_object().unwrap_or_else(|| panic!("{what}: no confidence: {body}"));
+fn assert_valid_extraction(body: &Value, schema: &Value, what: &str) -> Extraction {
+    let extraction: Extraction = parse(body);
+    assert_eq!(extraction.finish_reason, FinishReason::Stop, "{what}: {body}");
+    validate(&extraction.data, schema).unwrap_or_else(|e| panic!("{what}: {e}\n{body}"));
+    let data = extraction.data.as_object().unwrap();
+    let confidence = extraction.confidence.as_ref().unwrap_or_else(|| panic!("{what}: no confidence: {body}"));
     assert_eq!(confidence.keys().collect::<Vec<_>>(), data.keys().collect::<Vec<_>>(), "{what}");
     for (field, c) in confidence {
         let c = c.as_f64().unwrap();
         assert!((0.0..=1.0).contains(&c), "{what}: {field} confidence {c}");
     }
+    extraction
 }
 
 #[test]
@@ -54,19 +62,20 @@ fn extract_with_a_profile_gives_valid_fields_and_confidences_for_every_committed
     for image in &images {
         let (status, body) = server.extract_multipart(&[("image", image, &image_bytes(image))], &[], &[("X-Adapter", "plates")]);
         assert_eq!(status, 200, "{image}: {body}");
-        assert_valid_extraction(&body, &profile_schema(), image);
-        assert_eq!(body["adapter"], "plates");
+        let extraction = assert_valid_extraction(&body, &profile_schema(), image);
+        assert_eq!(extraction.adapter.as_deref(), Some("plates"));
     }
     // The same image on the base model, which has no profile schema: the model's own text,
     // which is not JSON.
     let (status, body) = server.extract_multipart(&[("image", "plate.png", &image_bytes("plate.png"))], &[("max_tokens", "24")], &[]);
     assert_eq!(status, 200, "{body}");
-    assert!(body["data"].is_null() && body.get("confidence").is_none(), "{body}");
+    let extraction: Extraction = parse(&body);
+    assert!(extraction.data.is_null() && extraction.confidence.is_none(), "{body}");
 
     let (_, listed) = server.get("/v1/adapters");
-    let listed: Value = serde_json::from_str(&listed).unwrap();
-    assert_eq!(listed["data"][0]["schema"], profile_schema());
-    assert_eq!(listed["data"][0]["max_pixels"], 50176);
+    let listed: AdapterList = parse_str(&listed);
+    assert_eq!(listed.data[0].profile.schema, Some(profile_schema()));
+    assert_eq!(listed.data[0].profile.max_pixels, Some(50176));
 }
 
 #[test]
@@ -86,8 +95,9 @@ fn a_request_schema_with_a_pattern_an_integer_range_and_an_enum_validates_and_a_
     let (status, body) =
         server.extract_multipart(&[("image", "plate.png", &image_bytes("plate.png"))], &[("schema", &schema), ("max_tokens", "3")], &[]);
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["finish_reason"], "length");
-    assert!(body["data"].is_null() && body["error"].as_str().unwrap().contains("max_tokens"), "{body}");
+    let extraction: Extraction = parse(&body);
+    assert_eq!(extraction.finish_reason, FinishReason::Length);
+    assert!(extraction.data.is_null() && extraction.error.unwrap().contains("max_tokens"), "{body}");
 }
 
 fn with_format(mut body: Value, format: Value) -> Value {
@@ -126,16 +136,18 @@ fn chat_enforces_json_schema_and_json_object_beside_unconstrained_and_adapter_re
 
         let content = |reply: &(u16, Value)| {
             assert_eq!(reply.0, 200, "{}", reply.1);
-            (reply.1["choices"][0]["message"]["content"].as_str().unwrap().to_string(), reply.1["choices"][0]["finish_reason"].clone())
+            let ChatCompletion { mut choices, .. } = parse(&reply.1);
+            let choice = choices.remove(0);
+            (choice.message.content, choice.finish_reason)
         };
         let (text, finish) = content(&constrained.join().unwrap());
-        assert_eq!(finish, "stop");
+        assert_eq!(finish, FinishReason::Stop);
         validate(&serde_json::from_str(&text).unwrap(), &schema).unwrap();
         let (text, finish) = content(&object.join().unwrap());
-        assert_eq!(finish, "stop", "{text}");
+        assert_eq!(finish, FinishReason::Stop, "{text}");
         assert!(serde_json::from_str::<Value>(&text).unwrap().is_object(), "{text}");
         let (text, finish) = content(&cut.join().unwrap());
-        assert_eq!(finish, "length", "{text}");
+        assert_eq!(finish, FinishReason::Length, "{text}");
         assert!(serde_json::from_str::<Value>(&text).is_err(), "four tokens cannot finish this JSON: {text}");
         assert_eq!(content(&base.join().unwrap()).0, solo_base);
         assert_eq!(content(&adapted.join().unwrap()).0, solo_adapter);
@@ -154,27 +166,26 @@ fn logprobs_are_openai_shaped_sorted_and_agree_with_the_greedy_choice_plain_and_
     body["top_logprobs"] = json!(4);
     let (status, reply) = server.post_json("/v1/chat/completions", &body, &[]);
     assert_eq!(status, 200, "{reply}");
-    let entries = reply["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    let reply: ChatCompletion = parse(&reply);
+    let entries = reply.choices[0].logprobs.clone().unwrap().content;
     assert_eq!(entries.len(), 8);
     let mut bytes = Vec::new();
     for entry in &entries {
-        let top = entry["top_logprobs"].as_array().unwrap();
+        let top = &entry.top_logprobs;
         assert_eq!(top.len(), 4);
-        assert_eq!((&top[0]["token"], &top[0]["logprob"], &top[0]["bytes"]), (&entry["token"], &entry["logprob"], &entry["bytes"]));
-        let values: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert_eq!((&top[0].token, top[0].logprob, &top[0].bytes), (&entry.token, entry.logprob, &entry.bytes));
+        let values: Vec<f32> = top.iter().map(|t| t.logprob).collect();
         assert!(values.windows(2).all(|w| w[0] >= w[1]) && values[0] <= 0.0, "{values:?}");
-        bytes.extend(entry["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8));
+        bytes.extend(&entry.bytes);
     }
-    assert_eq!(String::from_utf8(bytes).unwrap(), reply["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(String::from_utf8(bytes).unwrap(), reply.choices[0].message.content);
 
     body["stream"] = json!(true);
     let (_, _, lines) = server.chat_stream(&body, &[]);
-    let streamed: Vec<Value> = lines
+    let streamed: Vec<TokenLogprob> = lines
         .iter()
         .filter(|l| *l != "[DONE]")
-        .flat_map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["choices"][0]["logprobs"]["content"].as_array().cloned().unwrap_or_default()
-        })
+        .flat_map(|l| parse_str::<ChatCompletionChunk>(l).choices.into_iter().filter_map(|c| c.logprobs).flat_map(|l| l.content))
         .collect();
     assert_eq!(streamed, entries, "the stream carries the same log-probabilities");
 
@@ -182,7 +193,7 @@ fn logprobs_are_openai_shaped_sorted_and_agree_with_the_greedy_choice_plain_and_
     body["stream"] = json!(false);
     body["logprobs"] = json!(false);
     body.as_object_mut().unwrap().remove("top_logprobs");
-    assert!(server.post_json("/v1/chat/completions", &body, &[]).1["choices"][0]["logprobs"].is_null());
+    assert!(parse::<ChatCompletion>(&server.post_json("/v1/chat/completions", &body, &[]).1).choices[0].logprobs.is_none());
     body["top_logprobs"] = json!(2);
     assert_api_error(&server.post_json("/v1/chat/completions", &body, &[]), 400, "invalid_logprobs");
     body["logprobs"] = json!(true);
@@ -199,7 +210,7 @@ fn bad_schemas_get_a_400_that_names_the_problem_in_chat_extract_and_profiles() {
     };
     let named = |reply: (u16, Value), needle: &str| {
         assert_api_error(&reply, 400, "invalid_schema");
-        let message = reply.1["error"]["message"].as_str().unwrap().to_string();
+        let message = parse::<ErrorResponse>(&reply.1).error.message;
         assert!(message.contains(needle), "{message}");
     };
     named(chat(json!({ "type": "strng" })), "strng");

@@ -1,7 +1,6 @@
 //! Adapter administration at runtime: list, load (or atomically replace), unload. Requests
 //! already running keep the adapter version they started with.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -11,70 +10,71 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use qwen_ocr_model::adapter_registry::Residency;
-use serde::Deserialize;
-use serde_json::{json, Value};
 
 use super::parse_json;
 use crate::adapter_folder::{check_name, confine};
-use crate::error::{ApiError, ApiResult};
+use crate::api::adapters::{modules, Adapter, AdapterList, LoadAdapterRequest, LoadedAdapter, UnloadedAdapter};
+use crate::api::error::ErrorResponse;
+use crate::api::ObjectKind;
+use crate::error::{ApiError, ApiResult, ErrorKind};
 use crate::on_demand;
 use crate::profile::{read_schema_file, ProfileSpec};
 use crate::state::AppState;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LoadRequest {
-    name: String,
-    /// Relative to `--adapters-dir` (or absolute, but inside it).
-    path: PathBuf,
-    /// The extraction profile, as in the configuration file; `schema` is the JSON Schema
-    /// itself, `schema_file` a file inside `--adapters-dir`.
-    prompt: Option<String>,
-    schema: Option<Value>,
-    schema_file: Option<PathBuf>,
-    max_tokens: Option<usize>,
-    temperature: Option<f64>,
-    min_pixels: Option<u64>,
-    max_pixels: Option<u64>,
-}
-
-pub async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let data: Vec<Value> = state
+/// The loaded adapters with their profiles.
+#[utoipa::path(
+    get,
+    path = "/v1/adapters",
+    operation_id = "list_adapters",
+    tag = "adapters",
+    responses((status = 200, description = "The loaded adapters", body = AdapterList)),
+)]
+pub async fn list(State(state): State<Arc<AppState>>) -> Json<AdapterList> {
+    let data = state
         .adapters
         .list()
         .into_iter()
-        .map(|a| {
-            // The adapter and its extraction profile's settings, side by side.
-            let mut entry = serde_json::to_value(&state.profile(Some(&a.name)).settings).expect("settings serialize");
-            entry["name"] = json!(a.name);
-            entry["modules"] = json!(a.matched);
-            entry["bytes"] = json!(a.bytes);
-            entry
+        .map(|a| Adapter {
+            profile: state.profile(Some(&a.name)).settings.clone(),
+            modules: modules(&a.matched),
+            bytes: a.bytes,
+            name: a.name,
         })
         .collect();
-    Json(json!({ "object": "list", "data": data, "resident_bytes": state.adapters.resident_bytes() }))
+    Json(AdapterList { object: ObjectKind::List, data, resident_bytes: state.adapters.resident_bytes() })
 }
 
+/// Loads an adapter from the adapters folder, or atomically replaces the one of that name.
+#[utoipa::path(
+    post,
+    path = "/v1/adapters",
+    operation_id = "load_adapter",
+    tag = "adapters",
+    request_body(content = LoadAdapterRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Replaced an adapter of that name", body = LoadedAdapter),
+        (status = 201, description = "Loaded", body = LoadedAdapter),
+        (status = 400, description = "Malformed fields, a bad name, no adapter at `path`, a profile or schema that cannot be used", body = ErrorResponse),
+        (status = 403, description = "Runtime loading is off (no `--adapters-dir`), or `path` leads outside it", body = ErrorResponse),
+        (status = 503, description = "The model is loading, or every adapter slot is held (`unavailable`, `adapters_full`)", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+)]
 pub async fn load(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> ApiResult<impl IntoResponse> {
-    let request: LoadRequest = parse_json(body)?;
+    let request: LoadAdapterRequest = parse_json(body)?;
     check_name(&request.name)?;
     let root = state.config.adapters_dir.as_deref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::FORBIDDEN,
-            "adapter_loading_disabled",
-            "runtime adapter loading is off: start the server with --adapters-dir",
-        )
+        ApiError::new(ErrorKind::AdapterLoadingDisabled, "runtime adapter loading is off: start the server with --adapters-dir")
     })?;
     let dir = confine(root, &request.path)?
-        .ok_or_else(|| ApiError::bad_request("adapter_path_not_found", format!("no adapter directory at `{}`", request.path.display())))?;
+        .ok_or_else(|| ApiError::new(ErrorKind::AdapterPathNotFound, format!("no adapter directory at `{}`", request.path.display())))?;
     let engine = state.engine()?;
     let pipeline = engine.pipeline().clone();
     let schema = match (request.schema, &request.schema_file) {
-        (Some(_), Some(_)) => return Err(ApiError::bad_request("invalid_schema", "give `schema` or `schema_file`, not both")),
+        (Some(_), Some(_)) => return Err(ApiError::new(ErrorKind::InvalidSchema, "give `schema` or `schema_file`, not both")),
         (Some(schema), None) => Some(schema),
         (None, Some(file)) => {
             let path = confine(root, file)?
-                .ok_or_else(|| ApiError::bad_request("invalid_schema", format!("no schema file at `{}`", file.display())))?;
+                .ok_or_else(|| ApiError::new(ErrorKind::InvalidSchema, format!("no schema file at `{}`", file.display())))?;
             Some(read_schema_file(&path)?)
         }
         (None, None) => None,
@@ -100,12 +100,30 @@ pub async fn load(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesR
     state.set_profile(&request.name, Some(profile));
     let (adapter, replaced) = (loaded.adapter, loaded.replaced);
     let status = if replaced.is_some() { StatusCode::OK } else { StatusCode::CREATED };
-    Ok((status, Json(json!({ "name": adapter.name, "modules": adapter.matched, "bytes": adapter.bytes, "replaced": replaced.is_some() }))))
+    let body = LoadedAdapter {
+        name: adapter.name.clone(),
+        modules: modules(&adapter.matched),
+        bytes: adapter.bytes,
+        replaced: replaced.is_some(),
+    };
+    Ok((status, Json(body)))
 }
 
-pub async fn unload(State(state): State<Arc<AppState>>, UrlPath(name): UrlPath<String>) -> ApiResult<Json<Value>> {
-    state.adapters.unload(&name).ok_or_else(|| ApiError::not_found("adapter_not_found", format!("adapter `{name}` is not loaded")))?;
+/// Unloads an adapter; requests already running finish with it.
+#[utoipa::path(
+    delete,
+    path = "/v1/adapters/{name}",
+    operation_id = "unload_adapter",
+    tag = "adapters",
+    params(("name" = String, Path, description = "The adapter's name")),
+    responses(
+        (status = 200, description = "Unloaded", body = UnloadedAdapter),
+        (status = 404, description = "No adapter of that name is loaded (`adapter_not_found`)", body = ErrorResponse),
+    ),
+)]
+pub async fn unload(State(state): State<Arc<AppState>>, UrlPath(name): UrlPath<String>) -> ApiResult<Json<UnloadedAdapter>> {
+    state.adapters.unload(&name).ok_or_else(|| ApiError::new(ErrorKind::AdapterNotFound, format!("adapter `{name}` is not loaded")))?;
     state.set_profile(&name, None);
     tracing::info!(adapter = %name, "adapter unloaded");
-    Ok(Json(json!({ "name": name, "deleted": true })))
+    Ok(Json(UnloadedAdapter { name, deleted: true }))
 }

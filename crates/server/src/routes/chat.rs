@@ -19,127 +19,69 @@ use qwen_ocr_model::logprobs::{TokenLogprob, MAX_TOP_LOGPROBS};
 use qwen_ocr_model::prompt::{ChatMessage, Content, ContentPart};
 use qwen_ocr_model::{GenerateRequest, Pipeline};
 use qwen_ocr_scheduler::{Completion, Event, RequestStream};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use super::parse_json;
-use crate::error::{ApiError, ApiResult};
-use crate::inference::{self, finish_reason_name};
+use crate::api::chat::{
+    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionEvent, ChatCompletionRequest, Choice, ChunkChoice,
+    ContentPart as InPart, Delta, Message, MessageContent, ResponseFormat, Role, Stop,
+};
+use crate::api::error::ErrorResponse;
+use crate::api::logprobs::ChoiceLogprobs;
+use crate::api::{AdapterHeader, FinishReason, ObjectKind, Usage};
+use crate::error::{ApiError, ApiResult, ErrorKind};
+use crate::inference::{self, finish_reason};
 use crate::logprobs::openai_logprobs;
 use crate::metrics::AdapterLabel;
 use crate::state::AppState;
 
-#[derive(Debug, Deserialize)]
-struct ChatRequest {
-    model: Option<String>,
-    messages: Vec<InMessage>,
-    max_tokens: Option<i64>,
-    max_completion_tokens: Option<i64>,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    seed: Option<u64>,
-    stop: Option<Stop>,
-    #[serde(default)]
-    stream: bool,
-    stream_options: Option<StreamOptions>,
-    response_format: Option<ResponseFormat>,
-    #[serde(default)]
-    logprobs: bool,
-    top_logprobs: Option<i64>,
-    n: Option<u32>,
-}
-
-#[derive(Debug, Deserialize)]
-struct InMessage {
-    role: String,
-    content: Option<InContent>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum InContent {
-    Text(String),
-    Parts(Vec<InPart>),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum InPart {
-    Text { text: String },
-    ImageUrl { image_url: ImageUrl },
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum ImageUrl {
-    Object { url: String },
-    Url(String),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Debug, Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
-/// OpenAI's `response_format`: `json_object` and `json_schema` are enforced while decoding.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum ResponseFormat {
-    Text,
-    JsonObject,
-    JsonSchema { json_schema: JsonSchemaFormat },
-}
-
-/// OpenAI's `json_schema` object. Its `name`, `description` and `strict` are accepted and not
-/// needed: the schema is always enforced, and one that cannot be is refused.
-#[derive(Debug, Deserialize)]
-struct JsonSchemaFormat {
-    schema: Option<Value>,
-}
-
-impl ResponseFormat {
-    /// The schema to enforce, if any; OpenAI's `json_object` is any object.
-    fn schema(self) -> Option<Value> {
-        match self {
-            ResponseFormat::Text => None,
-            ResponseFormat::JsonObject => Some(json!({ "type": "object" })),
-            ResponseFormat::JsonSchema { json_schema } => Some(json_schema.schema.unwrap_or_else(|| json!({}))),
-        }
-    }
-}
-
+/// A chat completion, whole or streamed.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    operation_id = "create_chat_completion",
+    tag = "generation",
+    params(AdapterHeader),
+    request_body(content = ChatCompletionRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The completion; with `stream: true`, `text/event-stream` events each carrying a chunk (a stream that fails after it started ends with an `ErrorResponse` event), then `[DONE]`", content(
+            (ChatCompletion = "application/json"),
+            (ChatCompletionEvent = "text/event-stream"),
+        )),
+        (status = 400, description = "Malformed or out-of-range fields, a missing or corrupt image, a JSON Schema that does not parse or cannot be enforced", body = ErrorResponse),
+        (status = 403, description = "An adapter name that leads outside the adapters folder (`adapter_path_outside`)", body = ErrorResponse),
+        (status = 404, description = "No such adapter or model (`adapter_not_found`, `model_not_found`)", body = ErrorResponse),
+        (status = 413, description = "The body is over `max_body_bytes`, or an image declares more than `max_image_pixels` (`body_too_large`, `image_too_large`)", body = ErrorResponse),
+        (status = 415, description = "Not an image the server decodes, or an unsupported content type (`unsupported_image`, `unsupported_content_type`)", body = ErrorResponse),
+        (status = 429, description = "The queue is full (`queue_full`)", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        (status = 503, description = "The model is loading, the server is shutting down, or every adapter slot is held (`unavailable`, `adapters_full`, `cancelled`)", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        (status = 504, description = "The request ran past `request_timeout_secs` (`timeout`)", body = ErrorResponse),
+    ),
+)]
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let request: ChatRequest = parse_json(body)?;
+    let request: ChatCompletionRequest = parse_json(body)?;
     let adapter = inference::resolve_adapter(&state, &headers, request.model.as_deref()).await?;
     if request.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad_request("unsupported_n", "only n=1 is supported"));
+        return Err(ApiError::new(ErrorKind::UnsupportedN, "only n=1 is supported"));
     }
     let top_logprobs = match (request.logprobs, request.top_logprobs) {
         (false, None) => None,
-        (false, Some(_)) => return Err(ApiError::bad_request("invalid_logprobs", "top_logprobs needs logprobs: true")),
+        (false, Some(_)) => return Err(ApiError::new(ErrorKind::InvalidLogprobs, "top_logprobs needs logprobs: true")),
         (true, None) => Some(0),
         (true, Some(n)) if (0..=MAX_TOP_LOGPROBS as i64).contains(&n) => Some(n as usize),
         (true, Some(n)) => {
-            return Err(ApiError::bad_request(
-                "invalid_logprobs",
+            return Err(ApiError::new(
+                ErrorKind::InvalidLogprobs,
                 format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"),
             ))
         }
     };
     if request.messages.is_empty() {
-        return Err(ApiError::bad_request("invalid_messages", "messages must not be empty"));
+        return Err(ApiError::new(ErrorKind::InvalidMessages, "messages must not be empty"));
     }
     let max_new_tokens = inference::check_max_tokens(&state, request.max_completion_tokens.or(request.max_tokens))?;
     let sampling = inference::sampling(&state, request.temperature, request.top_p, request.seed)?;
@@ -147,7 +89,7 @@ pub async fn completions(
         None => vec![],
         Some(Stop::One(s)) => vec![s],
         Some(Stop::Many(v)) if v.len() <= 4 => v,
-        Some(Stop::Many(_)) => return Err(ApiError::bad_request("invalid_stop", "at most 4 stop strings")),
+        Some(Stop::Many(_)) => return Err(ApiError::new(ErrorKind::InvalidStop, "at most 4 stop strings")),
     };
     let grammar = match request.response_format.and_then(ResponseFormat::schema) {
         Some(schema) => Some(inference::compile_schema(&state, schema).await?),
@@ -182,23 +124,23 @@ pub async fn completions(
 }
 
 /// OpenAI messages as the chat template sees them, and the bytes of their images in order.
-async fn convert_messages(state: &AppState, messages: Vec<InMessage>) -> ApiResult<(Vec<ChatMessage>, Vec<Vec<u8>>)> {
+async fn convert_messages(state: &AppState, messages: Vec<Message>) -> ApiResult<(Vec<ChatMessage>, Vec<Vec<u8>>)> {
     let mut out = Vec::with_capacity(messages.len());
     let mut images = Vec::new();
     for (i, message) in messages.into_iter().enumerate() {
         if !matches!(message.role.as_str(), "system" | "user" | "assistant") {
-            return Err(ApiError::bad_request("invalid_role", format!("messages[{i}].role must be system, user or assistant")));
+            return Err(ApiError::new(ErrorKind::InvalidRole, format!("messages[{i}].role must be system, user or assistant")));
         }
         let content = match message.content {
             None => Content::Text(String::new()),
-            Some(InContent::Text(text)) => Content::Text(text),
-            Some(InContent::Parts(parts)) => {
+            Some(MessageContent::Text(text)) => Content::Text(text),
+            Some(MessageContent::Parts(parts)) => {
                 let mut converted = Vec::with_capacity(parts.len());
                 for part in parts {
                     match part {
                         InPart::Text { text } => converted.push(ContentPart::Text { text }),
-                        InPart::ImageUrl { image_url: ImageUrl::Object { url } | ImageUrl::Url(url) } => {
-                            images.push(image_bytes(state, &url).await?);
+                        InPart::ImageUrl { image_url } => {
+                            images.push(image_bytes(state, image_url.url()).await?);
                             converted.push(ContentPart::Image);
                         }
                     }
@@ -214,25 +156,25 @@ async fn convert_messages(state: &AppState, messages: Vec<InMessage>) -> ApiResu
 /// The bytes behind an image URL: `data:` URLs always, `http(s)` only from allowed hosts.
 async fn image_bytes(state: &AppState, url: &str) -> ApiResult<Vec<u8>> {
     if let Some(rest) = url.strip_prefix("data:") {
-        let (meta, data) = rest.split_once(',').ok_or_else(|| ApiError::bad_request("invalid_image_url", "malformed data: URL"))?;
+        let (meta, data) = rest.split_once(',').ok_or_else(|| ApiError::new(ErrorKind::InvalidImageUrl, "malformed data: URL"))?;
         if !meta.ends_with(";base64") {
-            return Err(ApiError::bad_request("invalid_image_url", "data: URLs must be base64-encoded"));
+            return Err(ApiError::new(ErrorKind::InvalidImageUrl, "data: URLs must be base64-encoded"));
         }
         return base64::engine::general_purpose::STANDARD
             .decode(data.trim())
-            .map_err(|e| ApiError::bad_request("invalid_image_url", format!("data: URL is not valid base64: {e}")));
+            .map_err(|e| ApiError::new(ErrorKind::InvalidImageUrl, format!("data: URL is not valid base64: {e}")));
     }
     if url.starts_with("http://") || url.starts_with("https://") {
         let host = url.split("://").nth(1).and_then(|r| r.split(['/', ':', '?', '#']).next()).unwrap_or("");
         if !state.config.allowed_image_hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
-            return Err(ApiError::bad_request(
-                "remote_image_not_allowed",
+            return Err(ApiError::new(
+                ErrorKind::RemoteImageNotAllowed,
                 format!("image URLs from `{host}` are not allowed: send the image as a data: URL, or add the host to allowed_image_hosts"),
             ));
         }
         return fetch(url.to_string(), state.config.max_body_bytes).await;
     }
-    Err(ApiError::bad_request("invalid_image_url", "image_url must be a data: URL (or an http(s) URL from an allowed host)"))
+    Err(ApiError::new(ErrorKind::InvalidImageUrl, "image_url must be a data: URL (or an http(s) URL from an allowed host)"))
 }
 
 /// Downloads an allowed remote image, refusing bodies over `limit` bytes.
@@ -242,19 +184,15 @@ async fn fetch(url: String, limit: usize) -> ApiResult<Vec<u8>> {
         let response = ureq::get(&url)
             .timeout(std::time::Duration::from_secs(30))
             .call()
-            .map_err(|e| ApiError::bad_request("image_fetch_failed", format!("cannot fetch {url}: {e}")))?;
+            .map_err(|e| ApiError::new(ErrorKind::ImageFetchFailed, format!("cannot fetch {url}: {e}")))?;
         let mut bytes = Vec::new();
         response
             .into_reader()
             .take(limit as u64 + 1)
             .read_to_end(&mut bytes)
-            .map_err(|e| ApiError::bad_request("image_fetch_failed", e.to_string()))?;
+            .map_err(|e| ApiError::new(ErrorKind::ImageFetchFailed, e.to_string()))?;
         if bytes.len() > limit {
-            return Err(ApiError::new(
-                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-                "image_too_large",
-                format!("{url} is over {limit} bytes"),
-            ));
+            return Err(ApiError::new(ErrorKind::ImageTooLarge, format!("{url} is over {limit} bytes")));
         }
         Ok(bytes)
     })
@@ -273,56 +211,63 @@ struct Reply {
 }
 
 impl Reply {
-    fn completion(&self, done: &Completion) -> Value {
-        json!({
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{
-                "index": 0,
-                "message": { "role": "assistant", "content": done.text },
-                "finish_reason": finish_reason_name(done.finish_reason),
-                "logprobs": self.logprobs(&done.logprobs),
+    fn completion(&self, done: &Completion) -> ChatCompletion {
+        ChatCompletion {
+            id: self.id.clone(),
+            object: ObjectKind::ChatCompletion,
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![Choice {
+                index: 0,
+                message: AssistantMessage { role: Role::Assistant, content: done.text.clone() },
+                finish_reason: finish_reason(done.finish_reason),
+                logprobs: self.logprobs(&done.logprobs),
             }],
-            "usage": usage(done),
-            "system_fingerprint": null,
-        })
+            usage: usage(done),
+            system_fingerprint: None,
+        }
     }
 
     /// The choice's `logprobs`: null unless asked for.
-    fn logprobs(&self, tokens: &[TokenLogprob]) -> Value {
+    fn logprobs(&self, tokens: &[TokenLogprob]) -> Option<ChoiceLogprobs> {
         match self.vocabulary.as_ref().map(|p| p.vocabulary()) {
-            Some(Ok(vocabulary)) => openai_logprobs(vocabulary, tokens),
-            _ => Value::Null,
+            Some(Ok(vocabulary)) => Some(openai_logprobs(vocabulary, tokens)),
+            _ => None,
         }
     }
 
-    fn chunk(&self, delta: Value, logprobs: &[TokenLogprob], finish_reason: Option<&str>, include_usage: bool) -> SseEvent {
-        let logprobs = if logprobs.is_empty() { Value::Null } else { self.logprobs(logprobs) };
-        let choices = json!([{ "index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs }]);
-        self.chunk_event(choices, include_usage.then_some(Value::Null))
+    fn chunk(&self, delta: Delta, logprobs: &[TokenLogprob], finish_reason: Option<FinishReason>, include_usage: bool) -> SseEvent {
+        let logprobs = if logprobs.is_empty() { None } else { self.logprobs(logprobs) };
+        let choices = vec![ChunkChoice { index: 0, delta, finish_reason, logprobs }];
+        self.chunk_event(choices, include_usage.then_some(None))
     }
 
     /// A `chat.completion.chunk` event; `usage` is present (possibly null) only when asked for.
-    fn chunk_event(&self, choices: Value, usage: Option<Value>) -> SseEvent {
-        let mut chunk = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        });
-        if let Some(usage) = usage {
-            chunk["usage"] = usage;
-        }
-        SseEvent::default().data(chunk.to_string())
+    fn chunk_event(&self, choices: Vec<ChunkChoice>, usage: Option<Option<Usage>>) -> SseEvent {
+        let chunk = ChatCompletionChunk {
+            id: self.id.clone(),
+            object: ObjectKind::ChatCompletionChunk,
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        };
+        data_event(&chunk)
     }
 }
 
-fn usage(done: &Completion) -> Value {
-    let completion = done.token_ids.len();
-    json!({ "prompt_tokens": done.prompt_tokens, "completion_tokens": completion, "total_tokens": done.prompt_tokens + completion })
+/// An SSE event carrying `body` as JSON.
+fn data_event(body: &impl Serialize) -> SseEvent {
+    // The API types are plain structs with string keys: serializing them cannot fail.
+    SseEvent::default().json_data(body).expect("API types serialize")
+}
+
+fn text(content: impl Into<String>) -> Delta {
+    Delta { role: None, content: Some(content.into()) }
+}
+
+fn usage(done: &Completion) -> Usage {
+    Usage::new(done.prompt_tokens, done.token_ids.len())
 }
 
 /// The SSE response: a role chunk, one chunk per text delta, the finish chunk, the usage
@@ -343,7 +288,12 @@ async fn stream_reply(
         }
     }
     let mut out = Outbox {
-        pending: VecDeque::from([reply.chunk(json!({ "role": "assistant", "content": "" }), &[], None, include_usage)]),
+        pending: VecDeque::from([reply.chunk(
+            Delta { role: Some(Role::Assistant), content: Some(String::new()) },
+            &[],
+            None,
+            include_usage,
+        )]),
         held_logprobs: Vec::new(),
         include_usage,
     };
@@ -380,21 +330,21 @@ impl Reply {
                 out.held_logprobs.extend(logprob);
                 if !text.is_empty() {
                     let logprobs = std::mem::take(&mut out.held_logprobs);
-                    pending.push_back(self.chunk(json!({ "content": text }), &logprobs, None, include_usage));
+                    pending.push_back(self.chunk(self::text(text), &logprobs, None, include_usage));
                 }
             }
             Some(Event::Done(done)) => {
                 inference::record(&done, self.adapter.as_deref());
                 if let Some(error) = inference::failure(&done) {
-                    pending.push_back(SseEvent::default().data(error.body().to_string()));
+                    pending.push_back(data_event(&error.body()));
                 } else {
                     let logprobs = std::mem::take(&mut out.held_logprobs);
                     if !done.tail.is_empty() || !logprobs.is_empty() {
-                        pending.push_back(self.chunk(json!({ "content": done.tail }), &logprobs, None, include_usage));
+                        pending.push_back(self.chunk(self::text(done.tail.as_str()), &logprobs, None, include_usage));
                     }
-                    pending.push_back(self.chunk(json!({}), &[], Some(finish_reason_name(done.finish_reason)), include_usage));
+                    pending.push_back(self.chunk(Delta::default(), &[], Some(finish_reason(done.finish_reason)), include_usage));
                     if include_usage {
-                        pending.push_back(self.chunk_event(json!([]), Some(usage(&done))));
+                        pending.push_back(self.chunk_event(vec![], Some(Some(usage(&done)))));
                     }
                 }
                 pending.push_back(SseEvent::default().data("[DONE]"));
@@ -402,7 +352,7 @@ impl Reply {
             }
             None => {
                 let error = ApiError::internal("the engine stopped before the request finished");
-                pending.push_back(SseEvent::default().data(error.body().to_string()));
+                pending.push_back(data_event(&error.body()));
                 pending.push_back(SseEvent::default().data("[DONE]"));
                 *events = None;
             }

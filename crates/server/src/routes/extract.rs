@@ -5,55 +5,70 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use qwen_ocr_model::prompt::ChatMessage;
 use qwen_ocr_model::{FinishReason, GenerateRequest};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::{body_error, unreadable_body};
+use crate::api::error::ErrorResponse;
+use crate::api::extract::{ExtractForm, ExtractOptions, Extraction, RawImage, Timings};
+use crate::api::{AdapterHeader, ObjectKind, Usage};
 use crate::confidence::field_confidences;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ErrorKind};
 use crate::extract_json::extract_json;
-use crate::inference::{self, finish_reason_name};
+use crate::inference::{self, finish_reason};
 use crate::metrics::AdapterLabel;
 use crate::profile::parse_schema;
 use crate::state::AppState;
 
-/// The optional fields, from multipart parts or (for raw bodies) the query string.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ExtractOptions {
-    prompt: Option<String>,
-    max_tokens: Option<i64>,
-    temperature: Option<f64>,
-    /// A JSON Schema (as JSON text) that replaces the profile's for this request.
-    schema: Option<String>,
-}
-
+/// Reads one image: the JSON the model found in it, checked against the profile's schema.
+#[utoipa::path(
+    post,
+    path = "/v1/extract",
+    tag = "generation",
+    params(AdapterHeader, ExtractOptions),
+    request_body(description = "A multipart form, or the image itself with the options in the query string", content(
+        (ExtractForm = "multipart/form-data"),
+        (RawImage = "image/png"),
+        (RawImage = "image/jpeg"),
+        (RawImage = "image/webp"),
+        (RawImage = "application/octet-stream"),
+    )),
+    responses(
+        (status = 200, description = "What the model read", body = Extraction),
+        (status = 400, description = "Malformed or out-of-range fields, a missing or corrupt image, a JSON Schema that does not parse or cannot be enforced", body = ErrorResponse),
+        (status = 403, description = "An adapter name that leads outside the adapters folder (`adapter_path_outside`)", body = ErrorResponse),
+        (status = 404, description = "No such adapter or model (`adapter_not_found`, `model_not_found`)", body = ErrorResponse),
+        (status = 413, description = "The body is over `max_body_bytes`, or an image declares more than `max_image_pixels` (`body_too_large`, `image_too_large`)", body = ErrorResponse),
+        (status = 415, description = "Not an image the server decodes, or an unsupported content type (`unsupported_image`, `unsupported_content_type`)", body = ErrorResponse),
+        (status = 429, description = "The queue is full (`queue_full`)", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        (status = 503, description = "The model is loading, the server is shutting down, or every adapter slot is held (`unavailable`, `adapters_full`, `cancelled`)", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+        (status = 504, description = "The request ran past `request_timeout_secs` (`timeout`)", body = ErrorResponse),
+    ),
+)]
 pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, request: Request) -> ApiResult<Response> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
     let (image, options) = if content_type.starts_with("multipart/form-data") {
         read_multipart(request).await?
     } else if content_type.starts_with("image/") || content_type == "application/octet-stream" {
         let options = Query::<ExtractOptions>::try_from_uri(request.uri())
-            .map_err(|e| ApiError::bad_request("invalid_query", format!("invalid query string: {}", e.body_text())))?
+            .map_err(|e| ApiError::new(ErrorKind::InvalidQuery, format!("invalid query string: {}", e.body_text())))?
             .0;
         let body = Bytes::from_request(request, &()).await.map_err(body_error)?;
         (body.to_vec(), options)
     } else {
         return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_content_type",
+            ErrorKind::UnsupportedContentType,
             "send multipart/form-data with an `image` file part, or the image itself with an image/* content type",
         ));
     };
     // Checked after reading the body, so that clients still sending it get the answer.
     let adapter = inference::resolve_adapter(&state, &headers, None).await?;
     if image.is_empty() {
-        return Err(ApiError::bad_request("missing_image", "the image is empty"));
+        return Err(ApiError::new(ErrorKind::MissingImage, "the image is empty"));
     }
     let adapter_name = adapter.as_ref().map(|a| a.name.clone());
     let profile = state.profile(adapter_name.as_deref());
@@ -80,35 +95,32 @@ pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, req
     let constrained = request.grammar.is_some();
     let stream = inference::submit(&state, request)?;
     let done = inference::complete(stream, adapter_name.as_deref()).await?;
-    let t = &done.timings;
-    let mut body = json!({
-        "id": format!("extract-{}", uuid::Uuid::new_v4().simple()),
-        "object": "extraction",
-        "model": state.config.model,
-        "adapter": adapter_name,
-        "data": Value::Null,
-        "raw": done.text,
-        "finish_reason": finish_reason_name(done.finish_reason),
-        "usage": {
-            "prompt_tokens": done.prompt_tokens,
-            "completion_tokens": done.token_ids.len(),
-            "total_tokens": done.prompt_tokens + done.token_ids.len(),
-        },
-        "timings": { "queued_ms": t.queued_ms, "prefill_ms": t.prefill_ms, "vision_ms": t.vision_ms, "decode_ms": t.decode_ms },
-    });
+    let mut body = Extraction {
+        id: format!("extract-{}", uuid::Uuid::new_v4().simple()),
+        object: ObjectKind::Extraction,
+        model: state.config.model.clone(),
+        adapter: adapter_name.clone(),
+        data: Value::Null,
+        raw: done.text.clone(),
+        finish_reason: finish_reason(done.finish_reason),
+        usage: Usage::new(done.prompt_tokens, done.token_ids.len()),
+        timings: Timings::from(&done.timings),
+        error: None,
+        confidence: None,
+    };
     if !constrained {
         match extract_json(&done.text) {
-            Ok(data) => body["data"] = data,
-            Err(why) => body["error"] = json!(why),
+            Ok(data) => body.data = data,
+            Err(why) => body.error = Some(why),
         }
     } else if done.finish_reason != FinishReason::Stop {
-        body["error"] = json!("max_tokens cut the answer before its JSON was complete: raise max_tokens");
+        body.error = Some("max_tokens cut the answer before its JSON was complete: raise max_tokens".into());
     } else {
         // The grammar admitted only text that parses and validates.
-        body["data"] = serde_json::from_str(&done.text).map_err(|e| ApiError::internal(format!("constrained output is not JSON: {e}")))?;
+        body.data = serde_json::from_str(&done.text).map_err(|e| ApiError::internal(format!("constrained output is not JSON: {e}")))?;
         let vocabulary = state.engine()?.pipeline().vocabulary()?;
         let bytes = |t| if vocabulary.is_special(t) { Vec::new() } else { vocabulary.token_bytes(t) };
-        body["confidence"] = Value::Object(field_confidences(&done.logprobs, bytes));
+        body.confidence = Some(field_confidences(&done.logprobs, bytes));
     }
     let mut response = Json(body).into_response();
     response.extensions_mut().insert(AdapterLabel(adapter_name.unwrap_or_default()));
@@ -119,19 +131,19 @@ pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, req
 async fn read_multipart(request: Request) -> ApiResult<(Vec<u8>, ExtractOptions)> {
     let mut form = Multipart::from_request(request, &())
         .await
-        .map_err(|e| unreadable_body(e.status(), format!("invalid multipart body: {}", e.body_text()), "invalid_multipart"))?;
+        .map_err(|e| unreadable_body(e.status(), format!("invalid multipart body: {}", e.body_text()), ErrorKind::InvalidMultipart))?;
     let mut image = None;
     let mut options = ExtractOptions::default();
     let broken = |e: axum::extract::multipart::MultipartError| {
-        unreadable_body(e.status(), format!("invalid multipart body: {}", e.body_text()), "invalid_multipart")
+        unreadable_body(e.status(), format!("invalid multipart body: {}", e.body_text()), ErrorKind::InvalidMultipart)
     };
     while let Some(field) = form.next_field().await.map_err(broken)? {
         let name = field.name().unwrap_or("").to_string();
         match name.as_str() {
             "image" | "file" => {
                 if image.is_some() {
-                    return Err(ApiError::bad_request(
-                        "too_many_images",
+                    return Err(ApiError::new(
+                        ErrorKind::TooManyImages,
                         "/v1/extract takes one image; use /v1/chat/completions for several",
                     ));
                 }
@@ -141,10 +153,10 @@ async fn read_multipart(request: Request) -> ApiResult<(Vec<u8>, ExtractOptions)
             "max_tokens" => options.max_tokens = Some(parse_field(&name, &field.text().await.map_err(broken)?)?),
             "temperature" => options.temperature = Some(parse_field(&name, &field.text().await.map_err(broken)?)?),
             "schema" => options.schema = Some(field.text().await.map_err(broken)?),
-            other => return Err(ApiError::bad_request("unknown_field", format!("unknown form field `{other}`"))),
+            other => return Err(ApiError::new(ErrorKind::UnknownField, format!("unknown form field `{other}`"))),
         }
     }
-    let image = image.ok_or_else(|| ApiError::bad_request("missing_image", "the form has no `image` file part"))?;
+    let image = image.ok_or_else(|| ApiError::new(ErrorKind::MissingImage, "the form has no `image` file part"))?;
     Ok((image, options))
 }
 
@@ -152,5 +164,5 @@ fn parse_field<T: std::str::FromStr>(name: &str, value: &str) -> ApiResult<T> {
     value
         .trim()
         .parse()
-        .map_err(|_| ApiError::bad_request("invalid_field", format!("form field `{name}` is not a valid number: `{value}`")))
+        .map_err(|_| ApiError::new(ErrorKind::InvalidField, format!("form field `{name}` is not a valid number: `{value}`")))
 }

@@ -4,7 +4,10 @@ mod adapters;
 mod chat;
 mod extract;
 mod models;
+mod openapi;
 mod ops;
+
+pub use openapi::document;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +24,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorKind};
 use crate::state::AppState;
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
@@ -36,7 +39,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/adapters", get(adapters::list).post(adapters::load))
         .route("/v1/adapters/{name}", delete(adapters::unload))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
-    let ops = Router::new().route("/health", get(ops::health)).route("/ready", get(ops::ready)).route("/metrics", get(ops::metrics));
+    let ops = Router::new()
+        .route("/health", get(ops::health))
+        .route("/openapi.json", get(openapi::openapi))
+        .route("/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics));
     let trace = TraceLayer::new_for_http()
         .make_span_with(|request: &Request| {
             let id = request.headers().get(&REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -75,8 +82,8 @@ async fn authenticate(State(state): State<Arc<AppState>>, request: Request, next
     let presented = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match presented {
         Some(key) if keys.iter().any(|k| constant_time_eq(k.as_bytes(), key.trim().as_bytes())) => Ok(next.run(request).await),
-        Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid_api_key", "the API key is not valid")),
-        None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing_api_key", "send an API key as `Authorization: Bearer KEY`")),
+        Some(_) => Err(ApiError::new(ErrorKind::InvalidApiKey, "the API key is not valid")),
+        None => Err(ApiError::new(ErrorKind::MissingApiKey, "send an API key as `Authorization: Bearer KEY`")),
     }
 }
 
@@ -86,11 +93,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn not_found() -> ApiError {
-    ApiError::not_found("unknown_route", "no such route; see the README for the API")
+    ApiError::new(ErrorKind::UnknownRoute, "no such route; see the README for the API")
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not accept that method")
+    ApiError::new(ErrorKind::MethodNotAllowed, "this route does not accept that method")
 }
 
 /// Receives the whole body before the handler runs, within `read_timeout_secs` of the
@@ -102,7 +109,7 @@ async fn read_body_within(State(state): State<Arc<AppState>>, request: Request, 
     let within = Duration::from_secs(state.config.read_timeout_secs);
     let bytes = tokio::time::timeout(within, read_body(body, state.config.max_body_bytes)).await.map_err(|_| {
         let message = format!("the request body was not received within {} s (read_timeout_secs)", within.as_secs());
-        ApiError::new(StatusCode::REQUEST_TIMEOUT, "read_timeout", message)
+        ApiError::new(ErrorKind::ReadTimeout, message)
     })??;
     Ok(next.run(Request::from_parts(parts, Body::from(bytes))).await)
 }
@@ -113,10 +120,10 @@ async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
     let mut frames = body.into_data_stream();
     let mut bytes = Vec::new();
     while let Some(frame) = frames.next().await {
-        let frame = frame.map_err(|e| ApiError::bad_request("invalid_body", format!("failed to read the request body: {e}")))?;
+        let frame = frame.map_err(|e| ApiError::new(ErrorKind::InvalidBody, format!("failed to read the request body: {e}")))?;
         if bytes.len() + frame.len() > limit {
             let message = format!("the request body is over max_body_bytes ({limit})");
-            return Err(unreadable_body(StatusCode::PAYLOAD_TOO_LARGE, message, "invalid_body"));
+            return Err(ApiError::new(ErrorKind::BodyTooLarge, message));
         }
         bytes.extend_from_slice(&frame);
     }
@@ -128,16 +135,16 @@ fn parse_json<T: serde::de::DeserializeOwned>(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<T, ApiError> {
     let bytes = body.map_err(body_error)?;
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request("invalid_json", format!("invalid request body: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::new(ErrorKind::InvalidJson, format!("invalid request body: {e}")))
 }
 
 fn body_error(rejection: axum::extract::rejection::BytesRejection) -> ApiError {
-    unreadable_body(rejection.status(), rejection.body_text(), "invalid_body")
+    unreadable_body(rejection.status(), rejection.body_text(), ErrorKind::InvalidBody)
 }
 
-/// A body that could not be read: over the size limit (413, `body_too_large`) or broken
-/// (`code`), with the status axum's extractor chose.
-fn unreadable_body(status: StatusCode, detail: String, code: &'static str) -> ApiError {
-    let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { code };
-    ApiError::new(status, code, detail)
+/// A body that could not be read: over the size limit (`body_too_large`, as axum's extractor
+/// found it) or broken (`kind`).
+fn unreadable_body(status: StatusCode, detail: String, kind: ErrorKind) -> ApiError {
+    let kind = if status == StatusCode::PAYLOAD_TOO_LARGE { ErrorKind::BodyTooLarge } else { kind };
+    ApiError::new(kind, detail)
 }

@@ -5,19 +5,35 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::Json;
-use serde_json::{json, Value};
 
 use crate::adapter_folder;
+use crate::api::models::{Model, ModelList};
+use crate::api::ObjectKind;
 use crate::inference::BASE_MODEL;
 use crate::state::AppState;
 
-pub async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    operation_id = "list_models",
+    tag = "generation",
+    responses((status = 200, description = "The models a request can name", body = ModelList)),
+)]
+pub async fn list(State(state): State<Arc<AppState>>) -> Json<ModelList> {
     let base = &state.config.model;
-    let mut data = vec![json!({ "id": BASE_MODEL, "object": "model", "created": 0, "owned_by": "qwen-ocr", "root": base, "loaded": true })];
+    let model = |id: &str, parent: Option<&str>, loaded: bool| Model {
+        id: id.to_string(),
+        object: ObjectKind::Model,
+        created: 0,
+        owned_by: "qwen-ocr".into(),
+        root: base.clone(),
+        parent: parent.map(str::to_string),
+        loaded,
+    };
+    let mut data = vec![model(BASE_MODEL, None, true)];
     let loaded: Vec<String> = state.adapters.list().into_iter().map(|a| a.name).collect();
     let loadable = state.config.adapters_dir.as_deref().map(adapter_folder::loadable).unwrap_or_default();
-    let adapter = |name: &String, loaded: bool| json!({ "id": name, "object": "model", "created": 0, "owned_by": "qwen-ocr", "root": base, "parent": BASE_MODEL, "loaded": loaded });
-    data.extend(loaded.iter().map(|name| adapter(name, true)));
-    data.extend(loadable.iter().filter(|name| !loaded.contains(name)).map(|name| adapter(name, false)));
-    Json(json!({ "object": "list", "data": data }))
+    data.extend(loaded.iter().map(|name| model(name, Some(BASE_MODEL), true)));
+    data.extend(loadable.iter().filter(|name| !loaded.contains(name)).map(|name| model(name, Some(BASE_MODEL), false)));
+    Json(ModelList { object: ObjectKind::List, data })
 }

@@ -3,28 +3,46 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
-use serde_json::json;
 
-use crate::error::ApiError;
+use crate::api::error::ErrorResponse;
+use crate::api::ops::{Health, Ready};
+use crate::error::{ApiError, ErrorKind};
 use crate::state::AppState;
 
 /// The process is up (the model may still be loading).
-pub async fn health() -> impl IntoResponse {
-    Json(json!({ "status": "ok" }))
+#[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, description = "Alive", body = Health)))]
+pub async fn health() -> Json<Health> {
+    Json(Health { status: "ok".into() })
 }
 
 /// Ready to serve: the model is loaded and the server is not shutting down.
-pub async fn ready(State(state): State<Arc<AppState>>) -> Result<impl IntoResponse, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready, with the engine's state", body = Ready),
+        (status = 503, description = "The model is loading or the server is shutting down (`unavailable`)", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ),
+)]
+pub async fn ready(State(state): State<Arc<AppState>>) -> Result<Json<Ready>, ApiError> {
     if !state.is_ready() {
-        return Err(ApiError::unavailable("not ready: the model is loading or the server is shutting down"));
+        return Err(ApiError::new(ErrorKind::Unavailable, "not ready: the model is loading or the server is shutting down"));
     }
-    let stats = state.engine()?.stats();
-    Ok((StatusCode::OK, Json(json!({ "status": "ready", "model": state.config.model, "engine": stats }))))
+    let engine = state.engine()?.stats().into();
+    Ok(Json(Ready { status: "ready".into(), model: state.config.model.clone(), engine }))
 }
 
+/// Prometheus metrics.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus' text format", content_type = "text/plain", body = String)),
+)]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }

@@ -7,6 +7,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use qwen_ocr_server::api::chat::ChatCompletionChunk;
+use qwen_ocr_server::api::error::ErrorResponse;
+use qwen_ocr_server::api::ops::Ready;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 pub mod json_schema;
@@ -267,12 +271,14 @@ impl Endpoint {
             if data == "[DONE]" {
                 break;
             }
-            let chunk: Value = serde_json::from_str(data).unwrap();
-            assert!(chunk.get("error").is_none(), "stream error: {chunk}");
-            if let Some(choice) = chunk["choices"].get(0) {
-                text.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
-                if let Some(f) = choice["finish_reason"].as_str() {
-                    finish = Some(f.to_string());
+            if let Ok(error) = serde_json::from_str::<ErrorResponse>(data) {
+                panic!("stream error: {error:?}");
+            }
+            let chunk: ChatCompletionChunk = parse_str(data);
+            if let Some(choice) = chunk.choices.first() {
+                text.push_str(choice.delta.content.as_deref().unwrap_or(""));
+                if let Some(f) = choice.finish_reason {
+                    finish = Some(name_of(&f));
                 }
             }
         }
@@ -324,14 +330,31 @@ pub fn chat_body(model: Option<&str>, images: &[&str], text: &str, max_tokens: u
     body
 }
 
-/// Asserts an OpenAI-style error body with this status.
+/// A response body as one of the API's types; panics, with the body, when it is not one.
+pub fn parse<T: DeserializeOwned>(body: &Value) -> T {
+    T::deserialize(body).unwrap_or_else(|e| panic!("not a {}: {e}: {body}", std::any::type_name::<T>()))
+}
+
+/// [`parse`] for JSON text.
+pub fn parse_str<T: DeserializeOwned>(text: &str) -> T {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not a {}: {e}: {text}", std::any::type_name::<T>()))
+}
+
+/// A value's name on the wire (an enum's snake_case name).
+pub fn name_of(value: &impl serde::Serialize) -> String {
+    serde_json::to_value(value).unwrap().as_str().expect("a unit variant").to_string()
+}
+
+/// Asserts an OpenAI-style error body with this status and code, whose kind maps to that status
+/// and type.
 pub fn assert_api_error(got: &(u16, Value), status: u16, code: &str) {
     let (s, body) = got;
     assert_eq!(*s, status, "{body}");
-    let error = &body["error"];
-    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
-    assert!(error["type"].is_string(), "{body}");
-    assert_eq!(error["code"], code, "{body}");
+    let ErrorResponse { error } = parse(body);
+    assert!(!error.message.is_empty(), "{body}");
+    assert_eq!(error.code.to_string(), code, "{body}");
+    assert_eq!((error.code.status().as_u16(), error.error_type), (status, error.code.error_type()), "{body}");
+    assert_eq!(error.param, None);
 }
 
 /// A Hugging Face cache entry for hub repo `org/repo` under `hf_home`, laid out as hf-hub
@@ -357,7 +380,7 @@ pub fn metric(server: &Endpoint, name: &str) -> f64 {
 /// `/ready`'s count of sequences the engine is running.
 pub fn running(server: &Endpoint) -> u64 {
     let (_, body) = server.get("/ready");
-    serde_json::from_str::<Value>(&body).unwrap()["engine"]["running"].as_u64().unwrap()
+    parse_str::<Ready>(&body).engine.running as u64
 }
 
 /// Waits until the engine runs nothing (cancelled streams release their adapters).

@@ -1,0 +1,186 @@
+//! Error bodies, and the closed list of failures: an [`ErrorKind`] alone decides the status,
+//! the OpenAI `type`, the `code` and the default `Retry-After` of an error response.
+
+use std::fmt;
+
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Every error the API can answer with; its snake_case name is the body's `code`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    // 400: the request is wrong.
+    InvalidJson,
+    InvalidBody,
+    InvalidMultipart,
+    InvalidQuery,
+    InvalidField,
+    UnknownField,
+    InvalidRequest,
+    InvalidMessages,
+    InvalidRole,
+    InvalidStop,
+    InvalidLogprobs,
+    UnsupportedN,
+    InvalidMaxTokens,
+    MissingImage,
+    TooManyImages,
+    InvalidImage,
+    InvalidImageUrl,
+    RemoteImageNotAllowed,
+    ImageFetchFailed,
+    InvalidSchema,
+    InvalidAdapter,
+    InvalidAdapterName,
+    InvalidAdapterProfile,
+    InvalidProfile,
+    AdapterPathNotFound,
+    // 401
+    MissingApiKey,
+    InvalidApiKey,
+    // 403
+    AdapterLoadingDisabled,
+    AdapterPathOutside,
+    // 404
+    UnknownRoute,
+    ModelNotFound,
+    AdapterNotFound,
+    // 405
+    MethodNotAllowed,
+    // 408
+    ReadTimeout,
+    // 413
+    BodyTooLarge,
+    ImageTooLarge,
+    // 415
+    UnsupportedImage,
+    UnsupportedContentType,
+    // 429
+    QueueFull,
+    // 500
+    InternalError,
+    // 503: busy or not ready, not wrong.
+    Unavailable,
+    AdaptersFull,
+    Cancelled,
+    // 504
+    Timeout,
+}
+
+impl ErrorKind {
+    pub fn status(self) -> StatusCode {
+        use ErrorKind::*;
+        match self {
+            InvalidJson
+            | InvalidBody
+            | InvalidMultipart
+            | InvalidQuery
+            | InvalidField
+            | UnknownField
+            | InvalidRequest
+            | InvalidMessages
+            | InvalidRole
+            | InvalidStop
+            | InvalidLogprobs
+            | UnsupportedN
+            | InvalidMaxTokens
+            | MissingImage
+            | TooManyImages
+            | InvalidImage
+            | InvalidImageUrl
+            | RemoteImageNotAllowed
+            | ImageFetchFailed
+            | InvalidSchema
+            | InvalidAdapter
+            | InvalidAdapterName
+            | InvalidAdapterProfile
+            | InvalidProfile
+            | AdapterPathNotFound => StatusCode::BAD_REQUEST,
+            MissingApiKey | InvalidApiKey => StatusCode::UNAUTHORIZED,
+            AdapterLoadingDisabled | AdapterPathOutside => StatusCode::FORBIDDEN,
+            UnknownRoute | ModelNotFound | AdapterNotFound => StatusCode::NOT_FOUND,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ReadTimeout => StatusCode::REQUEST_TIMEOUT,
+            BodyTooLarge | ImageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            UnsupportedImage | UnsupportedContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            QueueFull => StatusCode::TOO_MANY_REQUESTS,
+            InternalError => StatusCode::INTERNAL_SERVER_ERROR,
+            Unavailable | AdaptersFull | Cancelled => StatusCode::SERVICE_UNAVAILABLE,
+            Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// OpenAI's `type`, which clients branch on; it follows from the status.
+    pub fn error_type(self) -> ErrorType {
+        match self.status() {
+            StatusCode::UNAUTHORIZED => ErrorType::AuthenticationError,
+            StatusCode::NOT_FOUND => ErrorType::NotFoundError,
+            StatusCode::TOO_MANY_REQUESTS => ErrorType::RateLimitError,
+            s if s.is_server_error() => ErrorType::ServerError,
+            _ => ErrorType::InvalidRequestError,
+        }
+    }
+
+    /// Seconds a client should wait before retrying, for failures that pass by themselves:
+    /// a full queue drains fast; loading, shutting down and held adapter slots take longer.
+    pub fn retry_after(self) -> Option<u64> {
+        match self {
+            ErrorKind::QueueFull => Some(1),
+            ErrorKind::Unavailable | ErrorKind::AdaptersFull => Some(5),
+            _ => None,
+        }
+    }
+}
+
+/// The `code`, as the body spells it.
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::String(code)) => f.write_str(&code),
+            _ => Err(fmt::Error),
+        }
+    }
+}
+
+/// OpenAI's error `type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorType {
+    InvalidRequestError,
+    AuthenticationError,
+    NotFoundError,
+    RateLimitError,
+    ServerError,
+}
+
+/// Every error body: `{"error": {"message", "type", "code", "param"}}`, OpenAI's shape. A
+/// stream that fails after it started sends one as its last event before `[DONE]`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorResponse {
+    pub error: ErrorObject,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorObject {
+    /// For people: what went wrong and, where it helps, what to do instead.
+    pub message: String,
+    #[serde(rename = "type")]
+    pub error_type: ErrorType,
+    pub code: ErrorKind,
+    /// Always null: kept because OpenAI's clients read it.
+    pub param: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_code_is_the_snake_case_name() {
+        assert_eq!(ErrorKind::QueueFull.to_string(), "queue_full");
+        assert_eq!(ErrorKind::InternalError.to_string(), "internal_error");
+        assert_eq!(serde_json::to_string(&ErrorKind::AdaptersFull).unwrap(), "\"adapters_full\"");
+    }
+}
