@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub const QUEUE_DEPTH: &str = "qwen_ocr_queue_depth";
 pub const RUNNING_SEQUENCES: &str = "qwen_ocr_running_sequences";
@@ -19,7 +19,8 @@ pub const VISION_CACHE_MISSES: &str = "qwen_ocr_vision_cache_misses_total";
 pub const FINISHED: &str = "qwen_ocr_sequences_finished_total";
 
 /// A point-in-time view of the engine.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Stats {
     pub queue_depth: usize,
     pub running: usize,

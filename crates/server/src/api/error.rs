@@ -184,3 +184,35 @@ mod tests {
         assert_eq!(serde_json::to_string(&ErrorKind::AdaptersFull).unwrap(), "\"adapters_full\"");
     }
 }
+
+/// The failures `/v1/extract` and `/v1/chat/completions` document, described once for both.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // Only its OpenAPI description is used.
+pub enum InferenceErrors {
+    #[response(status = 400, description = "Malformed or out-of-range fields, a missing or corrupt image, a JSON Schema that does not parse or cannot be enforced")]
+    BadRequest(ErrorResponse),
+    #[response(status = 403, description = "An adapter name that leads outside the adapters folder (`adapter_path_outside`)")]
+    Forbidden(ErrorResponse),
+    #[response(status = 404, description = "No such adapter or model (`adapter_not_found`, `model_not_found`)")]
+    NotFound(ErrorResponse),
+    #[response(
+        status = 413,
+        description = "The body is over `max_body_bytes`, or an image declares more than `max_image_pixels` (`body_too_large`, `image_too_large`)"
+    )]
+    TooLarge(ErrorResponse),
+    #[response(
+        status = 415,
+        description = "Not an image the server decodes (`unsupported_image`); on `/v1/extract`, also a body that is neither multipart nor an image (`unsupported_content_type`)"
+    )]
+    UnsupportedMedia(ErrorResponse),
+    #[response(status = 429, description = "The queue is full (`queue_full`)", headers(("Retry-After" = u64, description = "Seconds to wait before retrying")))]
+    QueueFull(ErrorResponse),
+    #[response(
+        status = 503,
+        description = "The model is loading, the server is shutting down, or every adapter slot is held (`unavailable`, `adapters_full`, `cancelled`)",
+        headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))
+    )]
+    Unavailable(ErrorResponse),
+    #[response(status = 504, description = "The request ran past `request_timeout_secs` (`timeout`)")]
+    Timeout(ErrorResponse),
+}

@@ -26,7 +26,7 @@ use crate::api::chat::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionEvent, ChatCompletionRequest, Choice, ChunkChoice,
     ContentPart as InPart, Delta, Message, MessageContent, ResponseFormat, Role, Stop,
 };
-use crate::api::error::ErrorResponse;
+use crate::api::error::InferenceErrors;
 use crate::api::logprobs::ChoiceLogprobs;
 use crate::api::{AdapterHeader, FinishReason, ObjectKind, Usage};
 use crate::error::{ApiError, ApiResult, ErrorKind};
@@ -48,14 +48,7 @@ use crate::state::AppState;
             (ChatCompletion = "application/json"),
             (ChatCompletionEvent = "text/event-stream"),
         )),
-        (status = 400, description = "Malformed or out-of-range fields, a missing or corrupt image, a JSON Schema that does not parse or cannot be enforced", body = ErrorResponse),
-        (status = 403, description = "An adapter name that leads outside the adapters folder (`adapter_path_outside`)", body = ErrorResponse),
-        (status = 404, description = "No such adapter or model (`adapter_not_found`, `model_not_found`)", body = ErrorResponse),
-        (status = 413, description = "The body is over `max_body_bytes`, or an image declares more than `max_image_pixels` (`body_too_large`, `image_too_large`)", body = ErrorResponse),
-        (status = 415, description = "Not an image the server decodes, or an unsupported content type (`unsupported_image`, `unsupported_content_type`)", body = ErrorResponse),
-        (status = 429, description = "The queue is full (`queue_full`)", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
-        (status = 503, description = "The model is loading, the server is shutting down, or every adapter slot is held (`unavailable`, `adapters_full`, `cancelled`)", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
-        (status = 504, description = "The request ran past `request_timeout_secs` (`timeout`)", body = ErrorResponse),
+        InferenceErrors,
     ),
 )]
 pub async fn completions(

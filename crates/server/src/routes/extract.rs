@@ -13,7 +13,7 @@ use qwen_ocr_model::{FinishReason, GenerateRequest};
 use serde_json::Value;
 
 use super::{body_error, unreadable_body};
-use crate::api::error::ErrorResponse;
+use crate::api::error::InferenceErrors;
 use crate::api::extract::{ExtractForm, ExtractOptions, Extraction, RawImage, Timings};
 use crate::api::{AdapterHeader, ObjectKind, Usage};
 use crate::confidence::field_confidences;
@@ -39,14 +39,7 @@ use crate::state::AppState;
     )),
     responses(
         (status = 200, description = "What the model read", body = Extraction),
-        (status = 400, description = "Malformed or out-of-range fields, a missing or corrupt image, a JSON Schema that does not parse or cannot be enforced", body = ErrorResponse),
-        (status = 403, description = "An adapter name that leads outside the adapters folder (`adapter_path_outside`)", body = ErrorResponse),
-        (status = 404, description = "No such adapter or model (`adapter_not_found`, `model_not_found`)", body = ErrorResponse),
-        (status = 413, description = "The body is over `max_body_bytes`, or an image declares more than `max_image_pixels` (`body_too_large`, `image_too_large`)", body = ErrorResponse),
-        (status = 415, description = "Not an image the server decodes, or an unsupported content type (`unsupported_image`, `unsupported_content_type`)", body = ErrorResponse),
-        (status = 429, description = "The queue is full (`queue_full`)", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
-        (status = 503, description = "The model is loading, the server is shutting down, or every adapter slot is held (`unavailable`, `adapters_full`, `cancelled`)", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
-        (status = 504, description = "The request ran past `request_timeout_secs` (`timeout`)", body = ErrorResponse),
+        InferenceErrors,
     ),
 )]
 pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, request: Request) -> ApiResult<Response> {

@@ -32,7 +32,7 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Result<Json<Ready>, Ap
     if !state.is_ready() {
         return Err(ApiError::new(ErrorKind::Unavailable, "not ready: the model is loading or the server is shutting down"));
     }
-    let engine = state.engine()?.stats().into();
+    let engine = state.engine()?.stats();
     Ok(Json(Ready { status: "ready".into(), model: state.config.model.clone(), engine }))
 }
 
