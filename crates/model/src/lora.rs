@@ -175,7 +175,8 @@ enum Targets {
     Regex(Regex),
 }
 
-struct AdapterConfig {
+/// A PEFT `adapter_config.json`, checked for what this server can apply.
+pub struct AdapterConfig {
     targets: Targets,
     r: usize,
     alpha: f64,
@@ -185,7 +186,7 @@ struct AdapterConfig {
 }
 
 impl AdapterConfig {
-    fn from_value(v: &Value) -> std::result::Result<Self, String> {
+    pub fn from_value(v: &Value) -> std::result::Result<Self, String> {
         if v.get("peft_type").and_then(Value::as_str).is_some_and(|t| t != "LORA") {
             return Err(format!("peft_type {} is not LORA", v["peft_type"]));
         }
@@ -222,14 +223,16 @@ impl AdapterConfig {
         })
     }
 
-    fn targets(&self, path: &str) -> bool {
+    /// Whether `target_modules` selects the module at `path` (as saved).
+    pub fn targets(&self, path: &str) -> bool {
         match &self.targets {
             Targets::Regex(re) => re.is_match(path).unwrap_or(false),
             Targets::Suffixes(names) => names.iter().any(|t| path == t || path.ends_with(&format!(".{t}"))),
         }
     }
 
-    fn rank_and_alpha(&self, module: &str) -> (usize, f64) {
+    /// The rank and alpha for `module`, after `rank_pattern` and `alpha_pattern`.
+    pub fn rank_and_alpha(&self, module: &str) -> (usize, f64) {
         let r = self.rank_pattern.iter().find(|(re, _)| re.is_match(module).unwrap_or(false)).map_or(self.r, |(_, r)| *r);
         let alpha = self.alpha_pattern.iter().find(|(re, _)| re.is_match(module).unwrap_or(false)).map_or(self.alpha, |(_, a)| *a);
         (r, alpha)

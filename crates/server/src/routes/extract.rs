@@ -25,7 +25,7 @@ use crate::state::AppState;
 /// The optional fields, from multipart parts or (for raw bodies) the query string.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ExtractOptions {
+pub struct ExtractOptions {
     prompt: Option<String>,
     max_tokens: Option<i64>,
     temperature: Option<f64>,
@@ -116,7 +116,7 @@ pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, req
 }
 
 /// The `image` file part and the optional text fields.
-async fn read_multipart(request: Request) -> ApiResult<(Vec<u8>, ExtractOptions)> {
+pub async fn read_multipart(request: Request) -> ApiResult<(Vec<u8>, ExtractOptions)> {
     let mut form = Multipart::from_request(request, &())
         .await
         .map_err(|e| unreadable_body(e.status(), format!("invalid multipart body: {}", e.body_text()), "invalid_multipart"))?;
