@@ -18,8 +18,7 @@ fn bound(byte: u8) -> Option<u64> {
 fuzz_target!(|data: &[u8]| {
     let [min, max, image @ ..] = data else { return };
     let config = PreprocessorConfig::default();
-    let options =
-        ImageOptions { min_pixels: bound(*min), max_pixels: bound(*max), max_decoded_pixels: Some(DEFAULT_MAX_DECODED_PIXELS) };
+    let options = ImageOptions { min_pixels: bound(*min), max_pixels: bound(*max), max_decoded_pixels: Some(DEFAULT_MAX_DECODED_PIXELS) };
     let Ok(out) = preprocess(image, &config, &options) else { return };
     // What the vision tower relies on: whole merge groups, and one patch per grid cell.
     let (p, m) = (config.patch_size, config.merge_size);
