@@ -227,7 +227,8 @@ impl ServerConfig {
 
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        Self::from_toml(&text, path.parent().unwrap_or(Path::new(""))).with_context(|| format!("invalid configuration in {}", path.display()))
+        Self::from_toml(&text, path.parent().unwrap_or(Path::new("")))
+            .with_context(|| format!("invalid configuration in {}", path.display()))
     }
 
     /// A configuration file's text; relative schema paths resolve against `folder`.
