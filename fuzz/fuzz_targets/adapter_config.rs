@@ -18,7 +18,7 @@ const MODULES: [&str; 5] = [
     "model.layers.0.self_attn.q_proj",
     "model.language_model.layers.1.mlp.down_proj",
     "visual.blocks.0.attn.qkv",
-    "model.visual.blocks.1.mlp.fc2",
+    "model.visual.blocks.1.mlp.fc1",
     "visual.merger.mlp.0",
 ];
 

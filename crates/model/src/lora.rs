@@ -218,7 +218,14 @@ impl AdapterConfig {
             r,
             alpha,
             use_rslora: v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
-            rank_pattern: pattern("rank_pattern")?.into_iter().map(|(re, x)| (re, x as usize)).collect(),
+            // A rank below 1 would pass the shape check only with empty weights, then divide by zero.
+            rank_pattern: pattern("rank_pattern")?
+                .into_iter()
+                .map(|(re, x)| match x {
+                    x if x >= 1.0 && x.fract() == 0.0 && x <= u32::MAX as f64 => Ok((re, x as usize)),
+                    x => Err(format!("rank_pattern values must be positive integers, got {x}")),
+                })
+                .collect::<std::result::Result<_, String>>()?,
             alpha_pattern: pattern("alpha_pattern")?,
         })
     }
@@ -348,4 +355,21 @@ fn stacked(
         .get_or_insert_with(Default::default)
         .insert(module.to_string(), (ids.to_vec(), a.clone(), b.clone()));
     Ok((a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `adapter_config` fuzz target's property: every module gets a positive rank, so
+    /// `rank_pattern` may not bring back what `r` must not be.
+    #[test]
+    fn rank_pattern_ranks_are_positive_integers() {
+        let config = |rank: Value| serde_json::json!({ "r": 8, "target_modules": ["q_proj"], "rank_pattern": { "q_proj": rank } });
+        for bad in [0.0, -2.0, 2.5] {
+            assert!(AdapterConfig::from_value(&config(bad.into())).is_err_and(|e| e.contains("rank_pattern")), "{bad}");
+        }
+        let ok = AdapterConfig::from_value(&config(4.into())).unwrap();
+        assert_eq!(ok.rank_and_alpha("model.layers.0.self_attn.q_proj").0, 4);
+    }
 }
