@@ -64,6 +64,9 @@ pub enum ImageError {
     Corrupt(String),
     #[error("image has zero width or height")]
     Empty,
+    /// Resize bounds (from the configuration or an adapter's profile) that no image can meet.
+    #[error("cannot resize within min_pixels {min_pixels} and max_pixels {max_pixels}: {reason}")]
+    PixelBounds { min_pixels: u64, max_pixels: u64, reason: &'static str },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

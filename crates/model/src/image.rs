@@ -13,6 +13,11 @@ use crate::error::{ImageError, Result};
 /// Default cap on the pixels an image may declare before we refuse to decode it.
 pub const DEFAULT_MAX_DECODED_PIXELS: u64 = 64 * 1024 * 1024;
 
+/// The cap on `max_pixels`, which `min_pixels` may not pass either: the largest the processor
+/// publishes (16384 visual tokens). `pixel_values` take 24 bytes a resized pixel, so unbounded
+/// bounds would allocate without limit.
+pub const MAX_RESIZED_PIXELS: u64 = crate::config::DEFAULT_MAX_PIXELS;
+
 /// What the vision tower consumes for one image.
 #[derive(Debug, Clone)]
 pub struct PreprocessedImage {
@@ -87,12 +92,21 @@ fn to_rgb(img: DynamicImage) -> RgbImage {
 }
 
 /// The processor's `smart_resize`: both sides become multiples of `factor`, rounded with
-/// Python's half-to-even `round`, then scaled into `[min_pixels, max_pixels]`.
+/// Python's half-to-even `round`, then scaled into `[min_pixels, max_pixels]`; `max_pixels`
+/// is capped at [`MAX_RESIZED_PIXELS`], and bounds that cannot hold are refused.
 pub fn smart_resize(height: usize, width: usize, factor: usize, min_pixels: u64, max_pixels: u64) -> Result<(usize, usize)> {
     let (h, w, f) = (height as f64, width as f64, factor as f64);
     if height == 0 || width == 0 {
         return Err(ImageError::Empty.into());
     }
+    let bounds = |reason| ImageError::PixelBounds { min_pixels, max_pixels, reason };
+    if min_pixels > max_pixels {
+        return Err(bounds("min_pixels exceeds max_pixels").into());
+    }
+    if min_pixels > MAX_RESIZED_PIXELS {
+        return Err(bounds("min_pixels exceeds the most pixels a resized image may have (28 * 28 * 16384)").into());
+    }
+    let max_pixels = max_pixels.min(MAX_RESIZED_PIXELS);
     let ratio = h.max(w) / h.min(w);
     if ratio > 200.0 {
         return Err(ImageError::AspectRatio { width: width as u32, height: height as u32, ratio }.into());
@@ -300,6 +314,28 @@ mod tests {
         assert!(h * w <= 28 * 28 * 256 && h % 28 == 0 && w % 28 == 0);
         let (h, w) = smart_resize(10, 10, 28, 3136, 1 << 30).unwrap();
         assert!(h * w >= 3136);
+    }
+
+    /// Found by the `image_preprocess` fuzz target: `min_pixels` 2^56 (a profile or the
+    /// configuration may set any u64) upscaled a 3x2 image to ~2^28 pixels a side and the resampler
+    /// asked for gigabytes.
+    #[test]
+    fn unbounded_min_pixels_is_refused_not_allocated() {
+        let img = RgbImage::from_pixel(3, 2, image::Rgb([1, 2, 3]));
+        let config = PreprocessorConfig::default();
+        for (min, max) in [(1 << 56, None), (1 << 40, Some(u64::MAX)), (1 << 20, Some(1 << 10))] {
+            let options = ImageOptions { min_pixels: Some(min), max_pixels: max, max_decoded_pixels: None };
+            let err = preprocess_rgb(&img, &config, &options).unwrap_err();
+            assert!(matches!(err, crate::Error::Image(ImageError::PixelBounds { .. })), "{min} {max:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn max_pixels_is_capped() {
+        let (h, w) = smart_resize(8000, 8000, 28, 3136, u64::MAX).unwrap();
+        assert!((h * w) as u64 <= MAX_RESIZED_PIXELS && h % 28 == 0 && w % 28 == 0, "{h}x{w}");
+        let (h, w) = smart_resize(10, 10, 28, MAX_RESIZED_PIXELS, u64::MAX).unwrap();
+        assert!((h * w) as u64 >= MAX_RESIZED_PIXELS, "{h}x{w}");
     }
 
     #[test]

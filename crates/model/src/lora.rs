@@ -175,7 +175,8 @@ enum Targets {
     Regex(Regex),
 }
 
-struct AdapterConfig {
+/// A PEFT `adapter_config.json`, checked for what this server can apply.
+pub struct AdapterConfig {
     targets: Targets,
     r: usize,
     alpha: f64,
@@ -185,7 +186,7 @@ struct AdapterConfig {
 }
 
 impl AdapterConfig {
-    fn from_value(v: &Value) -> std::result::Result<Self, String> {
+    pub fn from_value(v: &Value) -> std::result::Result<Self, String> {
         if v.get("peft_type").and_then(Value::as_str).is_some_and(|t| t != "LORA") {
             return Err(format!("peft_type {} is not LORA", v["peft_type"]));
         }
@@ -217,19 +218,28 @@ impl AdapterConfig {
             r,
             alpha,
             use_rslora: v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
-            rank_pattern: pattern("rank_pattern")?.into_iter().map(|(re, x)| (re, x as usize)).collect(),
+            // A rank below 1 would pass the shape check only with empty weights, then divide by zero.
+            rank_pattern: pattern("rank_pattern")?
+                .into_iter()
+                .map(|(re, x)| match x {
+                    x if x >= 1.0 && x.fract() == 0.0 && x <= u32::MAX as f64 => Ok((re, x as usize)),
+                    x => Err(format!("rank_pattern values must be positive integers, got {x}")),
+                })
+                .collect::<std::result::Result<_, String>>()?,
             alpha_pattern: pattern("alpha_pattern")?,
         })
     }
 
-    fn targets(&self, path: &str) -> bool {
+    /// Whether `target_modules` selects the module at `path` (as saved).
+    pub fn targets(&self, path: &str) -> bool {
         match &self.targets {
             Targets::Regex(re) => re.is_match(path).unwrap_or(false),
             Targets::Suffixes(names) => names.iter().any(|t| path == t || path.ends_with(&format!(".{t}"))),
         }
     }
 
-    fn rank_and_alpha(&self, module: &str) -> (usize, f64) {
+    /// The rank and alpha for `module`, after `rank_pattern` and `alpha_pattern`.
+    pub fn rank_and_alpha(&self, module: &str) -> (usize, f64) {
         let r = self.rank_pattern.iter().find(|(re, _)| re.is_match(module).unwrap_or(false)).map_or(self.r, |(_, r)| *r);
         let alpha = self.alpha_pattern.iter().find(|(re, _)| re.is_match(module).unwrap_or(false)).map_or(self.alpha, |(_, a)| *a);
         (r, alpha)
@@ -345,4 +355,21 @@ fn stacked(
         .get_or_insert_with(Default::default)
         .insert(module.to_string(), (ids.to_vec(), a.clone(), b.clone()));
     Ok((a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `adapter_config` fuzz target's property: every module gets a positive rank, so
+    /// `rank_pattern` may not bring back what `r` must not be.
+    #[test]
+    fn rank_pattern_ranks_are_positive_integers() {
+        let config = |rank: Value| serde_json::json!({ "r": 8, "target_modules": ["q_proj"], "rank_pattern": { "q_proj": rank } });
+        for bad in [0.0, -2.0, 2.5] {
+            assert!(AdapterConfig::from_value(&config(bad.into())).is_err_and(|e| e.contains("rank_pattern")), "{bad}");
+        }
+        let ok = AdapterConfig::from_value(&config(4.into())).unwrap();
+        assert_eq!(ok.rank_and_alpha("model.layers.0.self_attn.q_proj").0, 4);
+    }
 }

@@ -35,18 +35,27 @@ pub fn find(root: &Path, name: &str) -> ApiResult<Option<PathBuf>> {
 /// The profile beside the adapter, if any. It is an `[adapters.NAME]` table whose `path` is
 /// the folder itself, so profiles accept exactly what the configuration file accepts.
 pub fn read_profile(dir: &Path) -> ApiResult<AdapterConfig> {
-    let file = dir.join(PROFILE_FILE);
-    let invalid = |reason: String| ApiError::new(ErrorKind::InvalidAdapterProfile, format!("{}: {reason}", file.display()));
-    let mut table = match std::fs::read_to_string(&file) {
-        Ok(text) => text.parse::<toml::Table>().map_err(|e| invalid(e.to_string()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => toml::Table::new(),
-        Err(e) => return Err(invalid(e.to_string())),
+    let text = match std::fs::read_to_string(dir.join(PROFILE_FILE)) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(invalid_profile(dir, e.to_string())),
     };
+    parse_profile(&text, dir)
+}
+
+/// A profile's text (empty: no profile) for the adapter in `dir`.
+pub fn parse_profile(text: &str, dir: &Path) -> ApiResult<AdapterConfig> {
+    let invalid = |reason: String| invalid_profile(dir, reason);
+    let mut table = text.parse::<toml::Table>().map_err(|e| invalid(e.to_string()))?;
     if table.contains_key("path") {
         return Err(invalid("`path` is the folder the profile is in; leave it out".into()));
     }
     table.insert("path".into(), toml::Value::String(dir.display().to_string()));
     toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| invalid(e.to_string()))
+}
+
+fn invalid_profile(dir: &Path, reason: String) -> ApiError {
+    ApiError::new(ErrorKind::InvalidAdapterProfile, format!("{}: {reason}", dir.join(PROFILE_FILE).display()))
 }
 
 /// Adapter names are 1-64 of `[A-Za-z0-9._-]`, not `base`: safe as a folder name and a label.

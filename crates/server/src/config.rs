@@ -227,8 +227,13 @@ impl ServerConfig {
 
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut config: Self = toml::from_str(&text).with_context(|| format!("invalid configuration in {}", path.display()))?;
-        let folder = path.parent().unwrap_or(Path::new(""));
+        Self::from_toml(&text, path.parent().unwrap_or(Path::new("")))
+            .with_context(|| format!("invalid configuration in {}", path.display()))
+    }
+
+    /// A configuration file's text; relative schema paths resolve against `folder`.
+    pub fn from_toml(text: &str, folder: &Path) -> Result<Self> {
+        let mut config: Self = toml::from_str(text)?;
         let schema_files =
             config.adapters.values_mut().filter_map(|a| a.schema_file.as_mut()).chain(config.extraction_schema_file.as_mut());
         for file in schema_files {

@@ -82,6 +82,16 @@ mod tests {
         assert_eq!(extract_json("{\"a\": \"quote \\\" and } brace\"}").unwrap(), json!({"a": "quote \" and } brace"}));
     }
 
+    /// Found by the `extract_json` fuzz target: serde_json's default float parsing read
+    /// `6.666666666666667e+38` one ulp off, so `data` did not hold the number the model wrote.
+    #[test]
+    fn numbers_come_back_exactly() {
+        assert_eq!(extract_json("[6.666666666666667e+38]").unwrap(), json!([6.666666666666667e38]));
+        // The fuzzer's input: the number, read and written again, must read back the same.
+        let found = extract_json(&format!("\u{3}*\0\0\0[{}0, \"\\ue009\"] `", "6".repeat(38))).unwrap();
+        assert_eq!(extract_json(&found.to_string()).unwrap(), found);
+    }
+
     #[test]
     fn says_why_when_there_is_none() {
         assert!(extract_json("no json here").unwrap_err().contains("no JSON"));

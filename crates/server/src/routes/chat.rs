@@ -116,6 +116,13 @@ pub async fn completions(
     Ok(response)
 }
 
+/// A request body parsed and its messages converted as [`completions`] does, without the
+/// model: how the fuzz target reaches both.
+pub async fn parse_messages(state: &AppState, body: Bytes) -> ApiResult<(Vec<ChatMessage>, Vec<Vec<u8>>)> {
+    let request: ChatCompletionRequest = parse_json(Ok(body))?;
+    convert_messages(state, request.messages).await
+}
+
 /// OpenAI messages as the chat template sees them, and the bytes of their images in order.
 async fn convert_messages(state: &AppState, messages: Vec<Message>) -> ApiResult<(Vec<ChatMessage>, Vec<Vec<u8>>)> {
     let mut out = Vec::with_capacity(messages.len());

@@ -121,7 +121,7 @@ pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, req
 }
 
 /// The `image` file part and the optional text fields.
-async fn read_multipart(request: Request) -> ApiResult<(Vec<u8>, ExtractOptions)> {
+pub async fn read_multipart(request: Request) -> ApiResult<(Vec<u8>, ExtractOptions)> {
     let mut form = Multipart::from_request(request, &())
         .await
         .map_err(|e| unreadable_body(e.status(), format!("invalid multipart body: {}", e.body_text()), ErrorKind::InvalidMultipart))?;

@@ -1,8 +1,8 @@
 //! The HTTP surface: routes, authentication and the layers every request passes through.
 
 mod adapters;
-mod chat;
-mod extract;
+pub mod chat;
+pub mod extract;
 mod models;
 mod openapi;
 mod ops;
