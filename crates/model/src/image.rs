@@ -57,6 +57,9 @@ pub fn decode_rgb(bytes: &[u8], max_decoded_pixels: u64) -> Result<RgbImage> {
     if reader.format().is_none() {
         return Err(ImageError::UnsupportedFormat.into());
     }
+    if reader.format() == Some(image::ImageFormat::Png) {
+        check_png_palette(bytes)?;
+    }
     let mut decoder = reader.into_decoder().map_err(classify)?;
     let (width, height) = decoder.dimensions();
     if width == 0 || height == 0 {
@@ -75,6 +78,18 @@ pub fn decode_rgb(bytes: &[u8], max_decoded_pixels: u64) -> Result<RgbImage> {
         rgb.pixels_mut().filter(|p| p.0 == key).for_each(|p| p.0 = [255; 3]);
     }
     Ok(rgb)
+}
+
+/// png 0.18.1 panics expanding a palette that ends in a partial entry (PLTE not a multiple of
+/// 3 bytes, which the format forbids); found by the `image_preprocess` fuzz target.
+fn check_png_palette(bytes: &[u8]) -> Result<()> {
+    let Ok(reader) = png::Decoder::new(Cursor::new(bytes)).read_info() else { return Ok(()) };
+    match reader.info().palette.as_deref() {
+        Some(palette) if palette.len() % 3 != 0 => {
+            Err(ImageError::Corrupt(format!("the PLTE chunk has {} bytes, not whole RGB entries", palette.len())).into())
+        }
+        _ => Ok(()),
+    }
 }
 
 fn classify(e: image::ImageError) -> crate::error::Error {
@@ -328,6 +343,13 @@ mod tests {
             let err = preprocess_rgb(&img, &config, &options).unwrap_err();
             assert!(matches!(err, crate::Error::Image(ImageError::PixelBounds { .. })), "{min} {max:?}: {err}");
         }
+    }
+
+    #[test]
+    fn a_palette_with_a_partial_entry_is_corrupt_not_a_panic() {
+        let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/fuzz/palette-partial-entry.png")).unwrap();
+        let err = decode_rgb(&bytes, DEFAULT_MAX_DECODED_PIXELS).unwrap_err();
+        assert!(matches!(err, crate::Error::Image(ImageError::Corrupt(ref why)) if why.contains("PLTE")), "{err}");
     }
 
     #[test]
