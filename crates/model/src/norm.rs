@@ -18,17 +18,28 @@ use crate::weights::Loader;
 pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
+    /// `weight` and `bias` as f32 slices, read once here rather than on every call (a decode
+    /// step runs dozens of norms); `None` off the CPU.
+    host: Option<(Vec<f32>, Vec<f32>)>,
     eps: f32,
 }
 
 impl LayerNorm {
     pub fn load(vb: Loader, size: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get(size, "weight")?, bias: vb.get(size, "bias")?, eps: eps as f32 })
+        Self::new(vb.get(size, "weight")?, vb.get(size, "bias")?, eps as f32)
+    }
+
+    fn new(weight: Tensor, bias: Tensor, eps: f32) -> Result<Self> {
+        let host = match (host_copy(&weight)?, host_copy(&bias)?) {
+            (Some(w), Some(b)) => Some((w, b)),
+            _ => None,
+        };
+        Ok(Self { weight, bias, host, eps })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if handles(x) && handles(&self.weight) {
-            return x.contiguous()?.apply_op1_no_bwd(&NormOp { weight: &self.weight, bias: Some(&self.bias), eps: self.eps })?.reshape(x.shape());
+        if let (true, Some((weight, bias))) = (handles(x), &self.host) {
+            return x.contiguous()?.apply_op1_no_bwd(&NormOp { weight, bias: Some(bias), eps: self.eps })?.reshape(x.shape());
         }
         candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps)
     }
@@ -36,27 +47,38 @@ impl LayerNorm {
 
 pub struct RmsNorm {
     weight: Tensor,
+    /// As [`LayerNorm`]'s.
+    host: Option<Vec<f32>>,
     eps: f32,
 }
 
 impl RmsNorm {
     pub fn load(vb: Loader, size: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get(size, "weight")?, eps: eps as f32 })
+        Self::new(vb.get(size, "weight")?, eps as f32)
+    }
+
+    fn new(weight: Tensor, eps: f32) -> Result<Self> {
+        Ok(Self { host: host_copy(&weight)?, weight, eps })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if handles(x) && handles(&self.weight) {
-            return x.contiguous()?.apply_op1_no_bwd(&NormOp { weight: &self.weight, bias: None, eps: self.eps })?.reshape(x.shape());
+        if let (true, Some(weight)) = (handles(x), &self.host) {
+            return x.contiguous()?.apply_op1_no_bwd(&NormOp { weight, bias: None, eps: self.eps })?.reshape(x.shape());
         }
         candle_nn::ops::rms_norm(x, &self.weight, self.eps)
     }
 }
 
+/// A CPU f32 vector's values, for the kernels below; `None` for tensors they do not handle.
+fn host_copy(t: &Tensor) -> Result<Option<Vec<f32>>> {
+    handles(t).then(|| t.flatten_all()?.to_vec1::<f32>()).transpose()
+}
+
 /// Normalises each row of a contiguous f32 tensor over its last dimension: LayerNorm when
 /// there is a bias, RMSNorm otherwise.
 struct NormOp<'a> {
-    weight: &'a Tensor,
-    bias: Option<&'a Tensor>,
+    weight: &'a [f32],
+    bias: Option<&'a [f32]>,
     eps: f32,
 }
 
@@ -77,9 +99,8 @@ impl CustomOp1 for NormOp<'_> {
         let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("norm needs a contiguous tensor") };
         let x = &data[start..end];
         let width = layout.shape().dims().last().copied().unwrap_or(1).max(1);
-        let weight = self.weight.flatten_all()?.to_vec1::<f32>()?;
-        let bias = self.bias.map(|b| b.flatten_all()?.to_vec1::<f32>()).transpose()?;
-        if weight.len() != width || bias.as_ref().is_some_and(|b| b.len() != width) {
+        let (weight, bias) = (self.weight, self.bias);
+        if weight.len() != width || bias.is_some_and(|b| b.len() != width) {
             candle_core::bail!("norm: weight of {} for rows of {width}", weight.len())
         }
         // Written row by row without zeroing first: a fresh output of several MB costs more to
@@ -88,9 +109,9 @@ impl CustomOp1 for NormOp<'_> {
         let rows = out.spare_capacity_mut()[..x.len()].par_chunks_mut(width * ROWS_PER_TASK);
         rows.zip(x.par_chunks(width * ROWS_PER_TASK)).for_each(|(o, x)| {
             for (o, x) in o.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
-                match &bias {
-                    Some(b) => layer_norm_row(x, &weight, b, self.eps, o),
-                    None => rms_norm_row(x, &weight, self.eps, o),
+                match bias {
+                    Some(b) => layer_norm_row(x, weight, b, self.eps, o),
+                    None => rms_norm_row(x, weight, self.eps, o),
                 }
             }
         });
@@ -151,12 +172,12 @@ mod tests {
             let weight = Tensor::randn(1f32, 0.5, width, &dev).unwrap();
             let bias = Tensor::randn(0f32, 0.5, width, &dev).unwrap();
             let eps = 1e-6;
-            let ln = LayerNorm { weight: weight.clone(), bias: bias.clone(), eps };
+            let ln = LayerNorm::new(weight.clone(), bias.clone(), eps).unwrap();
             let got = ln.forward(&x).unwrap();
             assert_eq!(got.dims(), x.dims());
             let want = candle_nn::ops::layer_norm(&x, &weight, &bias, eps).unwrap();
             assert!(max_diff(&got, &want) < 1e-4, "layer norm, width {width}: {}", max_diff(&got, &want));
-            let rms = RmsNorm { weight: weight.clone(), eps };
+            let rms = RmsNorm::new(weight.clone(), eps).unwrap();
             let got = rms.forward(&x).unwrap();
             let want = candle_nn::ops::rms_norm(&x, &weight, eps).unwrap();
             assert!(max_diff(&got, &want) < 1e-4, "rms norm, width {width}: {}", max_diff(&got, &want));
