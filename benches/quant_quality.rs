@@ -14,15 +14,15 @@ mod random_checkpoint;
 
 use std::path::Path;
 
-use qwen_ocr_model::image::ImageOptions;
-use qwen_ocr_model::prompt::ChatMessage;
+use qwen_ocr_model::preprocess::image::ImageOptions;
+use qwen_ocr_model::preprocess::prompt::ChatMessage;
 use qwen_ocr_model::quality::compare;
-use qwen_ocr_model::sampling::SamplingParams;
+use qwen_ocr_model::decoding::sampling::SamplingParams;
 use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline, Quant};
 use settings::SEED_PROMPT;
 
 fn main() {
-    qwen_ocr_model::threads::pin_cpu_thread_count();
+    qwen_ocr_model::kernels::threads::pin_cpu_thread_count();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let fixtures = root.join("tests/fixtures");
     let mut models: Vec<String> = ["tiny-tied", "tiny-untied-sharded"].iter().map(|m| fixtures.join(m).display().to_string()).collect();

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use qwen_ocr_model::config::PreprocessorConfig;
-use qwen_ocr_model::image::{self, ImageOptions, PreprocessedImage};
-use qwen_ocr_model::prompt::ChatMessage;
-use qwen_ocr_model::sampling::SamplingParams;
+use qwen_ocr_model::preprocess::image::{self, ImageOptions, PreprocessedImage};
+use qwen_ocr_model::preprocess::prompt::ChatMessage;
+use qwen_ocr_model::decoding::sampling::SamplingParams;
 use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline};
 use serde_json::Value;
 
@@ -19,8 +19,13 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
+/// Qwen2-VL's goldens (`goldens.json`), or another family's (`goldens-FAMILY.json`).
+fn goldens_of(file: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join(file)).unwrap()).unwrap()
+}
+
 fn goldens() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("goldens.json")).unwrap()).unwrap()
+    goldens_of("goldens.json")
 }
 
 fn load(checkpoint: &str) -> Pipeline {
@@ -40,7 +45,11 @@ fn ids(v: &Value) -> Vec<u32> {
 
 /// Every golden case of one checkpoint: same prompt ids, grids and greedy tokens as transformers.
 fn check_checkpoint(name: &str) {
-    let goldens = goldens();
+    check_checkpoint_in("goldens.json", name);
+}
+
+fn check_checkpoint_in(file: &str, name: &str) {
+    let goldens = goldens_of(file);
     let cases = goldens["checkpoints"][name].as_object().unwrap();
     assert!(cases.len() >= 7, "goldens for {name} are incomplete");
     check_cases(&load(name), name, cases, None, goldens["max_new_tokens"].as_u64().unwrap() as usize);
@@ -48,10 +57,14 @@ fn check_checkpoint(name: &str) {
 
 /// Every adapter of one checkpoint against transformers + peft.
 fn check_adapters(name: &str) {
-    let goldens = goldens();
+    check_adapters_in("goldens.json", name, 4);
+}
+
+fn check_adapters_in(file: &str, name: &str, at_least: usize) {
+    let goldens = goldens_of(file);
     let pipeline = load(name);
     let adapters = goldens["adapters"][name].as_object().unwrap();
-    assert!(adapters.len() >= 4, "adapter goldens for {name} are incomplete");
+    assert!(adapters.len() >= at_least, "adapter goldens for {name} are incomplete");
     for (adapter_name, golden) in adapters {
         let dir = fixtures().join("adapters").join(name).join(adapter_name);
         let adapter = pipeline.model.load_adapter(adapter_name, &dir).unwrap();
@@ -72,7 +85,7 @@ fn check_cases(
     pipeline: &Pipeline,
     name: &str,
     cases: &serde_json::Map<String, Value>,
-    adapter: Option<std::sync::Arc<qwen_ocr_model::lora::LoraAdapter>>,
+    adapter: Option<std::sync::Arc<qwen_ocr_model::adapters::lora::LoraAdapter>>,
     max_new: usize,
 ) {
     for (case, golden) in cases {
@@ -134,9 +147,14 @@ fn untied_checkpoint_adapters_match_transformers_and_peft() {
 
 #[test]
 fn preprocessing_matches_transformers_pixel_values() {
-    let goldens = goldens();
-    let pixels = candle_core::safetensors::load(fixtures().join("pixels.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let config = PreprocessorConfig::from_file(&fixtures().join("tiny-tied/preprocessor_config.json")).unwrap();
+    check_preprocessing("goldens.json", "pixels.safetensors", "tiny-tied");
+}
+
+/// transformers' PIL image processor, as configured by `checkpoint`, against ours.
+fn check_preprocessing(goldens_file: &str, pixels_file: &str, checkpoint: &str) {
+    let goldens = goldens_of(goldens_file);
+    let pixels = candle_core::safetensors::load(fixtures().join(pixels_file), &candle_core::Device::Cpu).unwrap();
+    let config = load(checkpoint).preprocessor;
     let cases = goldens["preprocess"].as_object().unwrap();
     assert!(cases.len() >= 8);
     for (key, golden) in cases {
@@ -217,7 +235,7 @@ fn mixed_adapter_batch_matches_each_sequence_alone() {
 /// Streaming deltas add up to the full decode and never carry half a character.
 #[test]
 fn incremental_decoding_never_splits_characters() {
-    use qwen_ocr_model::detokenize::IncrementalDecoder;
+    use qwen_ocr_model::decoding::detokenize::IncrementalDecoder;
     let pipeline = load("tiny-tied");
     let tokenizer = pipeline.prompt.tokenizer();
     let text = "Vehicle Sr No: KA-01 é中文 ✓ 🚗🚙 {\"engine\": \"4D56-ÄÖ\"}";
