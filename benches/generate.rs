@@ -11,10 +11,10 @@ mod settings;
 
 use std::path::{Path, PathBuf};
 
-use qwen_ocr_model::preprocess::image::ImageOptions;
-use qwen_ocr_model::model::{parse_device, parse_dtype};
-use qwen_ocr_model::preprocess::prompt::ChatMessage;
 use qwen_ocr_model::decoding::sampling::SamplingParams;
+use qwen_ocr_model::model::{parse_device, parse_dtype};
+use qwen_ocr_model::preprocess::image::ImageOptions;
+use qwen_ocr_model::preprocess::prompt::ChatMessage;
 use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline, Quant};
 use settings::{env_or, median, SEED_PROMPT};
 

@@ -94,7 +94,8 @@ fn l2_only() {
         let mut y = vec![0f32; m * n];
         let ops = 2.0 * (m * n * k) as f64 / 1e9;
         let (mw, mc) = rates(ops, || w.matmul(&x, m, &mut y));
-        let (kw, kc) = if m < 200 { rates(ops, || qwen_ocr_model::kernels::q8::__bench_kernels_only(&w, &x, m, &mut y, 1)) } else { (0.0, 0.0) };
+        let (kw, kc) =
+            if m < 200 { rates(ops, || qwen_ocr_model::kernels::q8::__bench_kernels_only(&w, &x, m, &mut y, 1)) } else { (0.0, 0.0) };
         println!(
             "{m}x{k}x{n}: matmul {mw:.0} GOP/s wall, {mc:.0} per CPU-s; kernels only {kw:.0} wall, {kc:.0} per CPU-s (threads {}, load {})",
             rayon::current_num_threads(),

@@ -14,10 +14,10 @@ mod random_checkpoint;
 
 use std::path::Path;
 
+use qwen_ocr_model::decoding::sampling::SamplingParams;
 use qwen_ocr_model::preprocess::image::ImageOptions;
 use qwen_ocr_model::preprocess::prompt::ChatMessage;
 use qwen_ocr_model::quality::compare;
-use qwen_ocr_model::decoding::sampling::SamplingParams;
 use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline, Quant};
 use settings::SEED_PROMPT;
 

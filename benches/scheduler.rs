@@ -17,9 +17,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use qwen_ocr_model::decoding::sampling::SamplingParams;
 use qwen_ocr_model::preprocess::image::ImageOptions;
 use qwen_ocr_model::preprocess::prompt::ChatMessage;
-use qwen_ocr_model::decoding::sampling::SamplingParams;
 use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline};
 use qwen_ocr_scheduler::{Engine, EngineConfig};
 use settings::env_or;

@@ -15,8 +15,8 @@ pub mod preprocess;
 pub mod quality;
 
 pub use candle_core::{DType, Device};
-pub use error::{Error, ImageError, Result};
 pub use decoding::sequence::{Phase, Sequence};
+pub use error::{Error, ImageError, Result};
 pub use families::{Family, VisualEmbeds};
 pub use layers::quant::Quant;
 pub use model::LoadOptions;

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::loading::checkpoint::CheckpointFiles;
 use crate::adapters::lora::LoraAdapter;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -15,6 +14,7 @@ use crate::families::{Family, VisionTower, VisualEmbeds};
 use crate::layers::decoder::{Deepstack, SeqInput, TextModel};
 use crate::layers::linear::Linear;
 use crate::layers::quant::Quant;
+use crate::loading::checkpoint::CheckpointFiles;
 use crate::loading::quant_cache::QuantCache;
 use crate::loading::weights::{Loader, MappedWeights};
 use crate::preprocess::image::PreprocessedImage;

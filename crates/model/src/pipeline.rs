@@ -12,8 +12,10 @@ use crate::config::{GenerationConfig, ModelConfig, PreprocessorConfig};
 use crate::decoding::grammar::{Grammar, Vocabulary};
 use crate::decoding::logprobs::{TokenLogprob, MAX_TOP_LOGPROBS};
 use crate::decoding::sampling::SamplingParams;
+pub use crate::decoding::sequence::PreparedPrompt;
 use crate::decoding::sequence::{Phase, Sequence};
-use crate::decoding::state::{Decoding, Step};
+pub use crate::decoding::state::FinishReason;
+use crate::decoding::state::{Decoding, DecodingOptions, Step};
 use crate::error::{Error, Result};
 use crate::families::{Family, VisualEmbeds};
 use crate::layers::decoder::SeqInput;
@@ -145,7 +147,14 @@ impl Pipeline {
     /// need it, and once at the end).
     pub fn start(&self, request: GenerateRequest, stream: bool) -> Result<Sequence> {
         let prompt = self.prepare(&request)?;
-        let decoding = Decoding::new(&prompt.ids, &request, self.eos_token_ids(), prompt.max_new, stream);
+        let options = DecodingOptions {
+            sampling: &request.sampling,
+            grammar: request.grammar.as_deref(),
+            stop: &request.stop,
+            top_logprobs: request.top_logprobs,
+            stream,
+        };
+        let decoding = Decoding::new(&prompt.ids, &options, self.eos_token_ids(), prompt.max_new);
         let cache = KvCache::with_capacity(self.model.num_layers(), prompt.ids.len() + prompt.max_new);
         Ok(Sequence::new(prompt, decoding, cache, request.adapter, request.images))
     }
@@ -260,17 +269,6 @@ impl Pipeline {
     }
 }
 
-/// A request ready for the decoder.
-#[derive(Debug, Clone)]
-pub struct PreparedPrompt {
-    pub ids: Vec<u32>,
-    /// `(t, h, w)` rotary position of every prompt token.
-    pub positions: Vec<[u32; 3]>,
-    /// Offset from cache length to the text position of generated tokens.
-    pub delta: i64,
-    pub max_new: usize,
-}
-
 #[derive(Debug, Clone, Default)]
 pub struct GenerateRequest {
     pub messages: Vec<ChatMessage>,
@@ -284,34 +282,6 @@ pub struct GenerateRequest {
     pub grammar: Option<Arc<Grammar>>,
     /// Report each token's log-probability with this many alternatives; `None`: do not.
     pub top_logprobs: Option<usize>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// An end-of-sequence token or a stop string.
-    Stop,
-    /// The token limit.
-    Length,
-    /// The client went away.
-    Cancelled,
-    /// The request's deadline passed.
-    Timeout,
-    /// The engine failed on this request.
-    Error,
-}
-
-impl FinishReason {
-    /// The name used in JSON output and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-            FinishReason::Cancelled => "cancelled",
-            FinishReason::Timeout => "timeout",
-            FinishReason::Error => "error",
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -5,10 +5,10 @@
 use candle_core::{Tensor, D};
 
 use crate::error::Result;
-use crate::pipeline::{GenerateRequest, Pipeline};
-use crate::layers::kv_cache::KvCache;
-use crate::preprocess::positions::decode_position;
 use crate::layers::decoder::SeqInput;
+use crate::layers::kv_cache::KvCache;
+use crate::pipeline::{GenerateRequest, Pipeline};
+use crate::preprocess::positions::decode_position;
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Agreement {
@@ -36,7 +36,8 @@ pub fn next_token_logprobs(pipeline: &Pipeline, request: &GenerateRequest, force
     rows.push(model.forward(&mut [first])?);
     for &token in forced {
         let position = [decode_position(cache.len(), prompt.delta)];
-        let input = SeqInput { embeds: model.token_embeds(&[token])?, positions: &position, cache: &mut cache, adapter: None, deepstack: None };
+        let input =
+            SeqInput { embeds: model.token_embeds(&[token])?, positions: &position, cache: &mut cache, adapter: None, deepstack: None };
         rows.push(model.forward(&mut [input])?);
     }
     Ok(candle_nn::ops::log_softmax(&Tensor::cat(&rows, 0)?, D::Minus1)?)

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use qwen_ocr_model::config::PreprocessorConfig;
+use qwen_ocr_model::decoding::sampling::SamplingParams;
 use qwen_ocr_model::preprocess::image::{self, ImageOptions, PreprocessedImage};
 use qwen_ocr_model::preprocess::prompt::ChatMessage;
-use qwen_ocr_model::decoding::sampling::SamplingParams;
 use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline};
 use serde_json::Value;
 
@@ -160,7 +160,11 @@ fn check_preprocessing(goldens_file: &str, pixels_file: &str, checkpoint: &str) 
     for (key, golden) in cases {
         let file = golden["image"].as_str().unwrap();
         let bytes = std::fs::read(fixtures().join("images").join(file)).unwrap();
-        let options = ImageOptions { max_pixels: golden["max_pixels"].as_u64(), ..Default::default() };
+        let max_pixels = golden["max_pixels"].as_u64();
+        // transformers takes a longest_edge below the processor's shortest_edge (scaling down
+        // first); we refuse min_pixels > max_pixels, so such a case lowers the minimum with it.
+        let min_pixels = max_pixels.filter(|&m| m < config.min_pixels);
+        let options = ImageOptions { max_pixels, min_pixels, ..Default::default() };
         let out = image::preprocess(&bytes, &config, &options).unwrap();
         assert_eq!(serde_json::json!(out.grid_thw), golden["grid_thw"], "{key}: grid_thw");
         assert_eq!(serde_json::json!(out.resized), golden["resized"], "{key}: resized");
@@ -261,5 +265,90 @@ fn incremental_decoding_never_splits_characters() {
             let full = pipeline.prompt.decode(&ids(&golden["token_ids"])).unwrap();
             assert_eq!(streamed, full.trim_end_matches('\u{FFFD}'));
         }
+    }
+}
+
+#[test]
+fn qwen2_5_vl_windowed_checkpoint_matches_transformers() {
+    check_checkpoint_in("goldens-qwen2_5_vl.json", "tiny-qwen2_5_vl");
+}
+
+#[test]
+fn qwen2_5_vl_adapters_match_transformers_and_peft() {
+    check_adapters_in("goldens-qwen2_5_vl.json", "tiny-qwen2_5_vl", 6);
+}
+
+#[test]
+fn qwen2_5_vl_preprocessing_matches_transformers_pixel_values() {
+    check_preprocessing("goldens-qwen2_5_vl.json", "pixels-qwen2_5_vl.safetensors", "tiny-qwen2_5_vl");
+}
+
+#[test]
+fn qwen3_vl_deepstack_checkpoint_matches_transformers() {
+    check_checkpoint_in("goldens-qwen3_vl.json", "tiny-qwen3_vl");
+}
+
+#[test]
+fn qwen3_vl_adapters_match_transformers_and_peft() {
+    check_adapters_in("goldens-qwen3_vl.json", "tiny-qwen3_vl", 4);
+}
+
+#[test]
+fn qwen3_vl_preprocessing_matches_transformers_pixel_values() {
+    check_preprocessing("goldens-qwen3_vl.json", "pixels-qwen3_vl.safetensors", "tiny-qwen3_vl");
+}
+
+/// The fixtures still make what differs run: several attention windows per image and a
+/// full-attention block (Qwen2.5-VL); DeepStack inside the depth and a position table unlike any
+/// image's grid (Qwen3-VL).
+#[test]
+fn family_fixtures_exercise_what_differs() {
+    use qwen_ocr_model::families::VisionConfig;
+    let qwen2_5 = load("tiny-qwen2_5_vl");
+    let VisionConfig::Qwen2_5VL(v) = &qwen2_5.model.config().vision else { panic!("not Qwen2.5-VL") };
+    assert!(!v.fullatt_block_indexes.is_empty() && v.fullatt_block_indexes.len() < v.depth);
+    let merged = |name: &str, p: &Pipeline| {
+        let g = preprocess(p, &[Value::from(name)])[0].grid_thw;
+        (g[1] / 2, g[2] / 2)
+    };
+    let (rows, cols) = merged("resized.png", &qwen2_5);
+    assert!(rows.div_ceil(v.window_tokens()) * cols.div_ceil(v.window_tokens()) > 1, "one window per image");
+
+    let qwen3 = load("tiny-qwen3_vl");
+    let VisionConfig::Qwen3VL(v) = &qwen3.model.config().vision else { panic!("not Qwen3-VL") };
+    assert!(!v.deepstack_visual_indexes.is_empty() && v.deepstack_visual_indexes.iter().all(|&i| i < v.depth - 1));
+    assert!(v.deepstack_visual_indexes.len() < qwen3.model.config().text.num_hidden_layers);
+    for image in ["plate.png", "resized.png"] {
+        let g = preprocess(&qwen3, &[Value::from(image)])[0].grid_thw;
+        assert!(g[1] != v.position_grid || g[2] != v.position_grid, "{image}: the grid equals the position table");
+    }
+}
+
+/// The published generation_config.json is applied: Qwen2.5-VL's repetition penalty of 1.05
+/// changes greedy answers, as it does in transformers.
+#[test]
+fn generation_config_repetition_penalty_is_applied_as_transformers_does() {
+    for (file, name) in [("goldens-qwen2_5_vl.json", "tiny-qwen2_5_vl"), ("goldens-qwen3_vl.json", "tiny-qwen3_vl")] {
+        let goldens = goldens_of(file);
+        let pipeline = load(name);
+        let mut checked = 0;
+        for (case, golden) in goldens["checkpoints"][name].as_object().unwrap() {
+            let Some(expected) = golden.get("token_ids_with_generation_config") else { continue };
+            let applied = &golden["generation_config_applied"];
+            let mut sampling = SamplingParams::default();
+            sampling.repetition_penalty = applied["repetition_penalty"].as_f64().unwrap();
+            assert_eq!(sampling.repetition_penalty, pipeline.default_sampling().repetition_penalty, "{name}: the checkpoint's penalty");
+            let images = preprocess(&pipeline, golden["images"].as_array().unwrap());
+            let request = GenerateRequest {
+                messages: vec![ChatMessage::user_with_images(images.len(), golden["prompt"].as_str().unwrap())],
+                images,
+                max_new_tokens: Some(goldens["max_new_tokens"].as_u64().unwrap() as usize),
+                sampling,
+                ..Default::default()
+            };
+            assert_eq!(pipeline.generate(&request).unwrap().token_ids, ids(expected), "{name}/{case} with the generation config");
+            checked += 1;
+        }
+        assert!(checked >= 1, "{name}: no generation-config golden");
     }
 }

@@ -4,10 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
+use qwen_ocr_model::decoding::sampling::SamplingParams;
 use qwen_ocr_model::preprocess::image::ImageOptions;
 use qwen_ocr_model::preprocess::prompt::ChatMessage;
 use qwen_ocr_model::quality::{compare, Agreement};
-use qwen_ocr_model::decoding::sampling::SamplingParams;
 use qwen_ocr_model::{Device, GenerateRequest, LoadOptions, Pipeline, Quant};
 
 fn fixtures() -> PathBuf {

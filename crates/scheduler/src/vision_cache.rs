@@ -5,8 +5,8 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::num::NonZeroUsize;
 
 use lru::LruCache;
-use qwen_ocr_model::preprocess::image::PreprocessedImage;
 use qwen_ocr_model::adapters::lora::LoraAdapter;
+use qwen_ocr_model::preprocess::image::PreprocessedImage;
 use qwen_ocr_model::VisualEmbeds;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use qwen_ocr_model::loading::checkpoint::{self, DEFAULT_MODEL};
 use qwen_ocr_model::config::{ModelConfig, PreprocessorConfig};
-use qwen_ocr_model::preprocess::image::{ImageOptions, DEFAULT_MAX_DECODED_PIXELS};
+use qwen_ocr_model::loading::checkpoint::{self, DEFAULT_MODEL};
 use qwen_ocr_model::model::parse_dtype;
+use qwen_ocr_model::preprocess::image::{ImageOptions, DEFAULT_MAX_DECODED_PIXELS};
 use qwen_ocr_model::preprocess::prompt::ChatMessage;
 use qwen_ocr_model::{GenerateRequest, Pipeline};
 use serde_json::json;
@@ -224,8 +224,8 @@ fn preprocess(args: PreprocessArgs) -> Result<()> {
     };
     let config = PreprocessorConfig::for_family(family, checkpoint::resolve_file(&args.model, "preprocessor_config.json")?.as_deref())?;
     let bytes = std::fs::read(&args.image).with_context(|| args.image.display().to_string())?;
-    let out =
-        qwen_ocr_model::preprocess::image::preprocess(&bytes, &config, &args.image_opts.options()).with_context(|| args.image.display().to_string())?;
+    let out = qwen_ocr_model::preprocess::image::preprocess(&bytes, &config, &args.image_opts.options())
+        .with_context(|| args.image.display().to_string())?;
     if let Some(path) = &args.dump {
         let tensor =
             candle_core::Tensor::from_vec(out.pixel_values.clone(), (out.num_patches(), out.patch_len()), &candle_core::Device::Cpu)?;

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
-use qwen_ocr_model::decoding::grammar::Grammar;
-use qwen_ocr_model::preprocess::image::{ImageOptions, PreprocessedImage};
 use qwen_ocr_model::adapters::lora::LoraAdapter;
+use qwen_ocr_model::decoding::grammar::Grammar;
 use qwen_ocr_model::decoding::sampling::SamplingParams;
+use qwen_ocr_model::preprocess::image::{ImageOptions, PreprocessedImage};
 use qwen_ocr_model::{FinishReason, GenerateRequest};
 use qwen_ocr_scheduler::{Completion, Request, RequestStream};
 use serde_json::Value;

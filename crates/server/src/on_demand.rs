@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use qwen_ocr_model::adapters::lora::LoraAdapter;
 use qwen_ocr_model::adapters::registry::{Loaded, Residency};
 use qwen_ocr_model::loading::checkpoint::hub_files;
-use qwen_ocr_model::adapters::lora::LoraAdapter;
-use qwen_ocr_scheduler::Engine;
 use qwen_ocr_model::Error as ModelError;
+use qwen_ocr_scheduler::Engine;
 
 use crate::adapter_folder::{self, PEFT_CONFIG, PEFT_WEIGHTS, PROFILE_FILE};
 use crate::error::{ApiError, ApiResult, ErrorKind};

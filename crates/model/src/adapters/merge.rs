@@ -7,9 +7,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 
-use crate::loading::checkpoint::CheckpointFiles;
-use crate::error::{Error, Result};
 use crate::adapters::lora::{canonical_module, LoraAdapter};
+use crate::error::{Error, Result};
+use crate::loading::checkpoint::CheckpointFiles;
 
 /// Writes `out/model.safetensors` (in `dtype`) and the checkpoint's other files.
 /// Returns how many weights were changed.

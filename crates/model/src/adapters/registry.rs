@@ -14,8 +14,8 @@ use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
 use crate::adapters::lora::{LoraAdapter, ModuleKind};
+use crate::error::{Error, Result};
 use crate::model::Model;
 
 /// Default cap on resident adapters.

@@ -1,6 +1,6 @@
 //! One request's state from admission to its last token, owned in one place: its prompt, its
 //! decoding state, its KV cache, its adapter, and the phase it is in. The lockstep loop and the
-//! scheduler both hold these and hand them to [`crate::pipeline::Pipeline::step`].
+//! scheduler both hold these and hand them to the pipeline's `step`.
 
 use std::sync::Arc;
 
@@ -9,7 +9,6 @@ use crate::decoding::state::Decoding;
 use crate::error::{Error, Result};
 use crate::families::VisualEmbeds;
 use crate::layers::kv_cache::KvCache;
-use crate::pipeline::PreparedPrompt;
 use crate::preprocess::image::PreprocessedImage;
 
 /// Where a sequence stands. It only moves forward: `Encode` (when it has images) to `Prefill`
@@ -22,6 +21,17 @@ pub enum Phase {
     Prefill { images: Vec<VisualEmbeds> },
     /// The next step runs its last generated token.
     Decode,
+}
+
+/// A request ready for the decoder.
+#[derive(Debug, Clone)]
+pub struct PreparedPrompt {
+    pub ids: Vec<u32>,
+    /// `(t, h, w)` rotary position of every prompt token.
+    pub positions: Vec<[u32; 3]>,
+    /// Offset from cache length to the text position of generated tokens.
+    pub delta: i64,
+    pub max_new: usize,
 }
 
 pub struct Sequence {

@@ -2,14 +2,56 @@
 //! and releases its text incrementally without ever releasing part of a stop string or of a
 //! UTF-8 character. The lockstep loop and the scheduler both drive it, so they agree.
 
+use serde::Serialize;
 use tokenizers::Tokenizer;
 
 use crate::decoding::detokenize::IncrementalDecoder;
-use crate::error::{Error, Result};
-use crate::pipeline::{FinishReason, GenerateRequest};
+use crate::decoding::grammar::Grammar;
 use crate::decoding::logits::LogitsChain;
 use crate::decoding::logprobs::{log_softmax, TokenLogprob};
-use crate::decoding::sampling::Sampler;
+use crate::decoding::sampling::{Sampler, SamplingParams};
+use crate::error::{Error, Result};
+
+/// How one sequence is to be decoded.
+pub struct DecodingOptions<'a> {
+    pub sampling: &'a SamplingParams,
+    /// A constraint every generated token must keep satisfiable.
+    pub grammar: Option<&'a Grammar>,
+    pub stop: &'a [String],
+    /// Report each token's log-probability with this many alternatives; `None`: do not.
+    pub top_logprobs: Option<usize>,
+    /// Release text token by token (otherwise text is decoded only where stop strings need it,
+    /// and once at the end).
+    pub stream: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// The token limit.
+    Length,
+    /// The client went away.
+    Cancelled,
+    /// The request's deadline passed.
+    Timeout,
+    /// The engine failed on this request.
+    Error,
+}
+
+impl FinishReason {
+    /// The name used in JSON output and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Timeout => "timeout",
+            FinishReason::Error => "error",
+        }
+    }
+}
 
 pub struct Decoding {
     /// Repetition penalty, grammar, temperature, top-k, top-p: what shapes the logits.
@@ -45,13 +87,13 @@ pub struct Step {
 }
 
 impl Decoding {
-    pub fn new(prompt: &[u32], request: &GenerateRequest, eos: Vec<u32>, max_new: usize, stream: bool) -> Self {
-        let stop: Vec<String> = request.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
+    pub fn new(prompt: &[u32], options: &DecodingOptions, eos: Vec<u32>, max_new: usize) -> Self {
+        let stop: Vec<String> = options.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
         Self {
-            track_text: stream || !stop.is_empty(),
-            chain: LogitsChain::new(&request.sampling, request.grammar.as_deref()),
-            sampler: Sampler::new(&request.sampling),
-            top_logprobs: request.top_logprobs,
+            track_text: options.stream || !stop.is_empty(),
+            chain: LogitsChain::new(options.sampling, options.grammar),
+            sampler: Sampler::new(options.sampling),
+            top_logprobs: options.top_logprobs,
             logprobs: Vec::new(),
             history: prompt.to_vec(),
             prompt_len: prompt.len(),

@@ -65,23 +65,23 @@ impl Family {
     }
 
     pub(crate) fn vision_config(self, node: Value) -> Result<VisionConfig, String> {
+        use crate::config::from_value;
+        // Every family's vision config has the patch fields; each parse names what did not fit.
+        let patches: Patches = from_value(node.clone())?;
         Ok(match self {
-            Family::Qwen2VL => VisionConfig::Qwen2VL(qwen2_vl::VisionConfig::try_from(crate::config::from_value::<
-                qwen2_vl::config::RawVisionConfig,
-            >(node)?)?),
-            Family::Qwen2_5VL => VisionConfig::Qwen2_5VL(qwen2_5_vl::VisionConfig::try_from(crate::config::from_value::<
-                qwen2_5_vl::config::RawVisionConfig,
-            >(node)?)?),
-            Family::Qwen3VL => VisionConfig::Qwen3VL(qwen3_vl::VisionConfig::try_from(crate::config::from_value::<
-                qwen3_vl::config::RawVisionConfig,
-            >(node)?)?),
+            Family::Qwen2VL => VisionConfig::Qwen2VL((from_value(node)?, patches).try_into()?),
+            Family::Qwen2_5VL => VisionConfig::Qwen2_5VL((from_value(node)?, patches).try_into()?),
+            Family::Qwen3VL => VisionConfig::Qwen3VL((from_value(node)?, patches).try_into()?),
         })
     }
 
     /// The decoder's family-specific facts, checked against its config.
     pub(crate) fn check_text(self, text: &TextConfig) -> Result<(), String> {
         if self != Family::Qwen3VL && text.head_dim * text.num_attention_heads != text.hidden_size {
-            return Err(format!("head_dim {} x {} heads must equal hidden_size {}", text.head_dim, text.num_attention_heads, text.hidden_size));
+            return Err(format!(
+                "head_dim {} x {} heads must equal hidden_size {}",
+                text.head_dim, text.num_attention_heads, text.hidden_size
+            ));
         }
         Ok(())
     }

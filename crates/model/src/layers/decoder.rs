@@ -9,12 +9,12 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::Embedding;
 
+use crate::adapters::lora::{LoraAdapter, RowAdapters};
 use crate::config::TextConfig;
 use crate::families::DecoderSpec;
 use crate::kernels::fused::{self, Activation, Combine};
 use crate::layers::kv_cache::KvCache;
 use crate::layers::linear::Linear;
-use crate::adapters::lora::{LoraAdapter, RowAdapters};
 use crate::layers::norm::RmsNorm;
 use crate::layers::quant::Quant;
 use crate::loading::weights::Loader;
@@ -276,18 +276,19 @@ impl TextModel {
         let adapters: Vec<Option<&LoraAdapter>> = batch.iter().map(|s| s.adapter).collect();
         let rows = RowAdapters::from_spans(spans.iter().zip(adapters).map(|(&(_, n), a)| (n, a)));
         // One causal mask per multi-token sequence, shared by every layer.
-        let masks: Vec<Option<Tensor>> =
-            batch
-                .iter()
-                .zip(&spans)
-                .map(|(s, &(_, n))| {
+        let masks: Vec<Option<Tensor>> = batch
+            .iter()
+            .zip(&spans)
+            .map(
+                |(s, &(_, n))| {
                     if n > 1 && !fused::handles(&s.embeds) {
                         causal_mask(n, s.cache.len() + n, &device).map(Some)
                     } else {
                         Ok(None)
                     }
-                })
-                .collect::<Result<_>>()?;
+                },
+            )
+            .collect::<Result<_>>()?;
         let deepstack = deepstack_rows(batch, &spans, &device)?;
         let mut caches: Vec<&mut KvCache> = batch.iter_mut().map(|s| &mut *s.cache).collect();
         for (i, layer) in self.layers.iter().enumerate() {

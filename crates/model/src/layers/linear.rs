@@ -6,8 +6,8 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 
-use crate::kernels::fused::{Activation, Combine};
 use crate::adapters::lora::{canonical_module, RowAdapters};
+use crate::kernels::fused::{Activation, Combine};
 use crate::kernels::q8::Q8Weights;
 use crate::layers::quant::{Q8MatMul, Quant};
 use crate::loading::weights::Loader;

@@ -8,9 +8,9 @@ use serde::Serialize;
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-use crate::loading::checkpoint::CheckpointFiles;
 use crate::config::{read_json, TokenIds};
 use crate::error::{Error, Result};
+use crate::loading::checkpoint::CheckpointFiles;
 
 /// One part of a user message: images are placeholders here, their pixels travel separately.
 #[derive(Debug, Clone, PartialEq, Serialize)]

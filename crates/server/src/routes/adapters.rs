@@ -92,10 +92,11 @@ pub async fn load(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesR
         .await
         .map_err(|e| ApiError::internal(format!("schema compilation failed: {e}")))??;
     let (task_state, name) = (state.clone(), request.name.clone());
-    let loaded =
-        tokio::task::spawn_blocking(move || Ok::<_, ApiError>(on_demand::load(&task_state, task_state.engine()?, &name, &dir, Residency::Pinned)?))
-            .await
-            .map_err(|e| ApiError::internal(format!("adapter loading failed: {e}")))??;
+    let loaded = tokio::task::spawn_blocking(move || {
+        Ok::<_, ApiError>(on_demand::load(&task_state, task_state.engine()?, &name, &dir, Residency::Pinned)?)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("adapter loading failed: {e}")))??;
     state.set_profile(&request.name, Some(profile));
     let (adapter, replaced) = (loaded.adapter, loaded.replaced);
     let status = if replaced.is_some() { StatusCode::OK } else { StatusCode::CREATED };

@@ -17,8 +17,6 @@ pub(crate) struct RawVisionConfig {
     fullatt_block_indexes: Vec<usize>,
     #[serde(default = "default_act")]
     hidden_act: String,
-    #[serde(flatten)]
-    patches: Patches,
 }
 
 fn default_act() -> String {
@@ -45,11 +43,11 @@ impl VisionConfig {
     }
 }
 
-impl TryFrom<RawVisionConfig> for VisionConfig {
+impl TryFrom<(RawVisionConfig, Patches)> for VisionConfig {
     type Error = String;
 
-    fn try_from(raw: RawVisionConfig) -> Result<Self, String> {
-        raw.patches.check()?;
+    fn try_from((raw, patches): (RawVisionConfig, Patches)) -> Result<Self, String> {
+        patches.check()?;
         if raw.num_heads == 0 || !raw.hidden_size.is_multiple_of(raw.num_heads) || !(raw.hidden_size / raw.num_heads).is_multiple_of(4) {
             return Err("hidden_size / num_heads must be a multiple of 4".into());
         }
@@ -67,7 +65,7 @@ impl TryFrom<RawVisionConfig> for VisionConfig {
             out_hidden_size: raw.out_hidden_size,
             window_size: raw.window_size,
             fullatt_block_indexes: raw.fullatt_block_indexes,
-            patches: raw.patches,
+            patches,
         };
         if config.window_tokens() == 0 {
             return Err(format!("window_size {} is smaller than one merged token", config.window_size));

@@ -12,8 +12,6 @@ pub(crate) struct RawVisionConfig {
     #[serde(default = "default_mlp_ratio")]
     mlp_ratio: f64,
     hidden_size: usize,
-    #[serde(flatten)]
-    patches: Patches,
     #[serde(default)]
     rope_parameters: Option<RopeParameters>,
 }
@@ -41,11 +39,11 @@ pub struct VisionConfig {
     pub rope_theta: f64,
 }
 
-impl TryFrom<RawVisionConfig> for VisionConfig {
+impl TryFrom<(RawVisionConfig, Patches)> for VisionConfig {
     type Error = String;
 
-    fn try_from(raw: RawVisionConfig) -> Result<Self, String> {
-        raw.patches.check()?;
+    fn try_from((raw, patches): (RawVisionConfig, Patches)) -> Result<Self, String> {
+        patches.check()?;
         if raw.num_heads == 0 || !raw.embed_dim.is_multiple_of(raw.num_heads) || !(raw.embed_dim / raw.num_heads).is_multiple_of(4) {
             return Err("embed_dim / num_heads must be a multiple of 4".into());
         }
@@ -55,7 +53,7 @@ impl TryFrom<RawVisionConfig> for VisionConfig {
             num_heads: raw.num_heads,
             mlp_hidden: (raw.embed_dim as f64 * raw.mlp_ratio) as usize,
             hidden_size: raw.hidden_size,
-            patches: raw.patches,
+            patches,
             rope_theta: raw.rope_parameters.and_then(|r| r.rope_theta).unwrap_or(10_000.0),
         })
     }

@@ -16,8 +16,6 @@ pub(crate) struct RawVisionConfig {
     deepstack_visual_indexes: Vec<usize>,
     #[serde(default = "default_act")]
     hidden_act: String,
-    #[serde(flatten)]
-    patches: Patches,
 }
 
 fn default_act() -> String {
@@ -39,11 +37,11 @@ pub struct VisionConfig {
     pub patches: Patches,
 }
 
-impl TryFrom<RawVisionConfig> for VisionConfig {
+impl TryFrom<(RawVisionConfig, Patches)> for VisionConfig {
     type Error = String;
 
-    fn try_from(raw: RawVisionConfig) -> Result<Self, String> {
-        raw.patches.check()?;
+    fn try_from((raw, patches): (RawVisionConfig, Patches)) -> Result<Self, String> {
+        patches.check()?;
         if raw.num_heads == 0 || !raw.hidden_size.is_multiple_of(raw.num_heads) || !(raw.hidden_size / raw.num_heads).is_multiple_of(4) {
             return Err("hidden_size / num_heads must be a multiple of 4".into());
         }
@@ -65,7 +63,7 @@ impl TryFrom<RawVisionConfig> for VisionConfig {
             out_hidden_size: raw.out_hidden_size,
             position_grid,
             deepstack_visual_indexes: raw.deepstack_visual_indexes,
-            patches: raw.patches,
+            patches,
         })
     }
 }
