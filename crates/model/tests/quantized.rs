@@ -49,7 +49,7 @@ fn agreement(checkpoint: &str, quant: Quant) -> Agreement {
 
 #[test]
 fn q8_0_stays_close_to_f32() {
-    for checkpoint in ["tiny-tied", "tiny-untied-sharded"] {
+    for checkpoint in ["tiny-tied", "tiny-untied-sharded", "tiny-qwen2_5_vl", "tiny-qwen3_vl"] {
         let a = agreement(checkpoint, Quant::Q8_0);
         assert!(a.logits_rel_error < 0.05, "{checkpoint}: {a:?}");
         assert!(a.greedy_agreement >= 0.9, "{checkpoint}: {a:?}");
