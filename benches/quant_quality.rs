@@ -25,7 +25,10 @@ fn main() {
     qwen_ocr_model::kernels::threads::pin_cpu_thread_count();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let fixtures = root.join("tests/fixtures");
-    let mut models: Vec<String> = ["tiny-tied", "tiny-untied-sharded", "tiny-qwen2_5_vl", "tiny-qwen3_vl"].iter().map(|m| fixtures.join(m).display().to_string()).collect();
+    let mut models: Vec<String> = ["tiny-tied", "tiny-untied-sharded", "tiny-qwen2_5_vl", "tiny-qwen3_vl"]
+        .iter()
+        .map(|m| fixtures.join(m).display().to_string())
+        .collect();
     models.push(random_checkpoint::small_checkpoint(512, 8).display().to_string());
     if let Ok(model) = std::env::var("QWEN_OCR_BENCH_MODEL") {
         models.push(model);

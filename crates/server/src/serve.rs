@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use qwen_ocr_model::adapters::registry::Residency;
+use qwen_ocr_model::config::ModelConfig;
 use qwen_ocr_model::Pipeline;
 use qwen_ocr_scheduler::Engine;
 use tokio::net::TcpListener;
@@ -25,6 +26,13 @@ async fn serve(config: ServerConfig) -> Result<()> {
     if let Some(dir) = &config.adapters_dir {
         anyhow::ensure!(dir.is_dir(), "the adapters dir {} is not a directory", dir.display());
     }
+    // An unsupported or broken config.json stops the start before anything listens.
+    let model = config.model.clone();
+    let family = tokio::task::spawn_blocking(move || ModelConfig::of_checkpoint(&model))
+        .await?
+        .with_context(|| format!("loading {}", config.model))?
+        .family;
+    tracing::info!(architecture = %family, "checkpoint configuration read");
     let metrics = crate::metrics::install()?;
     let addr = (config.host, config.port);
     let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {}:{}", addr.0, addr.1))?;

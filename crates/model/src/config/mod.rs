@@ -73,6 +73,14 @@ impl ModelConfig {
         Self::from_value(&value).map_err(|reason| Error::config("config.json", reason))
     }
 
+    /// The `config.json` of `model` (a directory or a hub id), read and checked: what tells
+    /// whether it is a supported architecture before anything else of it is loaded.
+    pub fn of_checkpoint(model: &str) -> Result<Self> {
+        let path = crate::loading::checkpoint::resolve_file(model, "config.json")?
+            .ok_or_else(|| Error::config("config.json", format!("{model} has no config.json")))?;
+        Self::from_file(&path)
+    }
+
     pub fn from_value(root: &Value) -> std::result::Result<Self, String> {
         let identity: Identity = from_value(root.clone())?;
         let family = Family::detect(identity.model_type.as_deref(), &identity.architectures)?;

@@ -103,6 +103,7 @@ fn timing() {
     for (m, n, k) in [(64, 1564, 80), (64, 1564, 1280), (256, 256, 1280)] {
         let (x, w) = (values(m * k, 1), values(n * k, 2));
         let (mut a, mut b) = (Aligned::zeroed(packed_len(m, k)), Aligned::zeroed(packed_len(n, k)));
+        // SAFETY: AMX checked above; the buffers are sized by `packed_len` for these shapes.
         unsafe {
             pack_a(m, k, |i| &x[i * k..][..k], &mut a);
             pack_b_from_rows(n, k, |j| &w[j * k..][..k], &mut b);
@@ -112,6 +113,7 @@ fn timing() {
             let t = std::time::Instant::now();
             let reps = 200;
             for _ in 0..reps {
+                // SAFETY: AMX checked above; `a` and `b` hold every tile of the ranges.
                 unsafe {
                     gemm(&a, &b, ksteps(k), 0..m / TILE, 0..n.div_ceil(TILE), |rt, ct, tile| {
                         let cols = TILE.min(n - ct * TILE);
@@ -125,11 +127,13 @@ fn timing() {
             let t = std::time::Instant::now();
             let mut p = Aligned::<u16>::zeroed(packed_len(m, n));
             for _ in 0..reps {
+                // SAFETY: AMX checked above; `p` is sized for `m x n`.
                 unsafe { super::pack::pack_a_serial(m, n, |i| &s[i * n..][..n], &mut p) };
             }
             let dp = t.elapsed().as_secs_f64() / reps as f64;
             let t = std::time::Instant::now();
             for _ in 0..reps {
+                // SAFETY: AMX checked above; `b` is sized for `n x k`.
                 unsafe { pack_b_from_rows(n, k, |j| &w[j * k..][..k], &mut b) };
             }
             let db = t.elapsed().as_secs_f64() / reps as f64;

@@ -132,6 +132,7 @@ unsafe fn run_tiles(
                 acc.resize(rows.len() * tiles.len() * TILE * TILE);
                 acc.fill_zero();
                 for k0 in (0..ks).step_by(K_CHUNK) {
+                    // SAFETY: see above; `acc` holds this task's tiles.
                     unsafe { gemm_accumulate(a, b, ks, k0..(k0 + K_CHUNK).min(ks), rows.clone(), tiles.clone(), acc) };
                 }
                 for (i, tile) in acc.chunks_exact(TILE * TILE).enumerate() {
@@ -142,6 +143,7 @@ unsafe fn run_tiles(
             // Whole tiles go straight into y; a ragged last row or column tile through a copy.
             let inner_rows = rows.start..rows.end.min(full_rows);
             let whole_cols = cols.is_multiple_of(TILE) || tiles.end < cts;
+            // SAFETY: see above; whole tiles are written only inside this task's block of y.
             unsafe {
                 if whole_cols && !inner_rows.is_empty() {
                     gemm_into(

@@ -37,6 +37,7 @@ unsafe fn kernel<const R: usize, const C: usize>(
     ystride: usize,
     ncols: usize,
 ) {
+    // SAFETY: the caller upholds this function's contract (features, pointers, strides).
     unsafe {
         let kp = kb * QK;
         let sc = wp.add(kb * BLOCK_BYTES);
@@ -161,7 +162,7 @@ pub(crate) unsafe fn run_tile(w: &Q8Weights, a: &ActQ, rows: Range<usize>, panel
 /// vectorise) to cost several percent of a prefill matmul.
 ///
 /// # Safety
-/// CPU must have avx512f/bw; `q.len() == 32·d.len()`, `s.len() == d.len()`, `x.len() <= q.len()`.
+/// CPU must have avx512f/bw/vnni (what it is compiled for); `q.len() == 32·d.len()`, `s.len() == d.len()`, `x.len() <= q.len()`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(crate) unsafe fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [i32]) {
     let k = x.len();
@@ -189,6 +190,8 @@ pub(crate) unsafe fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mu
         } else {
             0
         } as __mmask16;
+        // SAFETY: the masks load only elements below `x.len()`; `q`, `d`, `s` are as long as the
+        // contract says.
         unsafe {
             let v0 = _mm512_maskz_loadu_ps(m0, x.as_ptr().add(lo));
             let v1 = _mm512_maskz_loadu_ps(m1, x.as_ptr().wrapping_add(lo + 16));
