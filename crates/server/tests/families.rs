@@ -19,7 +19,8 @@ fn goldens(file: &str) -> Value {
 #[test]
 fn qwen2_5_vl_and_qwen3_vl_serve_transformers_tokens_and_say_what_they_are() {
     for (family, checkpoint) in [("qwen2_5_vl", "tiny-qwen2_5_vl"), ("qwen3_vl", "tiny-qwen3_vl")] {
-        let server = Server::start_model(&fixtures().join(checkpoint).display().to_string(), &[], &[]);
+        // Exact mode: the default q8_0 drifts from transformers after a few tokens on random weights.
+        let server = Server::start_model(&fixtures().join(checkpoint).display().to_string(), &["--quant", "none"], &[]);
         let ready: Ready = parse_str(&server.get("/ready").1);
         assert_eq!(ready.architecture, family);
         let models: ModelList = parse_str(&server.get("/v1/models").1);

@@ -144,6 +144,14 @@ impl PatchMerger {
     }
 }
 
+/// The projections adapters may target in a tower of `blocks` and `mergers` (never the patch
+/// embedding).
+pub(crate) fn adaptable<'a>(blocks: &'a [VisionBlock], mergers: impl IntoIterator<Item = &'a PatchMerger>) -> Vec<&'a Linear> {
+    let mut out: Vec<&Linear> = blocks.iter().flat_map(VisionBlock::projections).collect();
+    out.extend(mergers.into_iter().flat_map(|m| [&m.fc1, &m.fc2]));
+    out
+}
+
 /// cos/sin `[patches, head_dim / 2]` of the vision tower's 2D rotary: the first half rotates by
 /// the patch row, the second by the column.
 pub(crate) struct Rotary {

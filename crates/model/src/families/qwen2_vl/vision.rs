@@ -70,8 +70,6 @@ impl crate::families::VisionTower for VisionTower {
     }
 
     fn adaptable(&self) -> Vec<&Linear> {
-        let mut out: Vec<&Linear> = self.blocks.iter().flat_map(VisionBlock::projections).collect();
-        out.extend([&self.merger.fc1, &self.merger.fc2]);
-        out
+        shared::adaptable(&self.blocks, [&self.merger])
     }
 }

@@ -117,11 +117,6 @@ impl crate::families::VisionTower for VisionTower {
     }
 
     fn adaptable(&self) -> Vec<&Linear> {
-        let mut out: Vec<&Linear> = self.blocks.iter().flat_map(VisionBlock::projections).collect();
-        for (_, m) in &self.deepstack {
-            out.extend([&m.fc1, &m.fc2]);
-        }
-        out.extend([&self.merger.fc1, &self.merger.fc2]);
-        out
+        shared::adaptable(&self.blocks, self.deepstack.iter().map(|(_, m)| m).chain([&self.merger]))
     }
 }
