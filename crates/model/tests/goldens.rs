@@ -335,8 +335,7 @@ fn generation_config_repetition_penalty_is_applied_as_transformers_does() {
         for (case, golden) in goldens["checkpoints"][name].as_object().unwrap() {
             let Some(expected) = golden.get("token_ids_with_generation_config") else { continue };
             let applied = &golden["generation_config_applied"];
-            let mut sampling = SamplingParams::default();
-            sampling.repetition_penalty = applied["repetition_penalty"].as_f64().unwrap();
+            let sampling = SamplingParams { repetition_penalty: applied["repetition_penalty"].as_f64().unwrap(), ..Default::default() };
             assert_eq!(sampling.repetition_penalty, pipeline.default_sampling().repetition_penalty, "{name}: the checkpoint's penalty");
             let images = preprocess(&pipeline, golden["images"].as_array().unwrap());
             let request = GenerateRequest {
