@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use qwen_ocr_model::image::ImageOptions;
-use qwen_ocr_model::prompt::ChatMessage;
-use qwen_ocr_model::sampling::SamplingParams;
+use qwen_ocr_model::decoding::sampling::SamplingParams;
+use qwen_ocr_model::preprocess::image::ImageOptions;
+use qwen_ocr_model::preprocess::prompt::ChatMessage;
 use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline, Quant};
 use settings::env_or;
 
@@ -51,7 +51,7 @@ fn random_adapters(pipeline: &Pipeline, count: usize) -> Vec<String> {
 }
 
 fn main() {
-    qwen_ocr_model::threads::pin_cpu_thread_count();
+    qwen_ocr_model::kernels::threads::pin_cpu_thread_count();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
     let model = env_or("QWEN_OCR_BENCH_MODEL", root.join("tiny-tied").to_str().unwrap());
     let default_adapters = ["lm-qv-r4", "lm-all-rslora-regex", "vision-merger-pattern"]

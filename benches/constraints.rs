@@ -15,8 +15,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::Device;
-use qwen_ocr_model::image::ImageOptions;
-use qwen_ocr_model::prompt::ChatMessage;
+use qwen_ocr_model::preprocess::image::ImageOptions;
+use qwen_ocr_model::preprocess::prompt::ChatMessage;
 use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline, Quant};
 use settings::{env_or, median, SEED_PROMPT};
 

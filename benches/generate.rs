@@ -11,15 +11,15 @@ mod settings;
 
 use std::path::{Path, PathBuf};
 
-use qwen_ocr_model::image::ImageOptions;
+use qwen_ocr_model::decoding::sampling::SamplingParams;
 use qwen_ocr_model::model::{parse_device, parse_dtype};
-use qwen_ocr_model::prompt::ChatMessage;
-use qwen_ocr_model::sampling::SamplingParams;
+use qwen_ocr_model::preprocess::image::ImageOptions;
+use qwen_ocr_model::preprocess::prompt::ChatMessage;
 use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline, Quant};
 use settings::{env_or, median, SEED_PROMPT};
 
 fn main() {
-    qwen_ocr_model::threads::pin_cpu_thread_count();
+    qwen_ocr_model::kernels::threads::pin_cpu_thread_count();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let model = env_or("QWEN_OCR_BENCH_MODEL", root.join("tests/fixtures/tiny-tied").to_str().unwrap());
     let image = PathBuf::from(env_or("QWEN_OCR_BENCH_IMAGE", root.join("tests/fixtures/images/large.png").to_str().unwrap()));

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use qwen_ocr_model::q8::Q8Weights;
+use qwen_ocr_model::kernels::q8::Q8Weights;
 
 const REPS: usize = 5;
 
@@ -94,7 +94,8 @@ fn l2_only() {
         let mut y = vec![0f32; m * n];
         let ops = 2.0 * (m * n * k) as f64 / 1e9;
         let (mw, mc) = rates(ops, || w.matmul(&x, m, &mut y));
-        let (kw, kc) = if m < 200 { rates(ops, || qwen_ocr_model::q8::__bench_kernels_only(&w, &x, m, &mut y, 1)) } else { (0.0, 0.0) };
+        let (kw, kc) =
+            if m < 200 { rates(ops, || qwen_ocr_model::kernels::q8::__bench_kernels_only(&w, &x, m, &mut y, 1)) } else { (0.0, 0.0) };
         println!(
             "{m}x{k}x{n}: matmul {mw:.0} GOP/s wall, {mc:.0} per CPU-s; kernels only {kw:.0} wall, {kc:.0} per CPU-s (threads {}, load {})",
             rayon::current_num_threads(),

@@ -1,7 +1,7 @@
 //! Quantized against exact (f32) weights: per checkpoint and quantization, the share of
 //! positions with the same most likely next token, the mean KL divergence of the next-token
 //! distributions and the logits' relative error, over 32 greedy tokens on two images (see
-//! `qwen_ocr_model::quality`). Runs the committed tiny checkpoints, the 512-wide random one
+//! `qwen_ocr_model::quality`). Runs the committed tiny checkpoints of every family, the 512-wide random one
 //! (written under `target/` on first use) and, with `QWEN_OCR_BENCH_MODEL`, any other.
 //!
 //!     cargo bench --bench quant_quality
@@ -14,18 +14,21 @@ mod random_checkpoint;
 
 use std::path::Path;
 
-use qwen_ocr_model::image::ImageOptions;
-use qwen_ocr_model::prompt::ChatMessage;
+use qwen_ocr_model::decoding::sampling::SamplingParams;
+use qwen_ocr_model::preprocess::image::ImageOptions;
+use qwen_ocr_model::preprocess::prompt::ChatMessage;
 use qwen_ocr_model::quality::compare;
-use qwen_ocr_model::sampling::SamplingParams;
 use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline, Quant};
 use settings::SEED_PROMPT;
 
 fn main() {
-    qwen_ocr_model::threads::pin_cpu_thread_count();
+    qwen_ocr_model::kernels::threads::pin_cpu_thread_count();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let fixtures = root.join("tests/fixtures");
-    let mut models: Vec<String> = ["tiny-tied", "tiny-untied-sharded"].iter().map(|m| fixtures.join(m).display().to_string()).collect();
+    let mut models: Vec<String> = ["tiny-tied", "tiny-untied-sharded", "tiny-qwen2_5_vl", "tiny-qwen3_vl"]
+        .iter()
+        .map(|m| fixtures.join(m).display().to_string())
+        .collect();
     models.push(random_checkpoint::small_checkpoint(512, 8).display().to_string());
     if let Ok(model) = std::env::var("QWEN_OCR_BENCH_MODEL") {
         models.push(model);

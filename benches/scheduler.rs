@@ -17,15 +17,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use qwen_ocr_model::image::ImageOptions;
-use qwen_ocr_model::prompt::ChatMessage;
-use qwen_ocr_model::sampling::SamplingParams;
+use qwen_ocr_model::decoding::sampling::SamplingParams;
+use qwen_ocr_model::preprocess::image::ImageOptions;
+use qwen_ocr_model::preprocess::prompt::ChatMessage;
 use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline};
 use qwen_ocr_scheduler::{Engine, EngineConfig};
 use settings::env_or;
 
 fn main() {
-    qwen_ocr_model::threads::pin_cpu_thread_count();
+    qwen_ocr_model::kernels::threads::pin_cpu_thread_count();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
     let tokens: usize = env_or("QWEN_OCR_BENCH_TOKENS", "64").parse().unwrap();
     let image = env_or("QWEN_OCR_BENCH_IMAGE", root.join("images/plate.png").to_str().unwrap());

@@ -4,6 +4,8 @@
     /root/venv/bin/python benches/seed_task/reference.py --model /work/ckpt/qwen2vl-2b-random \\
         --images /work/ckpt/images --requests 3 --dtype bf16 --threads 2 --max-new-tokens 64
 
+The architecture (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) comes from the checkpoint's config.json.
+
 Per request: load the image (transformers.image_utils.load_image), render the chat template with
 one image and the seed prompt, run the processor, greedy `generate` of exactly --max-new-tokens
 tokens (min = max, so random weights cannot stop early at an EOS), decode, apply the seed
@@ -24,12 +26,23 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+)
 from transformers.generation.streamers import BaseStreamer
 from transformers.image_utils import load_image
 
 PROMPT = "Please extract the Vehicle Sr No, Engine No, and Model from this image. Response only json format nothing else."
 DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
+MODELS = {
+    "qwen2_vl": Qwen2VLForConditionalGeneration,
+    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "qwen3_vl": Qwen3VLForConditionalGeneration,
+}
 
 
 def log(*args):
@@ -45,14 +58,18 @@ def load_processor(model_dir: Path):
     except ImportError as e:
         if "orchvision" not in str(e):
             raise
-    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLProcessor
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
     from transformers.processing_utils import ProcessorMixin
 
-    log("torchvision missing: building Qwen2VLProcessor without a video processor")
+    model_type = AutoConfig.from_pretrained(model_dir).model_type
+    cls = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor, "qwen3_vl": Qwen3VLProcessor}[model_type]
+    log(f"torchvision missing: building {cls.__name__} without a video processor")
     ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None
     tok = AutoTokenizer.from_pretrained(model_dir)
-    return Qwen2VLProcessor(image_processor=AutoImageProcessor.from_pretrained(model_dir), tokenizer=tok,
-                            chat_template=tok.chat_template)
+    # The processor's template (chat_template.json) wins over the tokenizer's, as in AutoProcessor.
+    template_file = model_dir / "chat_template.json"
+    template = json.loads(template_file.read_text())["chat_template"] if template_file.exists() else tok.chat_template
+    return cls(image_processor=AutoImageProcessor.from_pretrained(model_dir), tokenizer=tok, chat_template=template)
 
 
 class TokenClock(BaseStreamer):
@@ -156,7 +173,10 @@ def main():
     torch.set_num_threads(args.threads)
 
     t = time.perf_counter()
-    model = Qwen2VLForConditionalGeneration.from_pretrained(args.model, torch_dtype=DTYPES[args.dtype])
+    model_type = AutoConfig.from_pretrained(args.model).model_type
+    if model_type not in MODELS:
+        raise SystemExit(f"{args.model}: model_type {model_type!r}, expected one of {sorted(MODELS)}")
+    model = MODELS[model_type].from_pretrained(args.model, torch_dtype=DTYPES[args.dtype])
     processor = load_processor(args.model)
     load_s = time.perf_counter() - t
     log(f"loaded in {load_s:.1f}s ({model.dtype}, attention {model.config._attn_implementation})")
@@ -184,7 +204,10 @@ def main():
             "transformers": transformers.__version__, "attention": model.config._attn_implementation,
             "image_processor": type(processor.image_processor).__name__,
         },
-        "model": str(args.model), "dtype": args.dtype, "max_new_tokens": args.max_new_tokens,
+        "model": str(args.model), "architecture": model_type, "dtype": args.dtype,
+        "max_new_tokens": args.max_new_tokens,
+        # generate() applies the checkpoint's generation_config.json; Qwen2.5-VL's sets 1.05.
+        "repetition_penalty": model.generation_config.repetition_penalty,
         "requests": len(runs), "load_s": load_s,
         **{k: median(k) for k in ("vision_s", "ttft_s", "decode_tok_s", "e2e_s",
                                   "prompt_tokens", "visual_tokens", "generated_tokens")},

@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use qwen_ocr_model::lora::AdapterConfig;
+use qwen_ocr_model::adapters::lora::AdapterConfig;
 use qwen_ocr_server::adapter_folder::parse_profile;
 use qwen_ocr_server::config::ServerConfig;
 use serde_json::Value;

@@ -8,7 +8,7 @@ use std::sync::LazyLock;
 
 use axum::body::Bytes;
 use libfuzzer_sys::fuzz_target;
-use qwen_ocr_model::prompt::ChatMessage;
+use qwen_ocr_model::preprocess::prompt::ChatMessage;
 use qwen_ocr_server::config::ServerConfig;
 use qwen_ocr_server::routes::chat::parse_messages;
 use qwen_ocr_server::state::AppState;

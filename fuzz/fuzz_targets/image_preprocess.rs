@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use qwen_ocr_model::config::PreprocessorConfig;
-use qwen_ocr_model::image::{preprocess, ImageOptions, DEFAULT_MAX_DECODED_PIXELS};
+use qwen_ocr_model::preprocess::image::{preprocess, ImageOptions, DEFAULT_MAX_DECODED_PIXELS};
 
 /// 0: the checkpoint's bound; else a power of two up to 2^63, since the configuration and
 /// adapter profiles accept any u64 there.

@@ -1,5 +1,5 @@
-//! Qwen2-VL: the vision tower and the decoder loaded from one checkpoint, plus the glue that
-//! splices image embeddings into the prompt.
+//! The loaded model, whatever its family: that family's vision tower and the shared decoder from
+//! one checkpoint, plus the glue that splices image embeddings into the prompt.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -7,20 +7,20 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::checkpoint::CheckpointFiles;
+use crate::adapters::lora::LoraAdapter;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::image::PreprocessedImage;
-use crate::linear::Linear;
-use crate::lora::LoraAdapter;
-use crate::quant::Quant;
-use crate::quant_cache::QuantCache;
-use crate::text::{SeqInput, TextModel};
-use crate::vision::VisionTower;
-use crate::weights::{Loader, MappedWeights};
+use crate::families::{Family, VisionTower, VisualEmbeds};
+use crate::layers::decoder::{Deepstack, SeqInput, TextModel};
+use crate::layers::linear::Linear;
+use crate::layers::quant::Quant;
+use crate::loading::checkpoint::CheckpointFiles;
+use crate::loading::quant_cache::QuantCache;
+use crate::loading::weights::{Loader, MappedWeights};
+use crate::preprocess::image::PreprocessedImage;
 
-pub struct Qwen2VL {
-    vision: VisionTower,
+pub struct Model {
+    vision: Box<dyn VisionTower>,
     text: TextModel,
     config: ModelConfig,
     device: Device,
@@ -44,7 +44,7 @@ pub struct LoadOptions {
     pub dtype: DType,
     pub device: Device,
     pub quant: Quant,
-    /// Where quantized weights are kept between starts (see [`crate::quant_cache`]); `None`
+    /// Where quantized weights are kept between starts (see [`crate::loading::quant_cache`]); `None`
     /// quantizes at every load.
     pub quant_cache: Option<PathBuf>,
 }
@@ -75,7 +75,7 @@ impl LoadOptions {
     }
 }
 
-impl Qwen2VL {
+impl Model {
     pub fn load(files: &CheckpointFiles, config: &ModelConfig, options: &LoadOptions) -> Result<Self> {
         options.validate()?;
         let LoadOptions { dtype, device, quant, quant_cache } = options;
@@ -91,7 +91,7 @@ impl Qwen2VL {
         let layout = if vb.contains("model.language_model.embed_tokens.weight") { TRANSFORMERS_5 } else { PUBLISHED };
         if !vb.contains(&format!("{}.embed_tokens.weight", layout.text)) {
             return Err(Error::Weights(
-                "no `model.embed_tokens.weight` or `model.language_model.embed_tokens.weight`: not a Qwen2-VL checkpoint".into(),
+                "no `model.embed_tokens.weight` or `model.language_model.embed_tokens.weight`: not a Qwen-VL checkpoint".into(),
             ));
         }
         let lm_head = vb.contains("lm_head.weight").then(|| vb.pp("lm_head"));
@@ -99,8 +99,9 @@ impl Qwen2VL {
             return Err(Error::Weights("`lm_head.weight` is missing and tie_word_embeddings is false".into()));
         }
         let weights_err = |e: candle_core::Error| Error::Weights(e.to_string());
-        let text = TextModel::load(vb.pp(layout.text), lm_head, &config.text).map_err(weights_err)?;
-        let vision = VisionTower::load(vb.pp(layout.vision), &config.vision, config.vision.rope_theta).map_err(weights_err)?;
+        let spec = config.family.decoder_spec(&config.text, &config.vision);
+        let text = TextModel::load(vb.pp(layout.text), lm_head, &config.text, &spec).map_err(weights_err)?;
+        let vision = config.vision.load(vb.pp(layout.vision)).map_err(weights_err)?;
         if let Some(cache) = cache {
             match cache.save() {
                 Ok(true) => tracing::info!(path = %cache.path().display(), "quantized weights cached for the next start"),
@@ -116,6 +117,10 @@ impl Qwen2VL {
         &self.config
     }
 
+    pub fn family(&self) -> Family {
+        self.config.family
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -128,16 +133,16 @@ impl Qwen2VL {
         self.quant
     }
 
-    /// Merged visual embeddings `[visual_tokens, hidden]`, one tensor per image, each image
-    /// through its own adapter (or none).
-    pub fn encode_images(&self, images: &[&PreprocessedImage], adapters: &[Option<&LoraAdapter>]) -> Result<Vec<Tensor>> {
+    /// Merged visual embeddings `[visual_tokens, hidden]` (and DeepStack features), one per
+    /// image, each image through its own adapter (or none).
+    pub fn encode_images(&self, images: &[&PreprocessedImage], adapters: &[Option<&LoraAdapter>]) -> Result<Vec<VisualEmbeds>> {
         if images.len() != adapters.len() {
             return Err(Error::InvalidRequest(format!("{} images but {} adapter choices", images.len(), adapters.len())));
         }
         if images.is_empty() {
             return Ok(Vec::new());
         }
-        let patch_len = self.config.vision.patch_len();
+        let patch_len = self.config.vision.patches().patch_len();
         let mut rows = 0;
         let mut data = Vec::with_capacity(images.iter().map(|i| i.pixel_values.len()).sum());
         for img in images {
@@ -153,27 +158,30 @@ impl Qwen2VL {
     }
 
     /// Input embeddings for a prompt: token embeddings, with each run of image tokens replaced
-    /// by that image's visual embeddings, in order.
-    pub fn prompt_embeds(&self, ids: &[u32], image_embeds: &[Tensor]) -> Result<Tensor> {
+    /// by that image's visual embeddings, in order; and the images' DeepStack features with the
+    /// rows they belong to.
+    pub fn prompt_embeds(&self, ids: &[u32], image_embeds: &[VisualEmbeds]) -> Result<(Tensor, Option<Deepstack>)> {
         let image_token = self.config.tokens.image;
         let ids_t = Tensor::new(ids, &self.device)?;
         let text = self.text.embed(&ids_t)?;
         if image_embeds.is_empty() {
-            return Ok(text);
+            return Ok((text, None));
         }
         let mut pieces = Vec::new();
+        let mut deepstack_rows = Vec::new();
         let mut images = image_embeds.iter();
         let mut i = 0;
         while i < ids.len() {
             let start = i;
             let is_image = ids[i] == image_token;
             if is_image {
-                let emb = images.next().ok_or_else(|| Error::InvalidRequest("more image placeholders than images".into()))?;
-                let n = emb.dim(0)?;
+                let image = images.next().ok_or_else(|| Error::InvalidRequest("more image placeholders than images".into()))?;
+                let n = image.embeds.dim(0)?;
                 if ids.len() < i + n || ids[i..i + n].iter().any(|&t| t != image_token) {
                     return Err(Error::InvalidRequest("image placeholders do not match the image sizes".into()));
                 }
-                pieces.push(emb.clone());
+                pieces.push(image.embeds.clone());
+                deepstack_rows.extend((i..i + n).map(|r| r as u32));
                 i += n;
             } else {
                 while i < ids.len() && ids[i] != image_token {
@@ -185,7 +193,14 @@ impl Qwen2VL {
         if images.next().is_some() {
             return Err(Error::InvalidRequest("more images than image placeholders".into()));
         }
-        Ok(Tensor::cat(&pieces, 0)?)
+        let layers = image_embeds[0].deepstack.len();
+        let deepstack = if layers == 0 {
+            None
+        } else {
+            let layer = |l: usize| Tensor::cat(&image_embeds.iter().map(|e| &e.deepstack[l]).collect::<Vec<_>>(), 0);
+            Some(Deepstack { rows: deepstack_rows, layers: (0..layers).map(layer).collect::<candle_core::Result<_>>()? })
+        };
+        Ok((Tensor::cat(&pieces, 0)?, deepstack))
     }
 
     /// Embeddings of already generated tokens (decode steps).

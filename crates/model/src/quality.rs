@@ -5,10 +5,10 @@
 use candle_core::{Tensor, D};
 
 use crate::error::Result;
-use crate::generate::{GenerateRequest, Pipeline};
-use crate::kv_cache::KvCache;
-use crate::positions::decode_position;
-use crate::text::SeqInput;
+use crate::layers::decoder::SeqInput;
+use crate::layers::kv_cache::KvCache;
+use crate::pipeline::{GenerateRequest, Pipeline};
+use crate::preprocess::positions::decode_position;
 
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Agreement {
@@ -31,12 +31,13 @@ pub fn next_token_logprobs(pipeline: &Pipeline, request: &GenerateRequest, force
     let embeds = model.encode_images(&images, &vec![None; images.len()])?;
     let mut cache = KvCache::new(model.num_layers());
     let mut rows = Vec::with_capacity(forced.len() + 1);
-    let first =
-        SeqInput { embeds: model.prompt_embeds(&prompt.ids, &embeds)?, positions: &prompt.positions, cache: &mut cache, adapter: None };
+    let (embeds, deepstack) = model.prompt_embeds(&prompt.ids, &embeds)?;
+    let first = SeqInput { embeds, positions: &prompt.positions, cache: &mut cache, adapter: None, deepstack };
     rows.push(model.forward(&mut [first])?);
     for &token in forced {
         let position = [decode_position(cache.len(), prompt.delta)];
-        let input = SeqInput { embeds: model.token_embeds(&[token])?, positions: &position, cache: &mut cache, adapter: None };
+        let input =
+            SeqInput { embeds: model.token_embeds(&[token])?, positions: &position, cache: &mut cache, adapter: None, deepstack: None };
         rows.push(model.forward(&mut [input])?);
     }
     Ok(candle_nn::ops::log_softmax(&Tensor::cat(&rows, 0)?, D::Minus1)?)

@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use qwen_ocr_model::grammar::GrammarState;
-use qwen_ocr_model::image::ImageOptions;
-use qwen_ocr_model::prompt::ChatMessage;
+use qwen_ocr_model::decoding::grammar::GrammarState;
+use qwen_ocr_model::preprocess::image::ImageOptions;
+use qwen_ocr_model::preprocess::prompt::ChatMessage;
 use qwen_ocr_model::quality::next_token_logprobs;
 use qwen_ocr_model::{FinishReason, GenerateRequest, LoadOptions, Pipeline};
 use serde_json::{json, Value};

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use qwen_ocr_model::config::PreprocessorConfig;
-use qwen_ocr_model::image::{self, ImageOptions, PreprocessedImage};
-use qwen_ocr_model::prompt::ChatMessage;
-use qwen_ocr_model::sampling::SamplingParams;
+use qwen_ocr_model::decoding::sampling::SamplingParams;
+use qwen_ocr_model::preprocess::image::{self, ImageOptions, PreprocessedImage};
+use qwen_ocr_model::preprocess::prompt::ChatMessage;
 use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline};
 use serde_json::Value;
 
@@ -19,8 +19,13 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
+/// Qwen2-VL's goldens (`goldens.json`), or another family's (`goldens-FAMILY.json`).
+fn goldens_of(file: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join(file)).unwrap()).unwrap()
+}
+
 fn goldens() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("goldens.json")).unwrap()).unwrap()
+    goldens_of("goldens.json")
 }
 
 fn load(checkpoint: &str) -> Pipeline {
@@ -40,7 +45,11 @@ fn ids(v: &Value) -> Vec<u32> {
 
 /// Every golden case of one checkpoint: same prompt ids, grids and greedy tokens as transformers.
 fn check_checkpoint(name: &str) {
-    let goldens = goldens();
+    check_checkpoint_in("goldens.json", name);
+}
+
+fn check_checkpoint_in(file: &str, name: &str) {
+    let goldens = goldens_of(file);
     let cases = goldens["checkpoints"][name].as_object().unwrap();
     assert!(cases.len() >= 7, "goldens for {name} are incomplete");
     check_cases(&load(name), name, cases, None, goldens["max_new_tokens"].as_u64().unwrap() as usize);
@@ -48,10 +57,14 @@ fn check_checkpoint(name: &str) {
 
 /// Every adapter of one checkpoint against transformers + peft.
 fn check_adapters(name: &str) {
-    let goldens = goldens();
+    check_adapters_in("goldens.json", name, 4);
+}
+
+fn check_adapters_in(file: &str, name: &str, at_least: usize) {
+    let goldens = goldens_of(file);
     let pipeline = load(name);
     let adapters = goldens["adapters"][name].as_object().unwrap();
-    assert!(adapters.len() >= 4, "adapter goldens for {name} are incomplete");
+    assert!(adapters.len() >= at_least, "adapter goldens for {name} are incomplete");
     for (adapter_name, golden) in adapters {
         let dir = fixtures().join("adapters").join(name).join(adapter_name);
         let adapter = pipeline.model.load_adapter(adapter_name, &dir).unwrap();
@@ -72,7 +85,7 @@ fn check_cases(
     pipeline: &Pipeline,
     name: &str,
     cases: &serde_json::Map<String, Value>,
-    adapter: Option<std::sync::Arc<qwen_ocr_model::lora::LoraAdapter>>,
+    adapter: Option<std::sync::Arc<qwen_ocr_model::adapters::lora::LoraAdapter>>,
     max_new: usize,
 ) {
     for (case, golden) in cases {
@@ -134,15 +147,24 @@ fn untied_checkpoint_adapters_match_transformers_and_peft() {
 
 #[test]
 fn preprocessing_matches_transformers_pixel_values() {
-    let goldens = goldens();
-    let pixels = candle_core::safetensors::load(fixtures().join("pixels.safetensors"), &candle_core::Device::Cpu).unwrap();
-    let config = PreprocessorConfig::from_file(&fixtures().join("tiny-tied/preprocessor_config.json")).unwrap();
+    check_preprocessing("goldens.json", "pixels.safetensors", "tiny-tied");
+}
+
+/// transformers' PIL image processor, as configured by `checkpoint`, against ours.
+fn check_preprocessing(goldens_file: &str, pixels_file: &str, checkpoint: &str) {
+    let goldens = goldens_of(goldens_file);
+    let pixels = candle_core::safetensors::load(fixtures().join(pixels_file), &candle_core::Device::Cpu).unwrap();
+    let config = load(checkpoint).preprocessor;
     let cases = goldens["preprocess"].as_object().unwrap();
     assert!(cases.len() >= 8);
     for (key, golden) in cases {
         let file = golden["image"].as_str().unwrap();
         let bytes = std::fs::read(fixtures().join("images").join(file)).unwrap();
-        let options = ImageOptions { max_pixels: golden["max_pixels"].as_u64(), ..Default::default() };
+        let max_pixels = golden["max_pixels"].as_u64();
+        // transformers takes a longest_edge below the processor's shortest_edge (scaling down
+        // first); we refuse min_pixels > max_pixels, so such a case lowers the minimum with it.
+        let min_pixels = max_pixels.filter(|&m| m < config.min_pixels);
+        let options = ImageOptions { max_pixels, min_pixels, ..Default::default() };
         let out = image::preprocess(&bytes, &config, &options).unwrap();
         assert_eq!(serde_json::json!(out.grid_thw), golden["grid_thw"], "{key}: grid_thw");
         assert_eq!(serde_json::json!(out.resized), golden["resized"], "{key}: resized");
@@ -217,7 +239,7 @@ fn mixed_adapter_batch_matches_each_sequence_alone() {
 /// Streaming deltas add up to the full decode and never carry half a character.
 #[test]
 fn incremental_decoding_never_splits_characters() {
-    use qwen_ocr_model::detokenize::IncrementalDecoder;
+    use qwen_ocr_model::decoding::detokenize::IncrementalDecoder;
     let pipeline = load("tiny-tied");
     let tokenizer = pipeline.prompt.tokenizer();
     let text = "Vehicle Sr No: KA-01 é中文 ✓ 🚗🚙 {\"engine\": \"4D56-ÄÖ\"}";
@@ -243,5 +265,89 @@ fn incremental_decoding_never_splits_characters() {
             let full = pipeline.prompt.decode(&ids(&golden["token_ids"])).unwrap();
             assert_eq!(streamed, full.trim_end_matches('\u{FFFD}'));
         }
+    }
+}
+
+#[test]
+fn qwen2_5_vl_windowed_checkpoint_matches_transformers() {
+    check_checkpoint_in("goldens-qwen2_5_vl.json", "tiny-qwen2_5_vl");
+}
+
+#[test]
+fn qwen2_5_vl_adapters_match_transformers_and_peft() {
+    check_adapters_in("goldens-qwen2_5_vl.json", "tiny-qwen2_5_vl", 6);
+}
+
+#[test]
+fn qwen2_5_vl_preprocessing_matches_transformers_pixel_values() {
+    check_preprocessing("goldens-qwen2_5_vl.json", "pixels-qwen2_5_vl.safetensors", "tiny-qwen2_5_vl");
+}
+
+#[test]
+fn qwen3_vl_deepstack_checkpoint_matches_transformers() {
+    check_checkpoint_in("goldens-qwen3_vl.json", "tiny-qwen3_vl");
+}
+
+#[test]
+fn qwen3_vl_adapters_match_transformers_and_peft() {
+    check_adapters_in("goldens-qwen3_vl.json", "tiny-qwen3_vl", 4);
+}
+
+#[test]
+fn qwen3_vl_preprocessing_matches_transformers_pixel_values() {
+    check_preprocessing("goldens-qwen3_vl.json", "pixels-qwen3_vl.safetensors", "tiny-qwen3_vl");
+}
+
+/// The fixtures still make what differs run: several attention windows per image and a
+/// full-attention block (Qwen2.5-VL); DeepStack inside the depth and a position table unlike any
+/// image's grid (Qwen3-VL).
+#[test]
+fn family_fixtures_exercise_what_differs() {
+    use qwen_ocr_model::families::VisionConfig;
+    let qwen2_5 = load("tiny-qwen2_5_vl");
+    let VisionConfig::Qwen2_5VL(v) = &qwen2_5.model.config().vision else { panic!("not Qwen2.5-VL") };
+    assert!(!v.fullatt_block_indexes.is_empty() && v.fullatt_block_indexes.len() < v.depth);
+    let merged = |name: &str, p: &Pipeline| {
+        let g = preprocess(p, &[Value::from(name)])[0].grid_thw;
+        (g[1] / 2, g[2] / 2)
+    };
+    let (rows, cols) = merged("resized.png", &qwen2_5);
+    assert!(rows.div_ceil(v.window_tokens()) * cols.div_ceil(v.window_tokens()) > 1, "one window per image");
+
+    let qwen3 = load("tiny-qwen3_vl");
+    let VisionConfig::Qwen3VL(v) = &qwen3.model.config().vision else { panic!("not Qwen3-VL") };
+    assert!(!v.deepstack_visual_indexes.is_empty() && v.deepstack_visual_indexes.iter().all(|&i| i < v.depth - 1));
+    assert!(v.deepstack_visual_indexes.len() < qwen3.model.config().text.num_hidden_layers);
+    for image in ["plate.png", "resized.png"] {
+        let g = preprocess(&qwen3, &[Value::from(image)])[0].grid_thw;
+        assert!(g[1] != v.position_grid || g[2] != v.position_grid, "{image}: the grid equals the position table");
+    }
+}
+
+/// The published generation_config.json is applied: Qwen2.5-VL's repetition penalty of 1.05
+/// changes greedy answers, as it does in transformers.
+#[test]
+fn generation_config_repetition_penalty_is_applied_as_transformers_does() {
+    for (file, name) in [("goldens-qwen2_5_vl.json", "tiny-qwen2_5_vl"), ("goldens-qwen3_vl.json", "tiny-qwen3_vl")] {
+        let goldens = goldens_of(file);
+        let pipeline = load(name);
+        let mut checked = 0;
+        for (case, golden) in goldens["checkpoints"][name].as_object().unwrap() {
+            let Some(expected) = golden.get("token_ids_with_generation_config") else { continue };
+            let applied = &golden["generation_config_applied"];
+            let sampling = SamplingParams { repetition_penalty: applied["repetition_penalty"].as_f64().unwrap(), ..Default::default() };
+            assert_eq!(sampling.repetition_penalty, pipeline.default_sampling().repetition_penalty, "{name}: the checkpoint's penalty");
+            let images = preprocess(&pipeline, golden["images"].as_array().unwrap());
+            let request = GenerateRequest {
+                messages: vec![ChatMessage::user_with_images(images.len(), golden["prompt"].as_str().unwrap())],
+                images,
+                max_new_tokens: Some(goldens["max_new_tokens"].as_u64().unwrap() as usize),
+                sampling,
+                ..Default::default()
+            };
+            assert_eq!(pipeline.generate(&request).unwrap().token_ids, ids(expected), "{name}/{case} with the generation config");
+            checked += 1;
+        }
+        assert!(checked >= 1, "{name}: no generation-config golden");
     }
 }

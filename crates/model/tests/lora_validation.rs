@@ -82,7 +82,7 @@ fn mismatched_adapters_are_refused_with_the_reason() {
 
 #[test]
 fn registry_replaces_atomically_unloads_and_caps() {
-    use qwen_ocr_model::adapter_registry::AdapterRegistry;
+    use qwen_ocr_model::adapters::registry::AdapterRegistry;
     let pipeline = Pipeline::load(fixtures().join("tiny-tied").to_str().unwrap(), &LoadOptions::default()).unwrap();
     let dir = |a: &str| fixtures().join("adapters/tiny-tied").join(a);
     let registry = AdapterRegistry::new(2);
@@ -111,11 +111,11 @@ fn registry_replaces_atomically_unloads_and_caps() {
 
 #[test]
 fn registry_evicts_the_least_recently_used_idle_adapter_and_never_a_pinned_or_held_one() {
-    use qwen_ocr_model::adapter_registry::{AdapterRegistry, Residency};
+    use qwen_ocr_model::adapters::registry::{AdapterRegistry, Residency};
     let pipeline = Pipeline::load(fixtures().join("tiny-tied").to_str().unwrap(), &LoadOptions::default()).unwrap();
     let dir = fixtures().join("adapters/tiny-tied/lm-qv-r4");
     let registry = AdapterRegistry::new(3);
-    let load = |name: &str, residency| registry.load_as(&pipeline.model, name, &dir, residency);
+    let load = |name: &str, residency| registry.insert(name, pipeline.load_adapter(name, &dir).unwrap(), residency);
     load("pinned", Residency::Pinned).unwrap();
     load("a", Residency::Evictable).unwrap();
     load("b", Residency::Evictable).unwrap();

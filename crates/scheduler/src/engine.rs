@@ -7,24 +7,27 @@ use std::sync::{mpsc as std_mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use candle_core::Tensor;
-use qwen_ocr_model::image::PreprocessedImage;
-use qwen_ocr_model::kv_cache::KvCache;
-use qwen_ocr_model::lora::LoraAdapter;
-use qwen_ocr_model::{ActiveSequence, Error, FinishReason, Pipeline};
+use std::path::Path;
+
+use qwen_ocr_model::adapters::lora::LoraAdapter;
+use qwen_ocr_model::decoding::grammar::{Grammar, Vocabulary};
+use qwen_ocr_model::decoding::sampling::SamplingParams;
+use qwen_ocr_model::preprocess::image::{ImageOptions, PreprocessedImage};
+use qwen_ocr_model::{Error, Family, FinishReason, Pipeline, Sequence, VisualEmbeds};
 use tokio::sync::mpsc;
 
 use crate::config::EngineConfig;
 use crate::kv_budget::KvBudget;
 use crate::metrics::{self as m, SharedStats, Stats};
 use crate::request::{Event, Request, RequestStream, SubmitError};
-use crate::sequence::Sequence;
+use crate::sequence::EngineSequence;
 use crate::vision_cache::{ImageKey, VisionCache};
 
-/// Owns the model's worker thread. Dropping it lets the worker finish every accepted request
-/// and then stop; [`shutdown`](Engine::shutdown) also waits for that.
+/// Owns the model's worker thread, and is the one way in to the model for everything else:
+/// preprocessing, sampling defaults, schemas, adapters. Dropping it lets the worker finish
+/// every accepted request and then stop; [`shutdown`](Engine::shutdown) also waits for that.
 pub struct Engine {
-    inbox: Option<std_mpsc::Sender<Sequence>>,
+    inbox: Option<std_mpsc::Sender<EngineSequence>>,
     pipeline: Arc<Pipeline>,
     config: EngineConfig,
     stats: Arc<SharedStats>,
@@ -54,8 +57,39 @@ impl Engine {
         Self { inbox: Some(inbox), pipeline, config, stats, kv_bytes_per_token, worker: Some(worker) }
     }
 
-    pub fn pipeline(&self) -> &Arc<Pipeline> {
-        &self.pipeline
+    /// The loaded model's family.
+    pub fn family(&self) -> Family {
+        self.pipeline.family()
+    }
+
+    /// Decodes and preprocesses an image as the loaded checkpoint's processor does.
+    pub fn preprocess(&self, bytes: &[u8], options: &ImageOptions) -> Result<PreprocessedImage, Error> {
+        self.pipeline.preprocess(bytes, options)
+    }
+
+    /// Sampling defaults from the checkpoint's `generation_config.json`.
+    pub fn default_sampling(&self) -> SamplingParams {
+        self.pipeline.default_sampling()
+    }
+
+    /// Every token's bytes (log-probabilities, confidences).
+    pub fn vocabulary(&self) -> Result<&Vocabulary, Error> {
+        self.pipeline.vocabulary()
+    }
+
+    /// A JSON schema compiled into a constraint over this checkpoint's vocabulary (cached).
+    pub fn compile_schema(&self, schema: &serde_json::Value) -> Result<Arc<Grammar>, Error> {
+        self.pipeline.vocabulary()?.compile(schema)
+    }
+
+    /// Loads and validates a PEFT LoRA adapter against the loaded model.
+    pub fn load_adapter(&self, name: &str, dir: &Path) -> Result<Arc<LoraAdapter>, Error> {
+        self.pipeline.load_adapter(name, dir)
+    }
+
+    /// Bytes the weights of every projection take.
+    pub fn projection_bytes(&self) -> usize {
+        self.pipeline.model.projection_bytes()
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -69,15 +103,14 @@ impl Engine {
     /// Validates and queues a request. Never waits: a full queue is refused at once.
     pub fn submit(&self, request: Request) -> Result<RequestStream, SubmitError> {
         let Request { generate, deadline } = request;
-        let prompt = self.pipeline.prepare(&generate)?;
-        let tokens = prompt.ids.len() + prompt.max_new;
-        let needed = tokens.saturating_mul(self.kv_bytes_per_token);
+        let seq = self.pipeline.start(generate, true)?;
+        let needed = seq.max_tokens().saturating_mul(self.kv_bytes_per_token);
         if needed > self.config.kv_cache_bytes {
             return Err(SubmitError::Invalid(Error::InvalidRequest(format!(
                 "the prompt ({} tokens) plus max_tokens ({}) needs {needed} bytes of KV cache, over the server's {} bytes: \
                  lower max_tokens or send a smaller image",
-                prompt.ids.len(),
-                prompt.max_new,
+                seq.prompt.ids.len(),
+                seq.prompt.max_new,
                 self.config.kv_cache_bytes
             ))));
         }
@@ -88,13 +121,10 @@ impl Engine {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| (d < capacity).then_some(d + 1))
             .map_err(|_| SubmitError::QueueFull { capacity })?;
         let (events, receiver) = mpsc::unbounded_channel();
-        let prompt_tokens = prompt.ids.len();
-        let seq = Sequence {
-            decoding: self.pipeline.decoding(&generate, &prompt, true),
-            cache: KvCache::with_capacity(self.pipeline.model.num_layers(), tokens),
-            request: generate,
+        let prompt_tokens = seq.prompt.ids.len();
+        let seq = EngineSequence {
+            seq,
             deadline,
-            prompt,
             events,
             submitted: Instant::now(),
             admitted: None,
@@ -130,11 +160,11 @@ struct Worker {
     pipeline: Arc<Pipeline>,
     max_batch_size: usize,
     max_prefill_tokens: usize,
-    inbox: std_mpsc::Receiver<Sequence>,
+    inbox: std_mpsc::Receiver<EngineSequence>,
     /// Accepted, not yet admitted, in arrival order.
-    waiting: VecDeque<Sequence>,
-    /// Admitted; those with an empty cache are prefilled at the next step.
-    running: Vec<Sequence>,
+    waiting: VecDeque<EngineSequence>,
+    /// Admitted; those not yet prefilled are, at the next step.
+    running: Vec<EngineSequence>,
     kv: KvBudget,
     vision: VisionCache,
     stats: Arc<SharedStats>,
@@ -201,10 +231,10 @@ impl Worker {
     fn admit(&mut self) {
         let mut prefill_tokens = 0;
         while let Some(front) = self.waiting.front() {
-            let n = front.prompt.ids.len();
+            let n = front.seq.prompt.ids.len();
             if self.running.len() >= self.max_batch_size
                 || (prefill_tokens > 0 && prefill_tokens + n > self.max_prefill_tokens)
-                || !self.kv.try_reserve(front.max_tokens())
+                || !self.kv.try_reserve(front.seq.max_tokens())
             {
                 break;
             }
@@ -218,21 +248,10 @@ impl Worker {
 
     /// One forward pass: prefill for newly admitted sequences, one decode token for the rest.
     fn step(&mut self) -> Result<(), Error> {
-        let mut images = self.encode_new_images()?.into_iter();
-        let prefill_tokens: usize = self.running.iter().filter(|s| s.cache.is_empty()).map(|s| s.prompt.ids.len()).sum();
-        let mut active: Vec<ActiveSequence> = self
-            .running
-            .iter_mut()
-            .map(|s| ActiveSequence {
-                images: if s.cache.is_empty() { images.next().expect("one entry per new sequence") } else { Vec::new() },
-                prompt: &s.prompt,
-                decoding: &mut s.decoding,
-                cache: &mut s.cache,
-                adapter: s.request.adapter.as_deref(),
-            })
-            .collect();
+        self.encode_new_images()?;
+        let prefill_tokens: usize = self.running.iter().filter(|s| s.seq.is_prefilling()).map(|s| s.seq.prompt.ids.len()).sum();
+        let mut active: Vec<&mut Sequence> = self.running.iter_mut().map(|s| &mut s.seq).collect();
         let steps = self.pipeline.step(&mut active)?;
-        drop(active);
 
         let now = Instant::now();
         for (seq, step) in self.running.iter_mut().zip(steps) {
@@ -249,18 +268,19 @@ impl Worker {
         Ok(())
     }
 
-    /// Visual embeddings for every newly admitted sequence (in order), from the cache where
-    /// possible; the misses, each distinct image once, go through the vision tower in one pass.
-    fn encode_new_images(&mut self) -> Result<Vec<Vec<Tensor>>, Error> {
+    /// Visual embeddings for every newly admitted sequence, from the cache where possible; the
+    /// misses, each distinct image once, go through the vision tower in one pass.
+    fn encode_new_images(&mut self) -> Result<(), Error> {
         let mut keys: Vec<Vec<ImageKey>> = Vec::new();
-        let mut found: HashMap<ImageKey, Tensor> = HashMap::new();
+        let mut found: HashMap<ImageKey, VisualEmbeds> = HashMap::new();
         let mut misses: Vec<(ImageKey, &PreprocessedImage, Option<&LoraAdapter>)> = Vec::new();
         let mut hits = 0;
         let mut vision_time = std::time::Duration::ZERO;
-        for seq in self.running.iter().filter(|s| s.cache.is_empty()) {
-            let adapter = seq.request.adapter.as_deref();
-            let mut seq_keys = Vec::with_capacity(seq.request.images.len());
-            for image in &seq.request.images {
+        let encoding = |s: &&EngineSequence| !s.seq.images_to_encode().is_empty();
+        for seq in self.running.iter().filter(encoding) {
+            let adapter = seq.seq.adapter.as_deref();
+            let mut seq_keys = Vec::with_capacity(seq.seq.images_to_encode().len());
+            for image in seq.seq.images_to_encode() {
                 let key = ImageKey::new(image, adapter);
                 if found.contains_key(&key) || misses.iter().any(|m| m.0 == key) {
                     hits += 1;
@@ -278,7 +298,7 @@ impl Worker {
             let images: Vec<_> = misses.iter().map(|m| m.1).collect();
             let adapters: Vec<_> = misses.iter().map(|m| m.2).collect();
             let started = Instant::now();
-            let encoded = self.pipeline.model.encode_images(&images, &adapters)?;
+            let encoded = self.pipeline.encode_images(&images, &adapters)?;
             vision_time = started.elapsed();
             for (miss, embeds) in misses.iter().zip(encoded) {
                 self.vision.put(miss.0, embeds.clone());
@@ -290,10 +310,11 @@ impl Worker {
         metrics::counter!(m::VISION_CACHE_MISSES).increment(misses.len() as u64);
         metrics::counter!(m::VISION_CACHE_HITS).increment(hits);
         // One pass serves every sequence admitted in this step: each waited for all of it.
-        for seq in self.running.iter_mut().filter(|s| s.cache.is_empty()) {
+        for (seq, seq_keys) in self.running.iter_mut().filter(|s| !s.seq.images_to_encode().is_empty()).zip(keys) {
             seq.vision = vision_time;
+            seq.seq.set_visual_embeds(seq_keys.iter().map(|k| found[k].clone()).collect())?;
         }
-        Ok(keys.iter().map(|seq_keys| seq_keys.iter().map(|k| found[k].clone()).collect()).collect())
+        Ok(())
     }
 
     /// Running sequences whose client left or whose deadline passed stop here, within one step.
@@ -310,11 +331,11 @@ impl Worker {
 
     /// Finished sequences leave the batch, free their cache and get their final event.
     fn retire_finished(&mut self) {
-        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running).into_iter().partition(Sequence::is_finished);
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running).into_iter().partition(EngineSequence::is_finished);
         self.running = running;
         for seq in done {
-            self.kv.release(seq.max_tokens());
-            let reason = seq.decoding.finish_reason().expect("finished");
+            self.kv.release(seq.seq.max_tokens());
+            let reason = seq.seq.decoding.finish_reason().expect("finished");
             metrics::counter!(m::FINISHED, "reason" => reason.as_str()).increment(1);
             seq.complete(&self.pipeline);
         }

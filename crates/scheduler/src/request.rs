@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use qwen_ocr_model::logprobs::TokenLogprob;
+use qwen_ocr_model::decoding::logprobs::TokenLogprob;
 use qwen_ocr_model::{FinishReason, GenerateRequest, Timings};
 use serde::Serialize;
 use tokio::sync::mpsc;

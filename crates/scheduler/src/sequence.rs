@@ -1,21 +1,17 @@
-//! One request's state inside the engine.
+//! One request inside the engine: the model's [`Sequence`] plus what the engine adds around it
+//! (its deadline, where its events go, and when each stage began).
 
 use std::time::{Duration, Instant};
 
-use qwen_ocr_model::decoding::Decoding;
-use qwen_ocr_model::generate::ms;
-use qwen_ocr_model::kv_cache::KvCache;
-use qwen_ocr_model::{FinishReason, GenerateRequest, Pipeline, PreparedPrompt, Timings};
+use qwen_ocr_model::pipeline::ms;
+use qwen_ocr_model::{FinishReason, Pipeline, Sequence, Timings};
 use tokio::sync::mpsc;
 
 use crate::request::{Completion, Event};
 
-pub struct Sequence {
-    pub request: GenerateRequest,
+pub struct EngineSequence {
+    pub seq: Sequence,
     pub deadline: Option<Instant>,
-    pub prompt: PreparedPrompt,
-    pub decoding: Decoding,
-    pub cache: KvCache,
     pub events: mpsc::UnboundedSender<Event>,
     pub submitted: Instant,
     pub admitted: Option<Instant>,
@@ -25,24 +21,19 @@ pub struct Sequence {
     pub error: Option<String>,
 }
 
-impl Sequence {
-    /// Tokens this sequence may ever hold in its cache: what its budget reservation covers.
-    pub fn max_tokens(&self) -> usize {
-        self.prompt.ids.len() + self.prompt.max_new
-    }
-
+impl EngineSequence {
     pub fn is_cancelled(&self) -> bool {
         self.events.is_closed()
     }
 
     pub fn is_finished(&self) -> bool {
-        self.decoding.finish_reason().is_some()
+        self.seq.is_finished()
     }
 
     /// Ends the sequence early unless it already finished.
     pub fn end(&mut self, reason: FinishReason, error: Option<String>) {
         if !self.is_finished() {
-            self.decoding.end(reason);
+            self.seq.decoding.end(reason);
             self.error = error;
         }
     }
@@ -51,10 +42,11 @@ impl Sequence {
     pub fn complete(mut self, pipeline: &Pipeline) {
         // Released before the answer goes out: a client holding its answer never finds its
         // adapter still counted as in use (the registry evicts only adapters nobody holds).
-        self.request.adapter = None;
+        self.seq.adapter = None;
         let now = Instant::now();
-        let finish_reason = self.decoding.finish_reason().unwrap_or(FinishReason::Error);
-        let (text, tail, error) = match self.decoding.final_text(pipeline.prompt.tokenizer()) {
+        let decoding = &self.seq.decoding;
+        let finish_reason = decoding.finish_reason().unwrap_or(FinishReason::Error);
+        let (text, tail, error) = match decoding.final_text(pipeline.prompt.tokenizer()) {
             Ok((text, tail)) => (text, tail, self.error),
             Err(e) => (String::new(), String::new(), Some(e.to_string())),
         };
@@ -69,12 +61,12 @@ impl Sequence {
         let _ = self.events.send(Event::Done(Completion {
             text,
             tail,
-            token_ids: self.decoding.generated().to_vec(),
-            logprobs: self.decoding.logprobs().to_vec(),
+            token_ids: decoding.generated().to_vec(),
+            logprobs: decoding.logprobs().to_vec(),
             finish_reason,
             error,
-            prompt_tokens: self.prompt.ids.len(),
-            image_grid_thw: self.request.images.iter().map(|i| i.grid_thw).collect(),
+            prompt_tokens: self.seq.prompt.ids.len(),
+            image_grid_thw: self.seq.image_grids.clone(),
             timings,
         }));
     }

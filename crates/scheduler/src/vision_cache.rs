@@ -4,10 +4,10 @@
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::num::NonZeroUsize;
 
-use candle_core::Tensor;
 use lru::LruCache;
-use qwen_ocr_model::image::PreprocessedImage;
-use qwen_ocr_model::lora::LoraAdapter;
+use qwen_ocr_model::adapters::lora::LoraAdapter;
+use qwen_ocr_model::preprocess::image::PreprocessedImage;
+use qwen_ocr_model::VisualEmbeds;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ImageKey {
@@ -32,7 +32,7 @@ impl ImageKey {
 }
 
 pub struct VisionCache {
-    entries: Option<LruCache<ImageKey, Tensor>>,
+    entries: Option<LruCache<ImageKey, VisualEmbeds>>,
 }
 
 impl VisionCache {
@@ -41,11 +41,11 @@ impl VisionCache {
         Self { entries: NonZeroUsize::new(capacity).map(LruCache::new) }
     }
 
-    pub fn get(&mut self, key: &ImageKey) -> Option<Tensor> {
+    pub fn get(&mut self, key: &ImageKey) -> Option<VisualEmbeds> {
         self.entries.as_mut()?.get(key).cloned()
     }
 
-    pub fn put(&mut self, key: ImageKey, embeds: Tensor) {
+    pub fn put(&mut self, key: ImageKey, embeds: VisualEmbeds) {
         if let Some(entries) = self.entries.as_mut() {
             entries.put(key, embeds);
         }

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use qwen_ocr_model::image::ImageOptions;
-use qwen_ocr_model::prompt::ChatMessage;
-use qwen_ocr_model::sampling::SamplingParams;
+use qwen_ocr_model::decoding::sampling::SamplingParams;
+use qwen_ocr_model::preprocess::image::ImageOptions;
+use qwen_ocr_model::preprocess::prompt::ChatMessage;
 use qwen_ocr_model::{FinishReason, GenerateRequest, LoadOptions, Pipeline};
 use qwen_ocr_scheduler::{Completion, Engine, EngineConfig, Event, Request, RequestStream, SubmitError};
 

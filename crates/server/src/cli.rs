@@ -6,11 +6,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use qwen_ocr_model::checkpoint::{self, DEFAULT_MODEL};
-use qwen_ocr_model::config::PreprocessorConfig;
-use qwen_ocr_model::image::{ImageOptions, DEFAULT_MAX_DECODED_PIXELS};
+use qwen_ocr_model::config::{ModelConfig, PreprocessorConfig};
+use qwen_ocr_model::loading::checkpoint::{self, DEFAULT_MODEL};
 use qwen_ocr_model::model::parse_dtype;
-use qwen_ocr_model::prompt::ChatMessage;
+use qwen_ocr_model::preprocess::image::{ImageOptions, DEFAULT_MAX_DECODED_PIXELS};
+use qwen_ocr_model::preprocess::prompt::ChatMessage;
 use qwen_ocr_model::{GenerateRequest, Pipeline};
 use serde_json::json;
 
@@ -164,7 +164,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let pipeline = Pipeline::load(&args.model.model, &options).with_context(|| format!("loading {}", args.model.model))?;
     let adapter = match &args.adapter {
         Some(dir) => {
-            let adapter = pipeline.model.load_adapter(&dir.display().to_string(), dir)?;
+            let adapter = pipeline.load_adapter(&dir.display().to_string(), dir)?;
             tracing::info!(adapter = %adapter.name, matched = ?adapter.matched, bytes = adapter.bytes, "adapter loaded");
             Some(adapter)
         }
@@ -218,13 +218,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
 }
 
 fn preprocess(args: PreprocessArgs) -> Result<()> {
-    let config = match checkpoint::resolve_file(&args.model, "preprocessor_config.json")? {
-        Some(path) => PreprocessorConfig::from_file(&path)?,
-        None => PreprocessorConfig::default(),
+    let family = match checkpoint::resolve_file(&args.model, "config.json")? {
+        Some(path) => ModelConfig::from_file(&path)?.family,
+        None => anyhow::bail!("{}: no config.json", args.model),
     };
+    let config = PreprocessorConfig::for_family(family, checkpoint::resolve_file(&args.model, "preprocessor_config.json")?.as_deref())?;
     let bytes = std::fs::read(&args.image).with_context(|| args.image.display().to_string())?;
-    let out =
-        qwen_ocr_model::image::preprocess(&bytes, &config, &args.image_opts.options()).with_context(|| args.image.display().to_string())?;
+    let out = qwen_ocr_model::preprocess::image::preprocess(&bytes, &config, &args.image_opts.options())
+        .with_context(|| args.image.display().to_string())?;
     if let Some(path) = &args.dump {
         let tensor =
             candle_core::Tensor::from_vec(out.pixel_values.clone(), (out.num_patches(), out.patch_len()), &candle_core::Device::Cpu)?;
@@ -243,8 +244,8 @@ fn merge(args: MergeArgs) -> Result<()> {
     // The adapter is validated against the base in f32, the precision the merge is computed in.
     let pipeline =
         Pipeline::load(&args.model, &qwen_ocr_model::LoadOptions::default()).with_context(|| format!("loading {}", args.model))?;
-    let adapter = pipeline.model.load_adapter(&args.adapter.display().to_string(), &args.adapter)?;
-    let changed = qwen_ocr_model::merge::merge_adapter(&pipeline.files, &adapter, &args.out, dtype)?;
+    let adapter = pipeline.load_adapter(&args.adapter.display().to_string(), &args.adapter)?;
+    let changed = qwen_ocr_model::adapters::merge::merge_adapter(&pipeline.files, &adapter, &args.out, dtype)?;
     println!("{}", json!({ "out": args.out, "merged_modules": changed, "adapter": adapter.matched }));
     Ok(())
 }

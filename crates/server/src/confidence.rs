@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 
-use qwen_ocr_model::logprobs::TokenLogprob;
+use qwen_ocr_model::decoding::logprobs::TokenLogprob;
 use serde_json::{Map, Value};
 
 /// `{field: confidence}` for a JSON object written by these tokens; `bytes` gives each

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use qwen_ocr_model::checkpoint::DEFAULT_MODEL;
-use qwen_ocr_model::image::DEFAULT_MAX_DECODED_PIXELS;
+use qwen_ocr_model::loading::checkpoint::DEFAULT_MODEL;
 use qwen_ocr_model::model::{parse_device, parse_dtype};
+use qwen_ocr_model::preprocess::image::DEFAULT_MAX_DECODED_PIXELS;
 use qwen_ocr_model::{LoadOptions, Quant};
 use qwen_ocr_scheduler::EngineConfig;
 use serde::{Deserialize, Serialize};
@@ -110,7 +110,7 @@ impl Default for ServerConfig {
             adapters: BTreeMap::new(),
             adapters_dir: None,
             hub_adapters: false,
-            max_adapters: qwen_ocr_model::adapter_registry::DEFAULT_MAX_ADAPTERS,
+            max_adapters: qwen_ocr_model::adapters::registry::DEFAULT_MAX_ADAPTERS,
             max_body_bytes: 20 << 20,
             max_images_per_request: 8,
             max_image_pixels: DEFAULT_MAX_DECODED_PIXELS,

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
-use qwen_ocr_model::grammar::Grammar;
-use qwen_ocr_model::image::{self, ImageOptions, PreprocessedImage};
-use qwen_ocr_model::lora::LoraAdapter;
-use qwen_ocr_model::sampling::SamplingParams;
+use qwen_ocr_model::adapters::lora::LoraAdapter;
+use qwen_ocr_model::decoding::grammar::Grammar;
+use qwen_ocr_model::decoding::sampling::SamplingParams;
+use qwen_ocr_model::preprocess::image::{ImageOptions, PreprocessedImage};
 use qwen_ocr_model::{FinishReason, GenerateRequest};
 use qwen_ocr_scheduler::{Completion, Request, RequestStream};
 use serde_json::Value;
@@ -63,19 +63,18 @@ pub async fn preprocess_images_within(
     if images.len() > limit {
         return Err(ApiError::new(ErrorKind::TooManyImages, format!("{} images, the limit is {limit} per request", images.len())));
     }
-    let engine = state.engine()?;
-    let pipeline = engine.pipeline().clone();
     let options = ImageOptions {
         min_pixels: min_pixels.or(state.config.min_pixels),
         max_pixels: max_pixels.or(state.config.max_pixels),
         max_decoded_pixels: Some(state.config.max_image_pixels),
     };
+    let state = state.clone();
     tokio::task::spawn_blocking(move || {
-        images.iter().map(|bytes| image::preprocess(bytes, &pipeline.preprocessor, &options)).collect::<Result<Vec<_>, _>>()
+        let engine = state.engine()?;
+        images.iter().map(|bytes| engine.preprocess(bytes, &options).map_err(ApiError::from)).collect::<ApiResult<Vec<_>>>()
     })
     .await
     .map_err(|e| ApiError::internal(format!("image decoding failed: {e}")))?
-    .map_err(ApiError::from)
 }
 
 /// `max_tokens` must be between 1 and the configured limit.
@@ -90,7 +89,7 @@ pub fn check_max_tokens(state: &AppState, max_tokens: Option<i64>) -> ApiResult<
 
 /// The checkpoint's sampling defaults with the request's overrides.
 pub fn sampling(state: &AppState, temperature: Option<f64>, top_p: Option<f64>, seed: Option<u64>) -> ApiResult<SamplingParams> {
-    let mut params = state.engine()?.pipeline().default_sampling();
+    let mut params = state.engine()?.default_sampling();
     if let Some(t) = temperature {
         params.temperature = t;
     }
@@ -104,12 +103,11 @@ pub fn sampling(state: &AppState, temperature: Option<f64>, top_p: Option<f64>, 
 
 /// Compiles a JSON Schema into a decoding constraint off the async threads (a hit in the
 /// compiled-schema cache is immediate). A schema that cannot be enforced is a 400.
-pub async fn compile_schema(state: &AppState, schema: Value) -> ApiResult<Arc<Grammar>> {
-    let pipeline = state.engine()?.pipeline().clone();
-    tokio::task::spawn_blocking(move || pipeline.vocabulary()?.compile(&schema))
+pub async fn compile_schema(state: &Arc<AppState>, schema: Value) -> ApiResult<Arc<Grammar>> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || Ok(state.engine()?.compile_schema(&schema)?))
         .await
         .map_err(|e| ApiError::internal(format!("schema compilation failed: {e}")))?
-        .map_err(ApiError::from)
 }
 
 /// Queues the request with the configured deadline.

@@ -1,7 +1,7 @@
 //! Log-probabilities from the engine's token ids into OpenAI's shape ([`ChoiceLogprobs`]).
 
-use qwen_ocr_model::grammar::Vocabulary;
-use qwen_ocr_model::logprobs::TokenLogprob;
+use qwen_ocr_model::decoding::grammar::Vocabulary;
+use qwen_ocr_model::decoding::logprobs::TokenLogprob;
 
 use crate::api::logprobs::{self as api, ChoiceLogprobs};
 

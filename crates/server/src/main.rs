@@ -7,7 +7,7 @@ use clap::Parser;
 use qwen_ocr_server::cli;
 
 fn main() -> ExitCode {
-    qwen_ocr_model::threads::pin_cpu_thread_count();
+    qwen_ocr_model::kernels::threads::pin_cpu_thread_count();
     let args = cli::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| args.default_log_level().into());
     let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);

@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use qwen_ocr_model::adapter_registry::{Loaded, Residency};
-use qwen_ocr_model::checkpoint::hub_files;
-use qwen_ocr_model::lora::LoraAdapter;
-use qwen_ocr_model::model::Qwen2VL;
+use qwen_ocr_model::adapters::lora::LoraAdapter;
+use qwen_ocr_model::adapters::registry::{Loaded, Residency};
+use qwen_ocr_model::loading::checkpoint::hub_files;
 use qwen_ocr_model::Error as ModelError;
+use qwen_ocr_scheduler::Engine;
 
 use crate::adapter_folder::{self, PEFT_CONFIG, PEFT_WEIGHTS, PROFILE_FILE};
 use crate::error::{ApiError, ApiResult, ErrorKind};
@@ -64,7 +64,6 @@ fn locate(state: &AppState, name: &str) -> ApiResult<Option<Source>> {
 }
 
 async fn load_from(state: &Arc<AppState>, name: &str, source: Source) -> ApiResult<Arc<LoraAdapter>> {
-    let pipeline = state.engine()?.pipeline().clone();
     let (state, name) = (state.clone(), name.to_string());
     // Off the async threads: hub downloads and weight reading block.
     tokio::task::spawn_blocking(move || {
@@ -75,8 +74,9 @@ async fn load_from(state: &Arc<AppState>, name: &str, source: Source) -> ApiResu
         // The profile is in place before the adapter is visible, so no request sees it without;
         // a bad profile leaves the adapter unloaded.
         let spec = ProfileSpec::from_config(&adapter_folder::read_profile(&dir)?, &dir)?;
-        state.set_profile(&name, Some(spec.compile(&pipeline)?));
-        Ok(load(&state, &pipeline.model, &name, &dir, Residency::Evictable)?.adapter)
+        let engine = state.engine()?;
+        state.set_profile(&name, Some(spec.compile(engine)?));
+        Ok(load(&state, engine, &name, &dir, Residency::Evictable)?.adapter)
     })
     .await
     .map_err(|e| ApiError::internal(format!("adapter loading failed: {e}")))?
@@ -98,9 +98,9 @@ fn download(id: &str) -> ApiResult<PathBuf> {
 
 /// Loads an adapter into the registry, counting the load, its time and any eviction. Every
 /// way in (start-up, `POST /v1/adapters`, first use) goes through here.
-pub fn load(state: &AppState, model: &Qwen2VL, name: &str, dir: &Path, residency: Residency) -> qwen_ocr_model::Result<Loaded> {
+pub fn load(state: &AppState, engine: &Engine, name: &str, dir: &Path, residency: Residency) -> qwen_ocr_model::Result<Loaded> {
     let started = Instant::now();
-    let loaded = state.adapters.load_as(model, name, dir, residency)?;
+    let loaded = state.adapters.insert(name, engine.load_adapter(name, dir)?, residency)?;
     ::metrics::counter!(metrics::ADAPTER_LOADS).increment(1);
     ::metrics::histogram!(metrics::ADAPTER_LOAD_SECONDS).record(started.elapsed().as_secs_f64());
     if let Some(evicted) = &loaded.evicted {

@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use qwen_ocr_model::grammar::Grammar;
-use qwen_ocr_model::Pipeline;
+use qwen_ocr_model::decoding::grammar::Grammar;
+use qwen_ocr_scheduler::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -52,7 +52,7 @@ impl ProfileSpec {
 
     /// Checks the settings and compiles the schema; a schema that cannot be enforced is
     /// refused with its reason.
-    pub fn compile(self, pipeline: &Pipeline) -> ApiResult<ExtractionProfile> {
+    pub fn compile(self, engine: &Engine) -> ApiResult<ExtractionProfile> {
         if let Some(t) = self.temperature {
             if !(t.is_finite() && t >= 0.0) {
                 return Err(ApiError::new(ErrorKind::InvalidProfile, format!("temperature must be a finite number >= 0, got {t}")));
@@ -62,7 +62,7 @@ impl ProfileSpec {
             return Err(ApiError::new(ErrorKind::InvalidProfile, "max_tokens must be at least 1"));
         }
         let grammar = match &self.schema {
-            Some(schema) => Some(pipeline.vocabulary()?.compile(schema)?),
+            Some(schema) => Some(engine.compile_schema(schema)?),
             None => None,
         };
         Ok(ExtractionProfile { settings: self, grammar })

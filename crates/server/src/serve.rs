@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use qwen_ocr_model::adapter_registry::Residency;
+use qwen_ocr_model::adapters::registry::Residency;
+use qwen_ocr_model::config::ModelConfig;
 use qwen_ocr_model::Pipeline;
 use qwen_ocr_scheduler::Engine;
 use tokio::net::TcpListener;
@@ -25,6 +26,13 @@ async fn serve(config: ServerConfig) -> Result<()> {
     if let Some(dir) = &config.adapters_dir {
         anyhow::ensure!(dir.is_dir(), "the adapters dir {} is not a directory", dir.display());
     }
+    // An unsupported or broken config.json stops the start before anything listens.
+    let model = config.model.clone();
+    let family = tokio::task::spawn_blocking(move || ModelConfig::of_checkpoint(&model))
+        .await?
+        .with_context(|| format!("loading {}", config.model))?
+        .family;
+    tracing::info!(architecture = %family, "checkpoint configuration read");
     let metrics = crate::metrics::install()?;
     let addr = (config.host, config.port);
     let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {}:{}", addr.0, addr.1))?;
@@ -76,24 +84,27 @@ fn load(state: &AppState) -> Result<()> {
     let options = config.load_options()?;
     let started = std::time::Instant::now();
     let pipeline = Pipeline::load(&config.model, &options).with_context(|| format!("loading {}", config.model))?;
+    // Serving starts once the profiles and pinned adapters are in place: until `set_engine`,
+    // requests are answered "still loading".
+    let engine = Engine::start(Arc::new(pipeline), config.engine.clone());
     tracing::info!(
+        architecture = %engine.family(),
         quant = options.quant.as_str(),
-        amx_tiles = options.device.is_cpu() && qwen_ocr_model::amx::available(),
-        projection_mib = pipeline.model.projection_bytes() >> 20,
+        amx_tiles = options.device.is_cpu() && qwen_ocr_model::kernels::amx::available(),
+        projection_mib = engine.projection_bytes() >> 20,
         seconds = started.elapsed().as_secs_f64(),
         "weights loaded"
     );
     let base = ProfileSpec { schema: read_schema(config.extraction_schema_file.as_deref())?, ..ProfileSpec::default() };
-    state.set_base_profile(base.compile(&pipeline).map_err(|e| anyhow!("extraction_schema_file: {}", e.message))?);
+    state.set_base_profile(base.compile(&engine).map_err(|e| anyhow!("extraction_schema_file: {}", e.message))?);
     for (name, adapter) in &config.adapters {
         // Absolute already: the config's relative paths were resolved against its folder.
         let spec = ProfileSpec::from_config(adapter, std::path::Path::new("")).map_err(|e| anyhow!("adapter `{name}`: {}", e.message))?;
-        let profile = spec.compile(&pipeline).map_err(|e| anyhow!("adapter `{name}`: {}", e.message))?;
+        let profile = spec.compile(&engine).map_err(|e| anyhow!("adapter `{name}`: {}", e.message))?;
         state.set_profile(name, Some(profile));
-        on_demand::load(state, &pipeline.model, name, &adapter.path, Residency::Pinned)
-            .with_context(|| format!("loading adapter `{name}`"))?;
+        on_demand::load(state, &engine, name, &adapter.path, Residency::Pinned).with_context(|| format!("loading adapter `{name}`"))?;
     }
-    state.set_engine(Engine::start(Arc::new(pipeline), config.engine.clone()));
+    state.set_engine(engine);
     tracing::info!(seconds = started.elapsed().as_secs_f64(), "model loaded; ready");
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use qwen_ocr_model::adapter_registry::AdapterRegistry;
+use qwen_ocr_model::adapters::registry::AdapterRegistry;
 use qwen_ocr_scheduler::Engine;
 
 use crate::config::ServerConfig;

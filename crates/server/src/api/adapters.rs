@@ -8,7 +8,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::ObjectKind;
-use qwen_ocr_model::lora::ModuleKind;
+use qwen_ocr_model::adapters::lora::ModuleKind;
 
 use crate::profile::ProfileSpec;
 

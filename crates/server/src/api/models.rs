@@ -22,6 +22,10 @@ pub struct Model {
     pub owned_by: String,
     /// The served checkpoint.
     pub root: String,
+    /// The checkpoint's architecture (`config.json`'s `model_type`: `qwen2_vl`, `qwen2_5_vl`,
+    /// `qwen3_vl`); absent while the model is still loading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
     /// `base`, for adapters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,

@@ -1,7 +1,7 @@
 //! `/health` and `/ready`.
 
-use serde::{Deserialize, Serialize};
 use qwen_ocr_scheduler::Stats;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -16,5 +16,7 @@ pub struct Ready {
     pub status: String,
     /// The served checkpoint.
     pub model: String,
+    /// Its architecture (`config.json`'s `model_type`: `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`).
+    pub architecture: String,
     pub engine: Stats,
 }

@@ -9,7 +9,7 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use qwen_ocr_model::adapter_registry::Residency;
+use qwen_ocr_model::adapters::registry::Residency;
 
 use super::parse_json;
 use crate::adapter_folder::{check_name, confine};
@@ -67,8 +67,7 @@ pub async fn load(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesR
     })?;
     let dir = confine(root, &request.path)?
         .ok_or_else(|| ApiError::new(ErrorKind::AdapterPathNotFound, format!("no adapter directory at `{}`", request.path.display())))?;
-    let engine = state.engine()?;
-    let pipeline = engine.pipeline().clone();
+    state.engine()?;
     let schema = match (request.schema, &request.schema_file) {
         (Some(_), Some(_)) => return Err(ApiError::new(ErrorKind::InvalidSchema, "give `schema` or `schema_file`, not both")),
         (Some(schema), None) => Some(schema),
@@ -88,15 +87,16 @@ pub async fn load(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesR
         max_pixels: request.max_pixels,
     };
     // The profile is checked before the adapter is swapped in: a bad schema changes nothing.
-    let compile_pipeline = pipeline.clone();
-    let profile = tokio::task::spawn_blocking(move || spec.compile(&compile_pipeline))
+    let task_state = state.clone();
+    let profile = tokio::task::spawn_blocking(move || spec.compile(task_state.engine()?))
         .await
         .map_err(|e| ApiError::internal(format!("schema compilation failed: {e}")))??;
-    let task_state = state.clone();
-    let name = request.name.clone();
-    let loaded = tokio::task::spawn_blocking(move || on_demand::load(&task_state, &pipeline.model, &name, &dir, Residency::Pinned))
-        .await
-        .map_err(|e| ApiError::internal(format!("adapter loading failed: {e}")))??;
+    let (task_state, name) = (state.clone(), request.name.clone());
+    let loaded = tokio::task::spawn_blocking(move || {
+        Ok::<_, ApiError>(on_demand::load(&task_state, task_state.engine()?, &name, &dir, Residency::Pinned)?)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("adapter loading failed: {e}")))??;
     state.set_profile(&request.name, Some(profile));
     let (adapter, replaced) = (loaded.adapter, loaded.replaced);
     let status = if replaced.is_some() { StatusCode::OK } else { StatusCode::CREATED };

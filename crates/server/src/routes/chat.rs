@@ -15,9 +15,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
 use futures_util::stream;
-use qwen_ocr_model::logprobs::{TokenLogprob, MAX_TOP_LOGPROBS};
-use qwen_ocr_model::prompt::{ChatMessage, Content, ContentPart};
-use qwen_ocr_model::{GenerateRequest, Pipeline};
+use qwen_ocr_model::decoding::logprobs::{TokenLogprob, MAX_TOP_LOGPROBS};
+use qwen_ocr_model::preprocess::prompt::{ChatMessage, Content, ContentPart};
+use qwen_ocr_model::GenerateRequest;
 use qwen_ocr_scheduler::{Completion, Event, RequestStream};
 use serde::Serialize;
 
@@ -93,10 +93,7 @@ pub async fn completions(
     let adapter_name = adapter.as_ref().map(|a| a.name.clone());
     let generate = GenerateRequest { messages, images, max_new_tokens, sampling, stop, adapter, grammar, top_logprobs };
     let stream = inference::submit(&state, generate)?;
-    let vocabulary = match top_logprobs {
-        Some(_) => Some(state.engine()?.pipeline().clone()),
-        None => None,
-    };
+    let vocabulary = top_logprobs.map(|_| state.clone());
 
     let reply = Reply {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
@@ -207,7 +204,7 @@ struct Reply {
     model: String,
     adapter: Option<String>,
     /// Where token bytes come from, when the request asked for log-probabilities.
-    vocabulary: Option<Arc<Pipeline>>,
+    vocabulary: Option<Arc<AppState>>,
 }
 
 impl Reply {
@@ -230,10 +227,8 @@ impl Reply {
 
     /// The choice's `logprobs`: null unless asked for.
     fn logprobs(&self, tokens: &[TokenLogprob]) -> Option<ChoiceLogprobs> {
-        match self.vocabulary.as_ref().map(|p| p.vocabulary()) {
-            Some(Ok(vocabulary)) => Some(openai_logprobs(vocabulary, tokens)),
-            _ => None,
-        }
+        let engine = self.vocabulary.as_ref()?.engine().ok()?;
+        Some(openai_logprobs(engine.vocabulary().ok()?, tokens))
     }
 
     fn chunk(&self, delta: Delta, logprobs: &[TokenLogprob], finish_reason: Option<FinishReason>, include_usage: bool) -> SseEvent {

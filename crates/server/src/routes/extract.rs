@@ -8,7 +8,7 @@ use axum::extract::{FromRequest, Multipart, Query, Request, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use qwen_ocr_model::prompt::ChatMessage;
+use qwen_ocr_model::preprocess::prompt::ChatMessage;
 use qwen_ocr_model::{FinishReason, GenerateRequest};
 use serde_json::Value;
 
@@ -111,7 +111,7 @@ pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, req
     } else {
         // The grammar admitted only text that parses and validates.
         body.data = serde_json::from_str(&done.text).map_err(|e| ApiError::internal(format!("constrained output is not JSON: {e}")))?;
-        let vocabulary = state.engine()?.pipeline().vocabulary()?;
+        let vocabulary = state.engine()?.vocabulary()?;
         let bytes = |t| if vocabulary.is_special(t) { Vec::new() } else { vocabulary.token_bytes(t) };
         body.confidence = Some(field_confidences(&done.logprobs, bytes));
     }

@@ -21,12 +21,14 @@ use crate::state::AppState;
 )]
 pub async fn list(State(state): State<Arc<AppState>>) -> Json<ModelList> {
     let base = &state.config.model;
+    let architecture = state.engine().ok().map(|e| e.family().model_type().to_string());
     let model = |id: &str, parent: Option<&str>, loaded: bool| Model {
         id: id.to_string(),
         object: ObjectKind::Model,
         created: 0,
         owned_by: "qwen-ocr".into(),
         root: base.clone(),
+        architecture: architecture.clone(),
         parent: parent.map(str::to_string),
         loaded,
     };

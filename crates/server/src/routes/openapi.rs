@@ -65,7 +65,7 @@ pub async fn openapi(State(state): State<Arc<AppState>>) -> Json<Document> {
 pub fn document(config: &ServerConfig) -> Document {
     let mut doc = ApiDoc::openapi();
     let max_tokens = config.max_tokens_limit;
-    let top_logprobs = qwen_ocr_model::logprobs::MAX_TOP_LOGPROBS;
+    let top_logprobs = qwen_ocr_model::decoding::logprobs::MAX_TOP_LOGPROBS;
     if let Some(components) = doc.components.as_mut() {
         for (schema, property, maximum) in [
             ("ChatCompletionRequest", "max_tokens", max_tokens),

@@ -32,8 +32,13 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Result<Json<Ready>, Ap
     if !state.is_ready() {
         return Err(ApiError::new(ErrorKind::Unavailable, "not ready: the model is loading or the server is shutting down"));
     }
-    let engine = state.engine()?.stats();
-    Ok(Json(Ready { status: "ready".into(), model: state.config.model.clone(), engine }))
+    let engine = state.engine()?;
+    Ok(Json(Ready {
+        status: "ready".into(),
+        model: state.config.model.clone(),
+        architecture: engine.family().model_type().into(),
+        engine: engine.stats(),
+    }))
 }
 
 /// Prometheus metrics.

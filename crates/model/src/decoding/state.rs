@@ -1,0 +1,202 @@
+//! One sequence's decoding state: picks each next token, decides when the sequence is done,
+//! and releases its text incrementally without ever releasing part of a stop string or of a
+//! UTF-8 character. The lockstep loop and the scheduler both drive it, so they agree.
+
+use serde::Serialize;
+use tokenizers::Tokenizer;
+
+use crate::decoding::detokenize::IncrementalDecoder;
+use crate::decoding::grammar::Grammar;
+use crate::decoding::logits::LogitsChain;
+use crate::decoding::logprobs::{log_softmax, TokenLogprob};
+use crate::decoding::sampling::{Sampler, SamplingParams};
+use crate::error::{Error, Result};
+
+/// How one sequence is to be decoded.
+pub struct DecodingOptions<'a> {
+    pub sampling: &'a SamplingParams,
+    /// A constraint every generated token must keep satisfiable.
+    pub grammar: Option<&'a Grammar>,
+    pub stop: &'a [String],
+    /// Report each token's log-probability with this many alternatives; `None`: do not.
+    pub top_logprobs: Option<usize>,
+    /// Release text token by token (otherwise text is decoded only where stop strings need it,
+    /// and once at the end).
+    pub stream: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// The token limit.
+    Length,
+    /// The client went away.
+    Cancelled,
+    /// The request's deadline passed.
+    Timeout,
+    /// The engine failed on this request.
+    Error,
+}
+
+impl FinishReason {
+    /// The name used in JSON output and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Timeout => "timeout",
+            FinishReason::Error => "error",
+        }
+    }
+}
+
+pub struct Decoding {
+    /// Repetition penalty, grammar, temperature, top-k, top-p: what shapes the logits.
+    chain: LogitsChain,
+    sampler: Sampler,
+    /// How many alternatives to report with each token's log-probability; `None`: none at all.
+    top_logprobs: Option<usize>,
+    logprobs: Vec<TokenLogprob>,
+    /// Prompt and generated tokens, for the repetition penalty.
+    history: Vec<u32>,
+    prompt_len: usize,
+    eos: Vec<u32>,
+    stop: Vec<String>,
+    /// Longest stop string in bytes: that much minus one is held back until it cannot start one.
+    longest_stop: usize,
+    max_new: usize,
+    /// Whether text is decoded as tokens arrive: for streaming, or to watch for stop strings.
+    track_text: bool,
+    decoder: IncrementalDecoder,
+    /// Text decoded so far and how much of it has been released.
+    text: String,
+    released: usize,
+    finish: Option<FinishReason>,
+}
+
+/// What one step produced.
+pub struct Step {
+    pub token: u32,
+    /// Its log-probability, when the request asked for them.
+    pub logprob: Option<TokenLogprob>,
+    /// Text newly safe to show; empty while a character or a possible stop string is pending.
+    pub delta: String,
+}
+
+impl Decoding {
+    pub fn new(prompt: &[u32], options: &DecodingOptions, eos: Vec<u32>, max_new: usize) -> Self {
+        let stop: Vec<String> = options.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
+        Self {
+            track_text: options.stream || !stop.is_empty(),
+            chain: LogitsChain::new(options.sampling, options.grammar),
+            sampler: Sampler::new(options.sampling),
+            top_logprobs: options.top_logprobs,
+            logprobs: Vec::new(),
+            history: prompt.to_vec(),
+            prompt_len: prompt.len(),
+            eos,
+            longest_stop: stop.iter().map(String::len).max().unwrap_or(0),
+            stop,
+            max_new,
+            decoder: IncrementalDecoder::new(),
+            text: String::new(),
+            released: 0,
+            finish: None,
+        }
+    }
+
+    /// Whether [`prepare`](Self::prepare) has work worth running beside the forward pass.
+    pub fn has_preparation(&self) -> bool {
+        self.chain.has_preparation()
+    }
+
+    /// Work for the next step that does not need its logits (the grammar's mask).
+    pub fn prepare(&mut self) {
+        self.chain.prepare();
+    }
+
+    /// Chooses the next token from `logits` (modified in place) and updates the state.
+    pub fn step(&mut self, logits: &mut [f32], tokenizer: &Tokenizer) -> Result<Step> {
+        let raw = self.top_logprobs.map(|_| log_softmax(logits));
+        self.chain.process(logits, &self.history);
+        let token = self.sampler.choose(logits);
+        self.chain.accept(token);
+        let logprob = raw.map(|raw| TokenLogprob::new(&raw, logits, token, self.top_logprobs.unwrap_or(0)));
+        self.logprobs.extend(logprob.clone());
+        self.history.push(token);
+        if !self.track_text {
+            self.finish_after(token, false);
+            return Ok(Step { token, logprob, delta: String::new() });
+        }
+        if let Some(piece) = self.decoder.push(tokenizer, token)? {
+            self.text.push_str(&piece);
+        }
+        // Occurrences cannot start before `released`: that text was checked when it was held.
+        let stop_at = first_stop(&self.text[self.released..], &self.stop).map(|i| i + self.released);
+        let safe = match stop_at {
+            Some(at) => at,
+            None => floor_char_boundary(&self.text, self.text.len().saturating_sub(self.longest_stop.saturating_sub(1))),
+        };
+        let delta = self.text[self.released..safe.max(self.released)].to_string();
+        self.released = safe.max(self.released);
+        self.finish_after(token, stop_at.is_some());
+        Ok(Step { token, logprob, delta })
+    }
+
+    fn finish_after(&mut self, token: u32, stopped: bool) {
+        if self.eos.contains(&token) || stopped {
+            self.finish = Some(FinishReason::Stop);
+        } else if self.generated().len() >= self.max_new {
+            self.finish = Some(FinishReason::Length);
+        }
+    }
+
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// Ends the sequence early (cancelled, timed out, failed).
+    pub fn end(&mut self, reason: FinishReason) {
+        self.finish.get_or_insert(reason);
+    }
+
+    pub fn generated(&self) -> &[u32] {
+        &self.history[self.prompt_len..]
+    }
+
+    /// Log-probabilities of every generated token, when the request asked for them.
+    pub fn logprobs(&self) -> &[TokenLogprob] {
+        &self.logprobs
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// The final text, decoded from every generated token at once and cut at the first stop
+    /// string, and the part of it not yet released.
+    pub fn final_text(&self, tokenizer: &Tokenizer) -> Result<(String, String)> {
+        let mut text = tokenizer.decode(self.generated(), true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        if let Some(cut) = first_stop(&text, &self.stop) {
+            text.truncate(cut);
+        }
+        let released = &self.text[..self.released];
+        let rest = text.strip_prefix(released).unwrap_or_default().to_string();
+        Ok((text, rest))
+    }
+}
+
+/// Where the earliest stop string starts in `text`, if any.
+fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter_map(|s| text.find(s.as_str())).min()
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}

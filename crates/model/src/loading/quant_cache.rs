@@ -1,0 +1,148 @@
+//! Quantized weights kept on disk between starts, so that a restart or a new replica reads
+//! them instead of quantizing the checkpoint again (seconds of both cores for a 2B model).
+//!
+//! One file per (checkpoint files, quantization, layout version), named by a hash of the weight
+//! files' canonical paths, sizes and modification times (hub snapshots point at blobs named by
+//! their content hash). The file is an index followed by each tensor's packed bytes; it is
+//! written to a temporary name and renamed, so readers never see half a file.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use memmap2::{Mmap, UncheckedAdvice};
+use serde::{Deserialize, Serialize};
+
+use crate::kernels::q8::Q8Weights;
+use crate::layers::quant::Quant;
+
+/// Bumped whenever the packed layout or this file format changes.
+const FORMAT: &str = "qwen-ocr-q8-cache-v1";
+const ALIGN: usize = 64;
+
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    name: String,
+    n: usize,
+    k: usize,
+    /// Byte range from the start of the file.
+    offset: usize,
+    len: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Index {
+    format: String,
+    entries: Vec<Entry>,
+}
+
+pub struct QuantCache {
+    path: PathBuf,
+    stored: Option<(Mmap, HashMap<String, Entry>)>,
+    fresh: Mutex<Vec<(String, Arc<Q8Weights>)>>,
+}
+
+impl QuantCache {
+    /// The cache entry in `dir` for these weight files and `quant`; reads it if it exists.
+    pub fn open(dir: &Path, weights: &[PathBuf], quant: Quant) -> Self {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (FORMAT, quant.as_str()).hash(&mut hasher);
+        for path in weights {
+            let path = path.canonicalize().unwrap_or_else(|_| path.clone());
+            let meta = std::fs::metadata(&path).ok();
+            (path, meta.as_ref().map(|m| m.len()), meta.and_then(|m| m.modified().ok())).hash(&mut hasher);
+        }
+        let path = dir.join(format!("{:016x}.{}", hasher.finish(), quant.as_str()));
+        let stored = read(&path).map_err(|e| tracing::debug!(path = %path.display(), "no quantized cache: {e}")).ok();
+        Self { path, stored, fresh: Mutex::new(Vec::new()) }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the weights came from the file.
+    pub fn hit(&self) -> bool {
+        self.stored.is_some()
+    }
+
+    /// The stored weights of `name`, if the file has them with this shape.
+    pub fn get(&self, name: &str, n: usize, k: usize) -> Option<Q8Weights> {
+        let (map, index) = self.stored.as_ref()?;
+        let e = index.get(name).filter(|e| e.n == n && e.k == k)?;
+        let weights = Q8Weights::from_packed(n, k, map.get(e.offset..e.offset + e.len)?);
+        // SAFETY: read-only private mapping; the range was copied out above and is not borrowed.
+        let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, e.offset, e.len) };
+        weights
+    }
+
+    /// Remembers weights quantized during this load, for [`QuantCache::save`].
+    pub fn record(&self, name: &str, weights: Arc<Q8Weights>) {
+        self.fresh.lock().expect("cache lock").push((name.to_string(), weights));
+    }
+
+    /// Writes what this load quantized, unless it came from the file already.
+    pub fn save(&self) -> std::io::Result<bool> {
+        let fresh = std::mem::take(&mut *self.fresh.lock().expect("cache lock"));
+        if self.hit() || fresh.is_empty() {
+            return Ok(false);
+        }
+        let mut entries = Vec::with_capacity(fresh.len());
+        let mut offset = 0;
+        for (name, w) in &fresh {
+            let len = w.packed().len();
+            entries.push(Entry { name: name.clone(), n: w.n(), k: w.k(), offset, len });
+            offset = (offset + len).next_multiple_of(ALIGN);
+        }
+        // Offsets so far are relative to the data; the header length depends on them, so fix
+        // the header's size first (offsets are written with a fixed width).
+        let header = |base: usize| -> Vec<u8> {
+            let mut index = Index { format: FORMAT.into(), entries: Vec::new() };
+            index.entries = entries.iter().map(|e| Entry { name: e.name.clone(), offset: e.offset + base, ..*e }).collect();
+            serde_json::to_vec(&index).expect("index serialises")
+        };
+        let mut base = 16 + header(1 << 40).len();
+        base = base.next_multiple_of(ALIGN);
+        let index = header(base);
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let tmp = self.path.with_extension(format!("tmp-{}", std::process::id()));
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        file.write_all(&(index.len() as u64).to_le_bytes())?;
+        file.write_all(&(base as u64).to_le_bytes())?;
+        file.write_all(&index)?;
+        let mut written = 16 + index.len();
+        for ((_, w), e) in fresh.iter().zip(&entries) {
+            let at = base + e.offset;
+            file.write_all(&vec![0u8; at - written])?;
+            file.write_all(w.packed())?;
+            written = at + e.len;
+        }
+        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        Ok(true)
+    }
+}
+
+fn read(path: &Path) -> std::io::Result<(Mmap, HashMap<String, Entry>)> {
+    let file = std::fs::File::open(path)?;
+    // SAFETY: mapped read-only; cache files are replaced by rename, never rewritten in place.
+    let map = unsafe { Mmap::map(&file)? };
+    let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {why}", path.display()));
+    let word = |at: usize| -> std::io::Result<usize> {
+        Ok(u64::from_le_bytes(map.get(at..at + 8).ok_or_else(|| bad("truncated"))?.try_into().expect("8 bytes")) as usize)
+    };
+    let len = word(0)?;
+    let index: Index =
+        serde_json::from_slice(map.get(16..16 + len).ok_or_else(|| bad("truncated index"))?).map_err(|_| bad("bad index"))?;
+    if index.format != FORMAT {
+        return Err(bad("another format version"));
+    }
+    if index.entries.iter().any(|e| e.offset + e.len > map.len()) {
+        return Err(bad("truncated data"));
+    }
+    let entries = index.entries.into_iter().map(|e| (e.name.clone(), e)).collect();
+    Ok((map, entries))
+}
