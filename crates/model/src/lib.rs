@@ -12,6 +12,7 @@ pub mod error;
 pub mod generate;
 pub mod grammar;
 pub mod image;
+pub mod json_fields;
 pub mod kv_cache;
 pub mod linear;
 pub mod logits;
