@@ -75,7 +75,7 @@ async fn load_from(state: &Arc<AppState>, name: &str, source: Source) -> ApiResu
         // The profile is in place before the adapter is visible, so no request sees it without;
         // a bad profile leaves the adapter unloaded.
         let spec = ProfileSpec::from_config(&adapter_folder::read_profile(&dir)?, &dir)?;
-        state.set_profile(&name, Some(spec.compile(&pipeline)?));
+        state.set_profile(&name, Some(spec.compile(Some(&name), &state.config, &pipeline)?));
         Ok(load(&state, &pipeline.model, &name, &dir, Residency::Evictable)?.adapter)
     })
     .await
