@@ -1,6 +1,7 @@
-//! Adapter configuration text: the server's TOML file (its `[adapters.NAME]` tables), an
-//! adapter folder's `qwen-ocr.toml` profile, and PEFT's `adapter_config.json` with the module
-//! selection LoRA loading does with it. Every input goes to all three parsers.
+//! Adapter configuration text: the server's TOML file (its `[adapters.NAME]` tables) and its
+//! checks, an adapter folder's `qwen-ocr.toml` profile and its checks, and PEFT's
+//! `adapter_config.json` with the module selection LoRA loading does with it. Every input goes
+//! to all three parsers.
 //!
 //! Input: the file's text.
 #![no_main]
@@ -24,10 +25,15 @@ const MODULES: [&str; 5] = [
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let _ = ServerConfig::from_toml(text, Path::new("/etc/qwen-ocr"));
+    // Parsed, then checked as a whole as the start does (which must refuse, never panic).
+    let config = ServerConfig::from_toml(text, Path::new("/etc/qwen-ocr"));
+    if let Ok(config) = &config {
+        let _ = config.validate();
+    }
     let dir = Path::new("/adapters/a");
     if let Ok(profile) = parse_profile(text, dir) {
         assert_eq!(profile.path, dir, "a profile's path is its folder");
+        let _ = profile.settings().check(Some("a"), &ServerConfig::default());
     }
     let Ok(Ok(peft)) = serde_json::from_str::<Value>(text).map(|v| AdapterConfig::from_value(&v)) else { return };
     for module in MODULES {

@@ -6,6 +6,7 @@ pub mod config;
 pub mod decoding;
 pub mod error;
 pub mod families;
+pub mod json_fields;
 pub mod kernels;
 pub mod layers;
 pub mod loading;

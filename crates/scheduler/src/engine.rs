@@ -10,6 +10,7 @@ use std::time::Instant;
 use std::path::Path;
 
 use qwen_ocr_model::adapters::lora::LoraAdapter;
+use qwen_ocr_model::config::PreprocessorConfig;
 use qwen_ocr_model::decoding::grammar::{Grammar, Vocabulary};
 use qwen_ocr_model::decoding::sampling::SamplingParams;
 use qwen_ocr_model::preprocess::image::{ImageOptions, PreprocessedImage};
@@ -65,6 +66,11 @@ impl Engine {
     /// Decodes and preprocesses an image as the loaded checkpoint's processor does.
     pub fn preprocess(&self, bytes: &[u8], options: &ImageOptions) -> Result<PreprocessedImage, Error> {
         self.pipeline.preprocess(bytes, options)
+    }
+
+    /// The checkpoint's image processor settings.
+    pub fn preprocessor(&self) -> &PreprocessorConfig {
+        &self.pipeline.preprocessor
     }
 
     /// Sampling defaults from the checkpoint's `generation_config.json`.

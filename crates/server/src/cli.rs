@@ -5,14 +5,15 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use qwen_ocr_model::config::{ModelConfig, PreprocessorConfig};
 use qwen_ocr_model::loading::checkpoint::{self, DEFAULT_MODEL};
-use qwen_ocr_model::model::parse_dtype;
 use qwen_ocr_model::preprocess::image::{ImageOptions, DEFAULT_MAX_DECODED_PIXELS};
 use qwen_ocr_model::preprocess::prompt::ChatMessage;
 use qwen_ocr_model::{GenerateRequest, Pipeline};
 use serde_json::json;
+
+use crate::load_options::{load_options, DeviceSpec, Precision, QuantCache, QuantMode};
 
 #[derive(Parser, Debug)]
 #[command(name = "qwen-ocr", version, about = "Qwen2-VL document extraction on candle")]
@@ -54,9 +55,16 @@ struct MergeArgs {
     /// Output directory (created if missing).
     #[arg(long)]
     out: PathBuf,
-    /// Stored dtype of the merged weights: f32 or bf16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    /// Stored dtype of the merged weights.
+    #[arg(long, value_enum, ignore_case = true, default_value = "f32")]
+    dtype: MergedDtype,
+}
+
+/// What `merge` can write: the f32 the merge is computed in, or bf16 as checkpoints ship.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum MergedDtype {
+    F32,
+    Bf16,
 }
 
 #[derive(Args, Debug)]
@@ -64,18 +72,18 @@ struct ModelArgs {
     /// A checkpoint directory or a Hugging Face hub id.
     #[arg(long, env = "QWEN_OCR_MODEL", default_value = DEFAULT_MODEL)]
     model: String,
-    /// Compute dtype: f32, bf16 or f16.
-    #[arg(long, env = "QWEN_OCR_DTYPE", default_value = "f32")]
-    dtype: String,
+    /// Compute dtype.
+    #[arg(long, env = "QWEN_OCR_DTYPE", value_enum, ignore_case = true, default_value = "f32")]
+    dtype: Precision,
     /// Weights: auto (q8_0 on CPU, none on CUDA), none (exact), q8_0 or q4k.
-    #[arg(long, env = "QWEN_OCR_QUANT", default_value = "auto")]
-    quant: String,
+    #[arg(long, env = "QWEN_OCR_QUANT", value_enum, ignore_case = true, default_value = "auto")]
+    quant: QuantMode,
     /// Where quantized weights are kept between starts: auto, off, or a directory.
     #[arg(long, env = "QWEN_OCR_QUANT_CACHE", default_value = "auto")]
-    quant_cache: String,
+    quant_cache: QuantCache,
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "QWEN_OCR_DEVICE", default_value = "cpu")]
-    device: String,
+    device: DeviceSpec,
 }
 
 #[derive(Args, Debug)]
@@ -157,7 +165,7 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    let options = crate::config::load_options(&args.model.dtype, &args.model.device, &args.model.quant, &args.model.quant_cache)?;
+    let options = load_options(args.model.dtype, args.model.device, args.model.quant, &args.model.quant_cache)?;
     if args.max_tokens == Some(0) {
         anyhow::bail!("--max-tokens must be at least 1");
     }
@@ -237,10 +245,10 @@ fn preprocess(args: PreprocessArgs) -> Result<()> {
 }
 
 fn merge(args: MergeArgs) -> Result<()> {
-    let dtype = parse_dtype(&args.dtype)?;
-    if dtype == candle_core::DType::F16 {
-        anyhow::bail!("--dtype must be f32 or bf16");
-    }
+    let dtype = match args.dtype {
+        MergedDtype::F32 => candle_core::DType::F32,
+        MergedDtype::Bf16 => candle_core::DType::BF16,
+    };
     // The adapter is validated against the base in f32, the precision the merge is computed in.
     let pipeline =
         Pipeline::load(&args.model, &qwen_ocr_model::LoadOptions::default()).with_context(|| format!("loading {}", args.model))?;

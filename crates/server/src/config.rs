@@ -1,33 +1,43 @@
 //! Server configuration: one struct with every default, read from a TOML file, then
-//! environment variables, then flags (each later source wins).
+//! environment variables, then flags (each later source wins), and checked as a whole before
+//! the server listens.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::Args;
+use ipnet::IpNet;
 use qwen_ocr_model::loading::checkpoint::DEFAULT_MODEL;
-use qwen_ocr_model::model::{parse_device, parse_dtype};
 use qwen_ocr_model::preprocess::image::DEFAULT_MAX_DECODED_PIXELS;
-use qwen_ocr_model::{LoadOptions, Quant};
+use qwen_ocr_model::LoadOptions;
 use qwen_ocr_scheduler::EngineConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::load_options::{load_options, DeviceSpec, Precision, QuantCache, QuantMode};
+use crate::profile::{check_pixel_bounds, ProfileSpec};
+use crate::remote_image::FetchPolicy;
+
 /// Used by `/v1/extract` when neither the request nor the adapter's configuration gives one.
 pub const DEFAULT_EXTRACTION_PROMPT: &str = "Extract the text and the key fields from this image. Respond only with JSON, nothing else.";
+
+/// An image may declare this many pixels whatever its file size (see `max_image_pixels_per_byte`):
+/// 1024x1024, the work of an ordinary small photo.
+pub const FREE_IMAGE_PIXELS: u64 = 1 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// A checkpoint directory or a Hugging Face hub id.
     pub model: String,
-    pub dtype: String,
+    pub dtype: Precision,
     /// Weight quantization: auto, none, q8_0 or q4k.
-    pub quant: String,
+    pub quant: QuantMode,
     /// Where quantized weights are kept between starts: auto, off, or a directory.
-    pub quant_cache: String,
-    pub device: String,
+    pub quant_cache: QuantCache,
+    pub device: DeviceSpec,
     pub host: IpAddr,
     pub port: u16,
     /// Names this replica in the `x-qwen-ocr-replica` response header; unset: the host name.
@@ -43,11 +53,17 @@ pub struct ServerConfig {
     pub hub_adapters: bool,
     /// Most LoRA adapters resident at once.
     pub max_adapters: usize,
-    /// Largest request body.
+    /// Most connections open at once; the accept loop answers more with 503 at once.
+    /// Unset: [`ServerConfig::connection_limit`].
+    pub max_connections: Option<usize>,
+    /// Largest request body, and largest remote image download.
     pub max_body_bytes: usize,
     pub max_images_per_request: usize,
     /// Largest image, in pixels as its header declares them, checked before decoding.
     pub max_image_pixels: u64,
+    /// An image may declare at most this many pixels per byte of its file (beyond
+    /// [`FREE_IMAGE_PIXELS`]), so a tiny file cannot buy seconds of decoding; 0: no such limit.
+    pub max_image_pixels_per_byte: u64,
     /// Override the checkpoint's pixel range after resizing.
     pub min_pixels: Option<u64>,
     pub max_pixels: Option<u64>,
@@ -65,6 +81,11 @@ pub struct ServerConfig {
     pub retry_after_secs: u64,
     /// Hosts whose `http(s)` image URLs chat requests may use; others are refused.
     pub allowed_image_hosts: Vec<String>,
+    /// Networks an allowed host may resolve to although they are loopback, private,
+    /// link-local or otherwise not public (refused by default: see `remote_image`).
+    pub allowed_image_networks: Vec<IpNet>,
+    /// The whole download of a remote image (connecting, redirects, the body).
+    pub image_fetch_timeout_secs: u64,
     /// The extraction prompt for requests without one, when the adapter has none.
     pub extraction_prompt: String,
     /// A JSON Schema file that `/v1/extract` answers of the base model must validate against
@@ -93,16 +114,28 @@ impl AdapterConfig {
     pub fn at(path: PathBuf) -> Self {
         Self { path, prompt: None, schema_file: None, max_tokens: None, temperature: None, min_pixels: None, max_pixels: None }
     }
+
+    /// The profile's settings, without its schema (which is read from `schema_file` later).
+    pub fn settings(&self) -> ProfileSpec {
+        ProfileSpec {
+            prompt: self.prompt.clone(),
+            schema: None,
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            min_pixels: self.min_pixels,
+            max_pixels: self.max_pixels,
+        }
+    }
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             model: DEFAULT_MODEL.into(),
-            dtype: "f32".into(),
-            quant: "auto".into(),
-            quant_cache: "auto".into(),
-            device: "cpu".into(),
+            dtype: Precision::F32,
+            quant: QuantMode::Auto,
+            quant_cache: QuantCache::Auto,
+            device: DeviceSpec::Cpu,
             host: [0, 0, 0, 0].into(),
             port: 8080,
             replica_id: None,
@@ -111,9 +144,11 @@ impl Default for ServerConfig {
             adapters_dir: None,
             hub_adapters: false,
             max_adapters: qwen_ocr_model::adapters::registry::DEFAULT_MAX_ADAPTERS,
+            max_connections: None,
             max_body_bytes: 20 << 20,
             max_images_per_request: 8,
             max_image_pixels: DEFAULT_MAX_DECODED_PIXELS,
+            max_image_pixels_per_byte: 2048,
             min_pixels: None,
             max_pixels: None,
             max_tokens_limit: 4096,
@@ -122,6 +157,8 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 30,
             retry_after_secs: 1,
             allowed_image_hosts: Vec::new(),
+            allowed_image_networks: Vec::new(),
+            image_fetch_timeout_secs: 10,
             extraction_prompt: DEFAULT_EXTRACTION_PROMPT.into(),
             extraction_schema_file: None,
             engine: EngineConfig::default(),
@@ -138,18 +175,18 @@ pub struct ServeArgs {
     /// A checkpoint directory or a Hugging Face hub id.
     #[arg(long, env = "QWEN_OCR_MODEL")]
     pub model: Option<String>,
-    /// Compute dtype: f32, bf16 or f16.
-    #[arg(long, env = "QWEN_OCR_DTYPE")]
-    pub dtype: Option<String>,
+    /// Compute dtype.
+    #[arg(long, env = "QWEN_OCR_DTYPE", value_enum, ignore_case = true)]
+    pub dtype: Option<Precision>,
     /// Weights: auto (q8_0 on CPU, none on CUDA), none (exact), q8_0 or q4k.
-    #[arg(long, env = "QWEN_OCR_QUANT")]
-    pub quant: Option<String>,
+    #[arg(long, env = "QWEN_OCR_QUANT", value_enum, ignore_case = true)]
+    pub quant: Option<QuantMode>,
     /// Where quantized weights are kept between starts: auto, off, or a directory.
     #[arg(long, env = "QWEN_OCR_QUANT_CACHE")]
-    pub quant_cache: Option<String>,
+    pub quant_cache: Option<QuantCache>,
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "QWEN_OCR_DEVICE")]
-    pub device: Option<String>,
+    pub device: Option<DeviceSpec>,
     #[arg(long, env = "QWEN_OCR_HOST")]
     pub host: Option<IpAddr>,
     /// 0 picks a free port (the log says which).
@@ -179,10 +216,10 @@ fn parse_adapter(s: &str) -> Result<(String, PathBuf), String> {
 impl ServerConfig {
     /// The dtype, device and quantization to load the model with.
     pub fn load_options(&self) -> Result<LoadOptions> {
-        load_options(&self.dtype, &self.device, &self.quant, &self.quant_cache)
+        load_options(self.dtype, self.device, self.quant, &self.quant_cache)
     }
 
-    /// The file (if any), then the environment and flags on top.
+    /// The file (if any), then the environment and flags on top; checked as a whole.
     pub fn load(args: ServeArgs) -> Result<Self> {
         let mut config = match &args.config {
             Some(path) => Self::from_file(path)?,
@@ -206,12 +243,71 @@ impl ServerConfig {
             config.adapters.insert(name, AdapterConfig::at(path));
         }
         config.api_keys.retain(|k| !k.is_empty());
-        // Zero would drop every connection before its request head could arrive.
-        anyhow::ensure!(config.read_timeout_secs > 0, "read_timeout_secs must be at least 1");
-        if let Some(id) = &config.replica_id {
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Every value checked against what it means, so that a bad one stops the start (before
+    /// the server listens) naming the setting, rather than failing requests later and
+    /// blaming their clients.
+    pub fn validate(&self) -> Result<()> {
+        let engine = &self.engine;
+        let at_least_one = [
+            // Zero would drop every connection before its request head could arrive.
+            ("read_timeout_secs", self.read_timeout_secs),
+            ("image_fetch_timeout_secs", self.image_fetch_timeout_secs),
+            ("max_body_bytes", self.max_body_bytes as u64),
+            ("max_images_per_request", self.max_images_per_request as u64),
+            ("max_image_pixels", self.max_image_pixels),
+            ("max_tokens_limit", self.max_tokens_limit as u64),
+            ("max_connections", self.max_connections.unwrap_or(1) as u64),
+            ("engine.max_batch_size", engine.max_batch_size as u64),
+            ("engine.max_queue", engine.max_queue as u64),
+            ("engine.max_prefill_tokens", engine.max_prefill_tokens as u64),
+            ("engine.kv_cache_bytes", engine.kv_cache_bytes as u64),
+        ];
+        for (name, value) in at_least_one {
+            anyhow::ensure!(value >= 1, "{name} must be at least 1, got {value}");
+        }
+        if let Some(id) = &self.replica_id {
             anyhow::ensure!(is_header_token(id), "replica_id must be printable ASCII without spaces (it is sent as a header), got `{id}`");
         }
-        Ok(config)
+        check_pixel_bounds(self.min_pixels, self.max_pixels)?;
+        self.image_fetch_policy().map_err(|e| anyhow!("allowed_image_hosts: {e}"))?;
+        for (name, adapter) in &self.adapters {
+            crate::adapter_folder::check_name(name).map_err(|e| anyhow!("adapters: {}", e.message))?;
+            adapter.settings().check(Some(name), self).map_err(|e| anyhow!(e.message))?;
+        }
+        Ok(())
+    }
+
+    /// `max_connections`, or room for every request the engine can hold (running and
+    /// queued) and as many again for probes, metrics scrapes, admin calls and idle keep-alive
+    /// connections (a gateway keeps some open to each replica). The default configuration
+    /// gives 576: far below the common 1024 open-file limit, a few MiB of buffers.
+    pub fn connection_limit(&self) -> usize {
+        self.max_connections.unwrap_or(2 * (self.engine.max_batch_size + self.engine.max_queue))
+    }
+
+    /// What remote image URLs may reach; an entry of `allowed_image_hosts` that is not a
+    /// host is refused.
+    pub fn image_fetch_policy(&self) -> Result<FetchPolicy, String> {
+        let timeout = Duration::from_secs(self.image_fetch_timeout_secs);
+        FetchPolicy::new(&self.allowed_image_hosts, &self.allowed_image_networks, timeout, self.max_body_bytes)
+    }
+
+    /// The most pixels an image of `file_bytes` bytes may declare: `max_image_pixels`, and
+    /// no more than [`FREE_IMAGE_PIXELS`] plus `max_image_pixels_per_byte` for each byte.
+    /// Decoding costs time in proportion to the declared pixels, while a forged header costs
+    /// nothing: a few dozen bytes can declare millions of pixels. Measured on a 300-dpi A4
+    /// page (8.7 million pixels): written full, 6-60 pixels a byte in any format; holding one
+    /// word, about 1900 as a 1-bit PNG and 2200 as lossless WebP; so 2048 (the default) refuses
+    /// no document worth reading.
+    pub fn image_pixel_budget(&self, file_bytes: usize) -> u64 {
+        match self.max_image_pixels_per_byte {
+            0 => self.max_image_pixels,
+            per_byte => FREE_IMAGE_PIXELS.saturating_add(per_byte.saturating_mul(file_bytes as u64)).min(self.max_image_pixels),
+        }
     }
 
     /// This replica's name: the configured one, else the host name (a container's or pod's).
@@ -248,27 +344,6 @@ fn is_header_token(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_graphic())
 }
 
-/// Parses the load settings together: `auto` quantization depends on the device.
-pub fn load_options(dtype: &str, device: &str, quant: &str, quant_cache: &str) -> Result<LoadOptions> {
-    let device = parse_device(device)?;
-    let quant_cache = match quant_cache {
-        "off" | "" => None,
-        "auto" => default_quant_cache(),
-        dir => Some(PathBuf::from(dir)),
-    };
-    let options = LoadOptions { dtype: parse_dtype(dtype)?, quant: Quant::parse(quant, &device)?, device, quant_cache };
-    options.validate()?;
-    Ok(options)
-}
-
-/// `$XDG_CACHE_HOME/qwen-ocr/quantized`, else `~/.cache/qwen-ocr/quantized`.
-fn default_quant_cache() -> Option<PathBuf> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
-    Some(base.join("qwen-ocr").join("quantized"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,8 +364,8 @@ mod tests {
         let args = ServeArgs { config: Some(file), port: Some(9100), ..ServeArgs::default() };
         let config = ServerConfig::load(args).unwrap();
         assert_eq!(
-            (config.port, config.dtype.as_str(), config.api_keys.as_slice(), config.engine.max_queue),
-            (9100, "bf16", &["a".to_string()][..], 3)
+            (config.port, config.dtype, config.api_keys.as_slice(), config.engine.max_queue),
+            (9100, Precision::Bf16, &["a".to_string()][..], 3)
         );
     }
 
@@ -320,5 +395,57 @@ mod tests {
         std::fs::write(&file, "prot = 9000\n").unwrap();
         let err = format!("{:#}", ServerConfig::from_file(&file).unwrap_err());
         assert!(err.contains("prot"), "{err}");
+    }
+
+    fn load_toml(text: &str) -> Result<ServerConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, text).unwrap();
+        ServerConfig::load(ServeArgs { config: Some(file), ..ServeArgs::default() })
+    }
+
+    /// Each bad value stops the load with an error that names it; none becomes a default.
+    #[test]
+    fn bad_values_are_refused_naming_the_setting() {
+        for (text, names) in [
+            ("max_body_bytes = 0\n", "max_body_bytes"),
+            ("max_connections = 0\n", "max_connections"),
+            ("[engine]\nmax_batch_size = 0\n", "engine.max_batch_size"),
+            ("min_pixels = 10\nmax_pixels = 5\n", "min_pixels 10 exceeds max_pixels 5"),
+            ("max_pixels = 20000000\n", "max_pixels 20000000 is over"),
+            ("max_tokens_limit = \"many\"\n", "max_tokens_limit"),
+            ("quant = \"q5\"\n", "q5"),
+            ("device = \"tpu\"\n", "tpu"),
+            ("allowed_image_hosts = [\"images.example.com:443\"]\n", "allowed_image_hosts"),
+            ("allowed_image_networks = [\"10.0.0.0/33\"]\n", "allowed_image_networks"),
+            ("[adapters.a]\npath = \"/a\"\ntemperature = nan\n", "adapter `a`: temperature"),
+            ("[adapters.a]\npath = \"/a\"\nmax_tokens = 5000\n", "max_tokens 5000 is over the server's max_tokens_limit (4096)"),
+            ("[adapters.base]\npath = \"/a\"\n", "adapters"),
+        ] {
+            let err = format!("{:#}", load_toml(text).err().unwrap_or_else(|| panic!("accepted: {text}")));
+            assert!(err.contains(names), "{text}: {err}");
+        }
+        let typed = load_toml("dtype = \"bf16\"\nquant = \"none\"\ndevice = \"cuda:1\"\nquant_cache = \"off\"\n").unwrap();
+        assert_eq!(
+            (typed.dtype, typed.quant, typed.device, typed.quant_cache),
+            (Precision::Bf16, QuantMode::None, DeviceSpec::Cuda(1), QuantCache::Off)
+        );
+    }
+
+    #[test]
+    fn the_connection_cap_defaults_to_twice_what_the_engine_can_hold() {
+        let config = ServerConfig::default();
+        assert_eq!(config.connection_limit(), 2 * (32 + 256));
+        assert_eq!(ServerConfig { max_connections: Some(7), ..config }.connection_limit(), 7);
+    }
+
+    #[test]
+    fn the_pixel_budget_grows_with_the_file_up_to_max_image_pixels() {
+        let config = ServerConfig::default();
+        assert_eq!(config.image_pixel_budget(44), FREE_IMAGE_PIXELS + 44 * 2048);
+        assert!(config.image_pixel_budget(44) < 512 * 16386, "the 44-byte GIF's canvas is over its budget");
+        assert_eq!(config.image_pixel_budget(1 << 30), config.max_image_pixels);
+        let unlimited = ServerConfig { max_image_pixels_per_byte: 0, ..ServerConfig::default() };
+        assert_eq!(unlimited.image_pixel_budget(44), unlimited.max_image_pixels);
     }
 }

@@ -9,11 +9,12 @@ use qwen_ocr_model::adapters::lora::LoraAdapter;
 use qwen_ocr_model::decoding::grammar::Grammar;
 use qwen_ocr_model::decoding::sampling::SamplingParams;
 use qwen_ocr_model::preprocess::image::{ImageOptions, PreprocessedImage};
-use qwen_ocr_model::{FinishReason, GenerateRequest};
+use qwen_ocr_model::{FinishReason, GenerateRequest, ImageError};
 use qwen_ocr_scheduler::{Completion, Request, RequestStream};
 use serde_json::Value;
 
 use crate::api;
+use crate::config::FREE_IMAGE_PIXELS;
 use crate::error::{ApiError, ApiResult, ErrorKind};
 use crate::metrics;
 use crate::on_demand::get_or_load;
@@ -66,15 +67,41 @@ pub async fn preprocess_images_within(
     let options = ImageOptions {
         min_pixels: min_pixels.or(state.config.min_pixels),
         max_pixels: max_pixels.or(state.config.max_pixels),
-        max_decoded_pixels: Some(state.config.max_image_pixels),
+        max_decoded_pixels: None,
     };
     let state = state.clone();
     tokio::task::spawn_blocking(move || {
         let engine = state.engine()?;
-        images.iter().map(|bytes| engine.preprocess(bytes, &options).map_err(ApiError::from)).collect::<ApiResult<Vec<_>>>()
+        images
+            .iter()
+            .map(|bytes| {
+                // Each image may declare only as many pixels as its size pays for.
+                let budget = state.config.image_pixel_budget(bytes.len());
+                let options = ImageOptions { max_decoded_pixels: Some(budget), ..options };
+                engine.preprocess(bytes, &options).map_err(|e| over_budget(e, bytes.len(), &state))
+            })
+            .collect::<ApiResult<Vec<_>>>()
     })
     .await
     .map_err(|e| ApiError::internal(format!("image decoding failed: {e}")))?
+}
+
+/// An image refused for its declared size, saying which limit it passed: `max_image_pixels`,
+/// or the budget its file size gives it.
+fn over_budget(e: qwen_ocr_model::Error, file_bytes: usize, state: &AppState) -> ApiError {
+    let config = &state.config;
+    match e {
+        qwen_ocr_model::Error::Image(ImageError::TooLarge { width, height, pixels, limit }) if limit < config.max_image_pixels => {
+            let message = format!(
+                "the image declares {width}x{height} = {pixels} pixels in a file of {file_bytes} bytes: a file that size may declare \
+                 at most {limit} ({FREE_IMAGE_PIXELS} plus max_image_pixels_per_byte = {} a byte), so that a small upload cannot \
+                 buy long decoding",
+                config.max_image_pixels_per_byte
+            );
+            ApiError::new(ErrorKind::ImageTooLarge, message)
+        }
+        e => e.into(),
+    }
 }
 
 /// `max_tokens` must be between 1 and the configured limit.

@@ -16,6 +16,8 @@ pub const ADAPTER_LOADS: &str = "qwen_ocr_adapter_loads_total";
 pub const ADAPTER_LOAD_SECONDS: &str = "qwen_ocr_adapter_load_seconds";
 pub const ADAPTER_EVICTIONS: &str = "qwen_ocr_adapter_evictions_total";
 pub const ADAPTERS_RESIDENT: &str = "qwen_ocr_adapters_resident";
+pub const CONNECTIONS_OPEN: &str = "qwen_ocr_connections_open";
+pub const CONNECTIONS_REFUSED: &str = "qwen_ocr_connections_refused_total";
 
 /// The adapter that served a response, recorded by handlers for the metrics labels.
 #[derive(Clone)]

@@ -75,7 +75,7 @@ async fn load_from(state: &Arc<AppState>, name: &str, source: Source) -> ApiResu
         // a bad profile leaves the adapter unloaded.
         let spec = ProfileSpec::from_config(&adapter_folder::read_profile(&dir)?, &dir)?;
         let engine = state.engine()?;
-        state.set_profile(&name, Some(spec.compile(engine)?));
+        state.set_profile(&name, Some(spec.compile(Some(&name), &state.config, engine)?));
         Ok(load(&state, engine, &name, &dir, Residency::Evictable)?.adapter)
     })
     .await

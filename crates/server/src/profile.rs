@@ -6,12 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use qwen_ocr_model::decoding::grammar::Grammar;
+use qwen_ocr_model::preprocess::image::{max_resized_pixels, MAX_RESIZED_PIXELS};
 use qwen_ocr_scheduler::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::config::AdapterConfig;
+use crate::config::{AdapterConfig, ServerConfig};
 use crate::error::{ApiError, ApiResult, ErrorKind};
 
 /// A profile ready for use: its settings and its schema's compiled constraint.
@@ -40,33 +41,82 @@ impl ProfileSpec {
     /// The profile an adapter's configuration describes (a `[adapters.NAME]` table, or the
     /// `qwen-ocr.toml` in its folder); a relative `schema_file` resolves against `base`.
     pub fn from_config(adapter: &AdapterConfig, base: &Path) -> ApiResult<Self> {
-        Ok(ProfileSpec {
-            prompt: adapter.prompt.clone(),
-            schema: adapter.schema_file.as_ref().map(|f| read_schema_file(&base.join(f))).transpose()?,
-            max_tokens: adapter.max_tokens,
-            temperature: adapter.temperature,
-            min_pixels: adapter.min_pixels,
-            max_pixels: adapter.max_pixels,
-        })
+        Ok(ProfileSpec { schema: adapter.schema_file.as_ref().map(|f| read_schema_file(&base.join(f))).transpose()?, ..adapter.settings() })
     }
 
-    /// Checks the settings and compiles the schema; a schema that cannot be enforced is
-    /// refused with its reason.
-    pub fn compile(self, engine: &Engine) -> ApiResult<ExtractionProfile> {
+    /// Checks the settings against their meaning and the server's limits, wherever a profile
+    /// is loaded (start-up, `POST /v1/adapters`, first use): a bad value is the operator's
+    /// mistake, reported when it is made and naming the adapter (`None`: the base model) and
+    /// the field, not left to fail every request that uses it.
+    pub fn check(&self, adapter: Option<&str>, config: &ServerConfig) -> ApiResult<()> {
+        let invalid = |reason: String| ApiError::new(ErrorKind::InvalidProfile, format!("{}: {reason}", owner(adapter)));
         if let Some(t) = self.temperature {
             if !(t.is_finite() && t >= 0.0) {
-                return Err(ApiError::new(ErrorKind::InvalidProfile, format!("temperature must be a finite number >= 0, got {t}")));
+                return Err(invalid(format!("temperature must be a finite number >= 0, got {t}")));
             }
         }
-        if self.max_tokens == Some(0) {
-            return Err(ApiError::new(ErrorKind::InvalidProfile, "max_tokens must be at least 1"));
+        match self.max_tokens {
+            Some(0) => return Err(invalid("max_tokens must be at least 1".into())),
+            Some(n) if n > config.max_tokens_limit => {
+                return Err(invalid(format!("max_tokens {n} is over the server's max_tokens_limit ({})", config.max_tokens_limit)))
+            }
+            _ => {}
+        }
+        // Unset bounds fall back to the server's, so the pair in force is what must hold.
+        check_pixel_bounds(self.min_pixels.or(config.min_pixels), self.max_pixels.or(config.max_pixels)).map_err(|e| invalid(e.to_string()))
+    }
+
+    /// Checks the settings (see [`ProfileSpec::check`]), now also against the checkpoint's
+    /// resize range, and compiles the schema; a schema that cannot be enforced is refused
+    /// with its reason.
+    pub fn compile(self, adapter: Option<&str>, config: &ServerConfig, engine: &Engine) -> ApiResult<ExtractionProfile> {
+        self.check(adapter, config)?;
+        let checkpoint = engine.preprocessor();
+        let min = self.min_pixels.or(config.min_pixels).unwrap_or(checkpoint.min_pixels);
+        let max = self.max_pixels.or(config.max_pixels).unwrap_or(checkpoint.max_pixels).min(max_resized_pixels(checkpoint.factor()));
+        if min > max {
+            let message = format!(
+                "{}: min_pixels {min} exceeds max_pixels {max} (with the server's and the checkpoint's preprocessor_config.json for what is unset)",
+                owner(adapter)
+            );
+            return Err(ApiError::new(ErrorKind::InvalidProfile, message));
         }
         let grammar = match &self.schema {
-            Some(schema) => Some(engine.compile_schema(schema)?),
+            Some(schema) => Some(engine.compile_schema(schema).map_err(|e| {
+                let e = ApiError::from(e);
+                ApiError::new(e.kind, format!("{}: schema: {}", owner(adapter), e.message))
+            })?),
             None => None,
         };
         Ok(ExtractionProfile { settings: self, grammar })
     }
+}
+
+/// Who a profile belongs to, as its errors say it.
+fn owner(adapter: Option<&str>) -> String {
+    match adapter {
+        Some(name) => format!("adapter `{name}`"),
+        None => "the base model's profile".into(),
+    }
+}
+
+/// `min_pixels`/`max_pixels` as a resize range: `max_pixels` at least 1 and at most
+/// [`MAX_RESIZED_PIXELS`] (beyond it the bound would be silently capped), `min_pixels` not
+/// above either. The error names the field.
+pub fn check_pixel_bounds(min_pixels: Option<u64>, max_pixels: Option<u64>) -> anyhow::Result<()> {
+    let cap = MAX_RESIZED_PIXELS;
+    for (name, value) in [("min_pixels", min_pixels), ("max_pixels", max_pixels)] {
+        if let Some(v) = value.filter(|&v| v > cap) {
+            anyhow::bail!("{name} {v} is over {cap}, the most pixels a resized image may have (16384 visual tokens)");
+        }
+    }
+    if max_pixels == Some(0) {
+        anyhow::bail!("max_pixels must be at least 1");
+    }
+    if let (Some(min), Some(max)) = (min_pixels, max_pixels) {
+        anyhow::ensure!(min <= max, "min_pixels {min} exceeds max_pixels {max}");
+    }
+    Ok(())
 }
 
 /// Reads a schema file; a file that is not JSON is refused with where and why.

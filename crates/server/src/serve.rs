@@ -46,7 +46,8 @@ async fn serve(config: ServerConfig) -> Result<()> {
     let shutdown_state = state.clone();
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let read_timeout = Duration::from_secs(state.config.read_timeout_secs);
-    let server = crate::http_server::serve(listener, app, read_timeout, async move {
+    let max_connections = state.config.connection_limit();
+    let server = crate::http_server::serve(listener, app, read_timeout, max_connections, async move {
         shutdown_signal().await;
         tracing::info!(grace_secs = grace.as_secs(), "shutting down: finishing in-flight requests");
         shutdown_state.begin_shutdown();
@@ -96,11 +97,17 @@ fn load(state: &AppState) -> Result<()> {
         "weights loaded"
     );
     let base = ProfileSpec { schema: read_schema(config.extraction_schema_file.as_deref())?, ..ProfileSpec::default() };
-    state.set_base_profile(base.compile(&engine).map_err(|e| anyhow!("extraction_schema_file: {}", e.message))?);
+    let base = base.compile(None, config, &engine).map_err(|e| match &config.extraction_schema_file {
+        Some(file) if e.kind == crate::error::ErrorKind::InvalidSchema => {
+            anyhow!("extraction_schema_file {}: {}", file.display(), e.message)
+        }
+        _ => anyhow!(e.message),
+    })?;
+    state.set_base_profile(base);
     for (name, adapter) in &config.adapters {
         // Absolute already: the config's relative paths were resolved against its folder.
         let spec = ProfileSpec::from_config(adapter, std::path::Path::new("")).map_err(|e| anyhow!("adapter `{name}`: {}", e.message))?;
-        let profile = spec.compile(&engine).map_err(|e| anyhow!("adapter `{name}`: {}", e.message))?;
+        let profile = spec.compile(Some(name), config, &engine).map_err(|e| anyhow!(e.message))?;
         state.set_profile(name, Some(profile));
         on_demand::load(state, &engine, name, &adapter.path, Residency::Pinned).with_context(|| format!("loading adapter `{name}`"))?;
     }

@@ -215,3 +215,79 @@ fn an_adapter_loaded_on_first_use_answers_with_its_folders_profile_schema() {
     assert_eq!(confidence.len(), 2, "{body}");
     assert_eq!(resident(&server), ["plates"]);
 }
+
+/// `qwen-ocr serve` with `toml` as its configuration: it must fail before listening, with one
+/// error line that mentions every one of `names`.
+fn assert_refused_at_start(toml: &str, names: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, toml).unwrap();
+    let out = qwen_ocr(&["serve", "--model", &tiny_model(), "--host", "127.0.0.1", "--port", "0", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !stderr.contains("listening"), "{stderr}");
+    for name in names {
+        assert!(stderr.contains(name), "`{name}` not named: {stderr}");
+    }
+}
+
+/// Profile values are checked wherever a profile is loaded, and a bad one is reported as the
+/// operator's mistake, naming the adapter and the field: the start stops before the server
+/// listens, and a runtime or first-use load fails with 400 and loads nothing. A value of the
+/// wrong type is an error too, never a default.
+#[test]
+fn bad_profile_values_stop_the_start_or_fail_the_load_naming_the_adapter_and_the_field() {
+    let path = toml_string(&adapter_dir("lm-qv-r4").display().to_string());
+    let plates = |settings: &str| format!("[adapters.plates]\npath = {path}\n{settings}");
+    assert_refused_at_start(
+        &plates("min_pixels = 200000\nmax_pixels = 100000\n"),
+        &["adapter `plates`", "min_pixels 200000 exceeds max_pixels 100000"],
+    );
+    assert_refused_at_start(&plates("temperature = -0.5\n"), &["adapter `plates`", "temperature"]);
+    assert_refused_at_start(&plates("max_tokens = 0\n"), &["adapter `plates`", "max_tokens"]);
+    assert_refused_at_start(&plates("max_tokens = \"many\"\n"), &["max_tokens", "many"]);
+    assert_refused_at_start(&plates("max_pixels = 99999999\n"), &["adapter `plates`", "max_pixels 99999999 is over 12845056"]);
+    assert_refused_at_start("min_pixels = 5000\nmax_pixels = 100\n", &["min_pixels 5000 exceeds max_pixels 100"]);
+    assert_refused_at_start("dtype = \"f64\"\n", &["dtype", "f64"]);
+    assert_refused_at_start(
+        "allowed_image_hosts = [\"https://images.example.com\"]\n",
+        &["allowed_image_hosts", "https://images.example.com"],
+    );
+    assert_refused_at_start("[engine]\nmax_queue = 0\n", &["engine.max_queue"]);
+
+    let root = adapters_folder(&[
+        ("plates", "lm-qv-r4", None),
+        ("typed", "lm-qv-r4", Some("max_tokens = \"many\"\n")),
+        ("cold", "lm-qv-r4", Some("temperature = -1.0\n")),
+        ("narrow", "lm-qv-r4", Some("min_pixels = 5000\nmax_pixels = 100\n")),
+    ]);
+    let server = serve_folder(root.path(), "max_tokens_limit = 64\n");
+    let refused = |reply: (u16, Value), code: &str, names: &[&str]| {
+        assert_api_error(&reply, 400, code);
+        let message = reply.1["error"]["message"].as_str().unwrap().to_string();
+        for name in names {
+            assert!(message.contains(name), "`{name}` not named: {message}");
+        }
+    };
+    let load = |extra: Value| {
+        let mut body = json!({ "name": "plates", "path": "plates" });
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        server.post_json("/v1/adapters", &body, &[])
+    };
+    let in_profile = "invalid_profile";
+    refused(load(json!({ "min_pixels": 200000, "max_pixels": 100000 })), in_profile, &["adapter `plates`", "min_pixels 200000 exceeds"]);
+    refused(
+        load(json!({ "max_tokens": 65 })),
+        in_profile,
+        &["adapter `plates`", "max_tokens 65 is over the server's max_tokens_limit (64)"],
+    );
+    refused(load(json!({ "temperature": -0.5 })), in_profile, &["adapter `plates`", "temperature"]);
+    refused(load(json!({ "max_pixels": 99999999 })), in_profile, &["adapter `plates`", "max_pixels"]);
+    refused(load(json!({ "max_tokens": "many" })), "invalid_json", &["max_tokens"]);
+    assert_eq!(resident(&server), Vec::<String>::new(), "a refused profile loads nothing");
+
+    refused(extract(&server, "typed", "2"), "invalid_adapter_profile", &["max_tokens", "many"]);
+    refused(extract(&server, "cold", "2"), in_profile, &["adapter `cold`", "temperature"]);
+    refused(extract(&server, "narrow", "2"), in_profile, &["adapter `narrow`", "min_pixels 5000 exceeds max_pixels 100"]);
+    assert_eq!(resident(&server), Vec::<String>::new());
+    assert_eq!(load(json!({ "max_tokens": 64, "max_pixels": 200000 })).0, 201, "good values load");
+}

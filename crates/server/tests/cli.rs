@@ -222,7 +222,7 @@ fn bad_images_fail_cleanly() {
 #[test]
 fn bad_options_fail_cleanly() {
     let model = checkpoint("tiny-tied");
-    assert_clean_error(&qwen_ocr(&["generate", "--model", &model, "--prompt", "x", "--dtype", "f64"]), "unknown dtype");
+    assert_clean_error(&qwen_ocr(&["generate", "--model", &model, "--prompt", "x", "--dtype", "f64"]), "invalid value 'f64' for '--dtype");
     assert_clean_error(&qwen_ocr(&["generate", "--model", &model, "--prompt", "x", "--device", "tpu"]), "unknown device");
     assert_clean_error(&qwen_ocr(&["generate", "--model", &model, "--prompt", "x", "--top-p", "0"]), "top_p");
     assert_clean_error(&qwen_ocr(&["generate", "--model", &model, "--prompt", "x", "--max-tokens", "0"]), "max-tokens");

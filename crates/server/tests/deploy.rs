@@ -158,3 +158,26 @@ fn the_gateway_limits_agree_with_the_server() {
     assert_eq!(directive("proxy_buffering"), "off", "SSE must not wait in the gateway");
     assert!(directive("proxy_next_upstream").contains("http_503"));
 }
+
+/// The fuzz crate (outside the workspace, with its own `Cargo.lock`) resolves to exactly its
+/// lock file: `.ci/fuzz-smoke` refuses a stale one (cargo-fuzz itself has no `--locked`), and
+/// this finds it sooner, in `cargo test`. Offline when the packages are already here.
+#[test]
+fn the_fuzz_crates_lock_file_is_current() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = repository().join("fuzz/Cargo.toml");
+    let metadata = |offline: bool| {
+        let mut command = std::process::Command::new(&cargo);
+        command.args(["metadata", "--locked", "--format-version", "1", "--manifest-path"]).arg(&manifest);
+        if offline {
+            command.arg("--offline");
+        }
+        command.output().unwrap()
+    };
+    let mut out = metadata(true);
+    if !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("offline") {
+        // Some of its packages are not downloaded yet.
+        out = metadata(false);
+    }
+    assert!(out.status.success(), "fuzz/Cargo.lock does not match fuzz/Cargo.toml: {}", String::from_utf8_lossy(&out.stderr));
+}

@@ -16,9 +16,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use qwen_ocr_server::api::chat::ChatCompletionChunk;
+use qwen_ocr_server::api::error::{ErrorKind, ErrorResponse};
 use qwen_ocr_server::api::extract::Extraction;
 use qwen_ocr_server::api::models::ModelList;
 use qwen_ocr_server::api::FinishReason;
+use qwen_ocr_server::config::ServerConfig;
 use serde_json::{json, Value};
 
 const ADAPTERS: [&str; 4] = ["lm-qv-r4", "lm-qv-r4-old-layout", "lm-all-rslora-regex", "vision-merger-pattern"];
@@ -329,9 +331,7 @@ fn raw_exchange(gateway: &Gateway, request: &str) -> String {
     reply
 }
 
-/// The body of a raw reply, checked to be in the API's error shape with this status. nginx
-/// writes these itself, with codes of its own (`bad_request`, a 502 `unavailable`), so they are
-/// checked for the shape rather than read as the server's `ErrorResponse`.
+/// The body of a raw reply, checked to be in the API's error shape with this status.
 fn assert_raw_api_error(reply: &str, status: u16, code: &str) {
     assert!(reply.starts_with(&format!("HTTP/1.1 {status} ")), "{reply}");
     assert!(reply.to_ascii_lowercase().contains("content-type: application/json"), "{reply}");
@@ -339,12 +339,45 @@ fn assert_raw_api_error(reply: &str, status: u16, code: &str) {
     assert_gateway_error(&(status, body), status, code);
 }
 
-/// An error nginx wrote itself, in the API's shape (see `assert_raw_api_error`).
+/// An error nginx wrote itself: the server's `ErrorResponse`, its code an `ErrorKind` with
+/// the status and `type` the server would give it.
 fn assert_gateway_error((got, body): &(u16, Value), status: u16, code: &str) {
     assert_eq!(*got, status, "{body}");
-    let error = &body["error"];
-    assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()) && error["type"].is_string(), "{body}");
-    assert_eq!((&error["code"], &error["param"]), (&json!(code), &Value::Null), "{body}");
+    let error =
+        serde_json::from_value::<ErrorResponse>(body.clone()).unwrap_or_else(|e| panic!("not an ErrorResponse ({e}): {body}")).error;
+    assert!(!error.message.is_empty(), "{body}");
+    assert_eq!((error.code.to_string().as_str(), error.param), (code, None), "{body}");
+    assert_eq!((error.code.status().as_u16(), error.error_type), (status, error.code.error_type()), "{body}");
+}
+
+/// Every JSON error the gateway writes itself (each `return` of an error location) has a
+/// `code` the OpenAPI document lists in `ErrorKind`, with the status and `type` the server
+/// gives that code, and a `Retry-After` where the server would send one. Read from the file,
+/// so it holds without nginx installed.
+#[test]
+fn the_gateways_own_error_codes_are_in_the_openapi_document() {
+    let template = std::fs::read_to_string(repository().join("docker/nginx.conf.template")).unwrap();
+    let document = serde_json::to_value(qwen_ocr_server::routes::document(&ServerConfig::default())).unwrap();
+    let documented: HashSet<&str> =
+        document["components"]["schemas"]["ErrorKind"]["enum"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    let mut checked = Vec::new();
+    for location in template.split("location = /.gateway-errors/").skip(1) {
+        let block = &location[..location.find("\n    }").unwrap()];
+        let status: u16 = block[..3].parse().unwrap();
+        assert!(template.contains(&format!("error_page {status} /.gateway-errors/{status};")), "{status} is never used");
+        let body = block.split("return ").nth(1).unwrap();
+        assert!(body.starts_with(&format!("{status} '")), "{block}");
+        let json = body[4..].trim_start_matches('\'').split("\\n'").next().unwrap();
+        let reply: Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{status}: {e}: {json}"));
+        let code = reply["error"]["code"].as_str().unwrap();
+        assert!(documented.contains(code), "{status}: `{code}` is not in the document's ErrorKind");
+        assert_gateway_error(&(status, reply.clone()), status, code);
+        let kind = serde_json::from_value::<ErrorKind>(json!(code)).unwrap();
+        assert_eq!(block.contains("Retry-After"), kind.retry_after().is_some(), "{status}: Retry-After as the server sends it");
+        checked.push(status);
+    }
+    checked.sort();
+    assert_eq!(checked, [400, 404, 413, 500, 502, 504]);
 }
 
 /// nginx's own 504, 400 and 404 are the API's JSON too. The upstream here accepts connections and
@@ -361,7 +394,7 @@ fn the_gateways_own_timeouts_and_bad_requests_are_json() {
     let reply = gateway.call("GET", "/v1/models", &[("x-request-id", "slow-1")], None);
     assert_gateway_error(&(reply.status, reply.json()), 504, "timeout");
     assert_eq!(reply.request_id.as_deref(), Some("slow-1"));
-    assert_raw_api_error(&raw_exchange(&gateway, "NOT A REQUEST\r\n\r\n"), 400, "bad_request");
+    assert_raw_api_error(&raw_exchange(&gateway, "NOT A REQUEST\r\n\r\n"), 400, "invalid_request");
     let reply = gateway.call("GET", "/.gateway-errors/502", &[], None);
     assert_gateway_error(&(reply.status, reply.json()), 404, "unknown_route");
 }
@@ -419,5 +452,5 @@ fn sigterm_to_one_replica_during_traffic_loses_no_request() {
     // With no replica left, the gateway's own 502 is JSON too.
     drop(b);
     let reply = extract(&gateway, None, 1);
-    assert_gateway_error(&(reply.status, reply.json()), 502, "unavailable");
+    assert_gateway_error(&(reply.status, reply.json()), 502, "no_replica_available");
 }

@@ -3,7 +3,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -138,32 +140,192 @@ fn bad_input_gets_its_status_and_an_openai_error_and_the_server_stays_healthy() 
     assert!(!server.logs().contains("panicked"));
 }
 
-#[test]
-fn remote_images_are_fetched_only_from_allowed_hosts() {
-    // A one-shot HTTP server on loopback stands in for an allowed image host.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://127.0.0.1:{}/plate.png", listener.local_addr().unwrap().port());
-    let host = std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        let (mut conn, _) = listener.accept().unwrap();
-        let mut request = [0u8; 4096];
-        let _ = conn.read(&mut request).unwrap();
-        let png = image_bytes("plate.png");
-        conn.write_all(
-            format!("HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", png.len()).as_bytes(),
-        )
-        .unwrap();
-        conn.write_all(&png).unwrap();
-    });
-    let server = Server::start_with_config("allowed_image_hosts = [\"127.0.0.1\"]\n", &[]);
+/// An image host on loopback: answers each path as `route` says, and records every path asked for.
+struct ImageHost {
+    port: u16,
+    asked: Arc<Mutex<Vec<String>>>,
+}
+
+impl ImageHost {
+    fn start(route: fn(&str, u16) -> Vec<u8>) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let log = asked.clone();
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().map_while(Result::ok) {
+                let mut head = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                head.read_line(&mut line).unwrap();
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                while head.read_line(&mut line).is_ok_and(|n| n > 2) {}
+                log.lock().unwrap().push(path.clone());
+                let _ = conn.write_all(&route(&path, port));
+            }
+        });
+        Self { port, asked }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+fn image_host_routes(path: &str, port: u16) -> Vec<u8> {
+    let redirect = |to: String| format!("HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let answer: String = match path {
+        "/plate.png" => {
+            let png = image_bytes("plate.png");
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", png.len());
+            return [head.as_bytes(), &png].concat();
+        }
+        // A redirect to an allowed host, itself checked before it is followed.
+        "/hop" => redirect("/plate.png".into()),
+        // The same machine under a name that is not allowed.
+        "/to-unlisted" => redirect(format!("http://localhost:{port}/secret")),
+        // Allowed host names (listed by the test) whose addresses are private or the metadata service's.
+        "/to-private" => redirect("http://10.255.255.1:9/internal.png".into()),
+        "/to-metadata" => redirect("http://169.254.169.254/latest/meta-data/".into()),
+        "/huge" => "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 900000000\r\nConnection: close\r\n\r\n".into(),
+        _ => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
+    };
+    answer.into_bytes()
+}
+
+fn image_url_chat(url: &str) -> Value {
     let content = json!([{ "type": "image_url", "image_url": { "url": url } }, { "type": "text", "text": PLATE_PROMPT }]);
-    let body = json!({ "messages": [{ "role": "user", "content": content }], "max_tokens": 8 });
-    let (status, reply) = server.post_json("/v1/chat/completions", &body, &[]);
+    json!({ "messages": [{ "role": "user", "content": content }], "max_tokens": 8 })
+}
+
+/// Remote images come only from allowed hosts at allowed addresses, hop by hop: a redirect to
+/// a host not on the list, or to a private or metadata address, is refused naming the host,
+/// before any connection to it (those targets are never contacted: the private ones are not
+/// even loopback). Loopback itself is refused unless `allowed_image_networks` lists it.
+#[test]
+fn remote_images_are_fetched_only_from_allowed_hosts_at_public_addresses_through_every_redirect() {
+    let host = ImageHost::start(image_host_routes);
+    let server = Server::start_with_config(
+        "allowed_image_hosts = [\"127.0.0.1\", \"10.255.255.1\", \"169.254.169.254\"]\nallowed_image_networks = [\"127.0.0.0/8\"]\n",
+        &[],
+    );
+    let chat = |url: &str| server.post_json("/v1/chat/completions", &image_url_chat(url), &[]);
+    let (status, reply) = chat(&host.url("/plate.png"));
     assert_eq!(status, 200, "{reply}");
     assert_eq!(parse::<ChatCompletion>(&reply).choices[0].message.content, generate_text("plate.png", PLATE_PROMPT, 8, None));
-    host.join().unwrap();
-    let other = json!({ "messages": [{ "role": "user", "content": [{ "type": "image_url", "image_url": { "url": "http://localhost/plate.png" } }] }] });
-    assert_api_error(&server.post_json("/v1/chat/completions", &other, &[]), 400, "remote_image_not_allowed");
+    assert_eq!(chat(&host.url("/hop")).0, 200, "a redirect to an allowed host is followed");
+
+    let refused = |url: &str, code: &str, names: &str| {
+        let reply = chat(url);
+        assert_api_error(&reply, 400, code);
+        let message = parse::<ErrorResponse>(&reply.1).error.message;
+        assert!(message.contains(names), "{message}");
+    };
+    refused(&host.url("/to-unlisted"), "remote_image_not_allowed", "`localhost`");
+    refused(&host.url("/to-private"), "remote_image_not_allowed", "`10.255.255.1` resolves to 10.255.255.1, a private address");
+    refused(&host.url("/to-metadata"), "remote_image_not_allowed", "169.254.169.254, a link-local (cloud metadata) address");
+    refused("http://169.254.169.254/latest/meta-data/", "remote_image_not_allowed", "link-local");
+    refused("http://localhost/plate.png", "remote_image_not_allowed", "`localhost`");
+    refused(&host.url("/missing.png"), "image_fetch_failed", "it answered 404");
+    assert_api_error(&chat(&host.url("/huge")), 413, "image_too_large");
+    let asked = host.asked();
+    assert_eq!(asked, ["/plate.png", "/hop", "/plate.png", "/to-unlisted", "/to-private", "/to-metadata", "/missing.png", "/huge"]);
+
+    // The same host without loopback allowed: refused before it is asked anything.
+    let strict = Server::start_with_config("allowed_image_hosts = [\"127.0.0.1\"]\n", &[]);
+    let reply = strict.post_json("/v1/chat/completions", &image_url_chat(&host.url("/plate.png")), &[]);
+    assert_api_error(&reply, 400, "remote_image_not_allowed");
+    assert!(parse::<ErrorResponse>(&reply.1).error.message.contains("a loopback address"), "{}", reply.1);
+    assert_eq!(host.asked().len(), asked.len(), "the refused host was never contacted");
+}
+
+/// Connections past `max_connections` get 503 with `Retry-After` at once, in the API's error
+/// shape, without the server reading their request; a slot frees when a connection closes.
+#[test]
+fn connections_over_max_connections_are_refused_at_once_and_slots_free_when_they_close() {
+    let server = Server::start_with_config("max_connections = 2\n", &[]);
+    let address = server.base.trim_start_matches("http://").to_string();
+    let connect = || TcpStream::connect(&address).unwrap();
+    // A slot may still be held for a moment by the readiness probe's connection: such an
+    // answer is 503, and the next try gets the slot.
+    let get_a_slot = || {
+        let started = std::time::Instant::now();
+        loop {
+            let mut connection = connect();
+            let (status, _, _) = exchange(&mut connection, "GET /health HTTP/1.1\r\nhost: x\r\n\r\n");
+            if status == 200 {
+                return connection;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "no slot freed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut held = vec![get_a_slot(), get_a_slot()];
+    let (status, head, body) = exchange(&mut connect(), "GET /health HTTP/1.1\r\nhost: x\r\n\r\n");
+    assert_eq!(status, 503, "{head}{body}");
+    assert!(head.to_ascii_lowercase().contains("retry-after: 1\r\n"), "{head}");
+    let error = parse_str::<ErrorResponse>(&body).error;
+    assert_eq!((error.code, error.message.contains("max_connections")), (ErrorKind::TooManyConnections, true), "{body}");
+    // The held connections still work, and closing one lets a new one in.
+    assert_eq!(exchange(&mut held[0], "GET /health HTTP/1.1\r\nhost: x\r\n\r\n").0, 200);
+    held.pop();
+    let _third = get_a_slot();
+    held.pop();
+    assert!(metric(&server, "qwen_ocr_connections_refused_total") >= 1.0);
+}
+
+/// Sends one request and reads its answer: (status, head, body).
+fn exchange(connection: &mut TcpStream, request: &str) -> (u16, String, String) {
+    connection.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    connection.write_all(request.as_bytes()).unwrap();
+    let mut reader = BufReader::new(connection);
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        assert!(reader.read_line(&mut head).unwrap() > 0, "connection closed mid-head: {head}");
+    }
+    let length = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|n| n.trim().parse::<usize>().unwrap()))
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    (head[9..12].parse().unwrap(), head, String::from_utf8(body).unwrap())
+}
+
+/// A 44-byte GIF that declares a 512x16386 canvas (8.4 million pixels) around one 1x1 frame:
+/// decoding it fills the whole canvas, seconds of work bought with 44 bytes.
+fn tiny_gif_declaring_a_huge_canvas() -> Vec<u8> {
+    let mut gif = b"GIF89a".to_vec();
+    gif.extend([0x00, 0x02, 0x02, 0x40]); // the canvas: 512 x 16386, little-endian
+    gif.extend([0x80, 0, 0]); // a global colour table of 2 entries; background 0; no aspect
+    gif.extend([0, 0, 0, 255, 255, 255]); // black, white
+    gif.extend([0x21, 0xfe, 5]); // a comment extension of 5 bytes
+    gif.extend(b"tiny!");
+    gif.push(0);
+    gif.extend([0x2c, 0, 0, 0, 0, 1, 0, 1, 0, 0]); // one 1x1 frame at the top left
+    gif.extend([2, 2, 0x44, 0x01, 0]); // LZW: clear, index 0, end
+    gif.push(0x3b);
+    assert_eq!(gif.len(), 44);
+    gif
+}
+
+/// An image may declare only as many pixels as its file size pays for: the tiny GIF is
+/// refused before decoding, with a 413 that says why, while ordinary images pass.
+#[test]
+fn a_tiny_file_cannot_buy_the_decoding_of_millions_of_pixels() {
+    let server = Server::start(&[]);
+    let gif = tiny_gif_declaring_a_huge_canvas();
+    let reply = server.post_raw("/v1/extract?max_tokens=1", "image/gif", &gif, &[]);
+    assert_api_error(&reply, 413, "image_too_large");
+    let message = parse::<ErrorResponse>(&reply.1).error.message;
+    assert!(message.contains("512x16386") && message.contains("44 bytes") && message.contains("max_image_pixels_per_byte"), "{message}");
+    for (image, content_type) in [("plate.png", "image/png"), ("large.png", "image/png"), ("photo.jpg", "image/jpeg")] {
+        let (status, body) = server.post_raw("/v1/extract?max_tokens=1", content_type, &image_bytes(image), &[]);
+        assert_eq!(status, 200, "{image}: {body}");
+    }
 }
 
 #[test]

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::config::read_json;
 use crate::error::{Error, Result};
+use crate::json_fields::{self, optional};
 
 /// One adapted projection: `A` is `[r, in]`, `B` is `[out, r]`.
 #[derive(Debug)]
@@ -187,20 +188,20 @@ pub struct AdapterConfig {
 
 impl AdapterConfig {
     pub fn from_value(v: &Value) -> std::result::Result<Self, String> {
-        if v.get("peft_type").and_then(Value::as_str).is_some_and(|t| t != "LORA") {
-            return Err(format!("peft_type {} is not LORA", v["peft_type"]));
+        if let Some(t) = optional::<String>(v, "peft_type")?.filter(|t| t != "LORA") {
+            return Err(format!("peft_type {t} is not LORA"));
         }
-        if v.get("use_dora").and_then(Value::as_bool) == Some(true) {
+        if optional::<bool>(v, "use_dora")? == Some(true) {
             return Err("DoRA adapters (use_dora) are not supported".into());
         }
-        if v.get("modules_to_save").and_then(Value::as_array).is_some_and(|m| !m.is_empty()) {
+        if optional::<Vec<Value>>(v, "modules_to_save")?.is_some_and(|m| !m.is_empty()) {
             return Err("modules_to_save (fully trained extra modules) is not supported".into());
         }
-        let r = v.get("r").and_then(Value::as_u64).filter(|&r| r > 0).ok_or("adapter_config.json needs a positive `r`")? as usize;
-        let alpha = v.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+        let r = optional::<u64>(v, "r")?.filter(|&r| r > 0).ok_or("adapter_config.json needs a positive `r`")? as usize;
+        let alpha = optional::<f64>(v, "lora_alpha")?.unwrap_or(8.0);
         // PEFT matches pattern keys against the end of a module's path.
         let pattern = |key: &str| -> std::result::Result<Vec<(Regex, f64)>, String> {
-            let Some(obj) = v.get(key).and_then(Value::as_object) else { return Ok(Vec::new()) };
+            let Some(obj) = optional::<serde_json::Map<String, Value>>(v, key)? else { return Ok(Vec::new()) };
             obj.iter()
                 .map(|(k, val)| {
                     let re = Regex::new(&format!(r"^(.*\.)?(?:{k})$")).map_err(|e| format!("{key} `{k}`: {e}"))?;
@@ -210,14 +211,14 @@ impl AdapterConfig {
         };
         let targets = match v.get("target_modules") {
             Some(Value::String(re)) => Targets::Regex(Regex::new(&format!("^(?:{re})$")).map_err(|e| format!("target_modules: {e}"))?),
-            Some(Value::Array(list)) => Targets::Suffixes(list.iter().filter_map(Value::as_str).map(str::to_string).collect()),
+            Some(list @ Value::Array(_)) => Targets::Suffixes(json_fields::value(Some(list), "target_modules")?.unwrap_or_default()),
             _ => return Err("adapter_config.json needs `target_modules` (a list or a regular expression)".into()),
         };
         Ok(Self {
             targets,
             r,
             alpha,
-            use_rslora: v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+            use_rslora: optional::<bool>(v, "use_rslora")?.unwrap_or(false),
             // A rank below 1 would pass the shape check only with empty weights, then divide by zero.
             rank_pattern: pattern("rank_pattern")?
                 .into_iter()
@@ -371,5 +372,29 @@ mod tests {
         }
         let ok = AdapterConfig::from_value(&config(4.into())).unwrap();
         assert_eq!(ok.rank_and_alpha("model.layers.0.self_attn.q_proj").0, 4);
+    }
+
+    /// A field of the wrong type is an error naming it: read as the default, `"16"` for
+    /// `lora_alpha` would scale the adapter by half of what it was trained with.
+    #[test]
+    fn wrong_typed_fields_are_errors_not_defaults() {
+        let base = serde_json::json!({ "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"] });
+        assert!(AdapterConfig::from_value(&base).is_ok());
+        for (key, wrong) in [
+            ("lora_alpha", serde_json::json!("16")),
+            ("use_rslora", serde_json::json!("true")),
+            ("r", serde_json::json!("8")),
+            ("target_modules", serde_json::json!(["q_proj", 3])),
+            ("rank_pattern", serde_json::json!(["q_proj"])),
+            ("use_dora", serde_json::json!(1)),
+        ] {
+            let mut config = base.clone();
+            config[key] = wrong;
+            let err = AdapterConfig::from_value(&config).err().unwrap_or_else(|| panic!("{key} accepted"));
+            assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+        }
+        let mut nulls = base.clone();
+        nulls["lora_alpha"] = Value::Null;
+        assert_eq!(AdapterConfig::from_value(&nulls).unwrap().alpha, 8.0, "null is PEFT's default, as absent");
     }
 }

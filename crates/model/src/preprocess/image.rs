@@ -20,6 +20,10 @@ pub const DEFAULT_MAX_DECODED_PIXELS: u64 = 64 * 1024 * 1024;
 /// so unbounded bounds would allocate without limit.
 pub const MAX_VISUAL_TOKENS: u64 = 16384;
 
+/// The largest `max_pixels` any supported processor can take (Qwen3-VL's 32-pixel tokens):
+/// the bound settings are checked against before the checkpoint is known.
+pub const MAX_RESIZED_PIXELS: u64 = 32 * 32 * MAX_VISUAL_TOKENS;
+
 /// The cap on `max_pixels` for merged tokens of `factor` x `factor` pixels.
 pub fn max_resized_pixels(factor: usize) -> u64 {
     (factor * factor) as u64 * MAX_VISUAL_TOKENS

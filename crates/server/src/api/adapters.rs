@@ -43,8 +43,24 @@ pub struct LoadAdapterRequest {
     #[schema(minimum = 0.0)]
     pub temperature: Option<f64>,
     /// The resize bounds the adapter's images were trained at; default: the server's.
+    /// `min_pixels` may not exceed `max_pixels`; both are at most the document's maximum.
     pub min_pixels: Option<u64>,
+    #[schema(minimum = 1)]
     pub max_pixels: Option<u64>,
+}
+
+impl LoadAdapterRequest {
+    /// The profile's settings, without its schema (inline or in a file, resolved by the route).
+    pub fn settings(&self) -> ProfileSpec {
+        ProfileSpec {
+            prompt: self.prompt.clone(),
+            schema: None,
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            min_pixels: self.min_pixels,
+            max_pixels: self.max_pixels,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -61,10 +61,13 @@ pub enum ErrorKind {
     QueueFull,
     // 500
     InternalError,
+    // 502: written by the gateway (docker/nginx.conf.template), never by a replica.
+    NoReplicaAvailable,
     // 503: busy or not ready, not wrong.
     Unavailable,
     AdaptersFull,
     Cancelled,
+    TooManyConnections,
     // 504
     Timeout,
 }
@@ -107,7 +110,8 @@ impl ErrorKind {
             UnsupportedImage | UnsupportedContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             QueueFull => StatusCode::TOO_MANY_REQUESTS,
             InternalError => StatusCode::INTERNAL_SERVER_ERROR,
-            Unavailable | AdaptersFull | Cancelled => StatusCode::SERVICE_UNAVAILABLE,
+            NoReplicaAvailable => StatusCode::BAD_GATEWAY,
+            Unavailable | AdaptersFull | Cancelled | TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -124,11 +128,12 @@ impl ErrorKind {
     }
 
     /// Seconds a client should wait before retrying, for failures that pass by themselves:
-    /// a full queue drains fast; loading, shutting down and held adapter slots take longer.
+    /// a full queue and open connections drain fast; loading, shutting down, held adapter
+    /// slots and replicas that cannot be reached take longer.
     pub fn retry_after(self) -> Option<u64> {
         match self {
-            ErrorKind::QueueFull => Some(1),
-            ErrorKind::Unavailable | ErrorKind::AdaptersFull => Some(5),
+            ErrorKind::QueueFull | ErrorKind::TooManyConnections => Some(1),
+            ErrorKind::Unavailable | ErrorKind::AdaptersFull | ErrorKind::NoReplicaAvailable => Some(5),
             _ => None,
         }
     }

@@ -62,6 +62,9 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Json<AdapterList> {
 pub async fn load(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> ApiResult<impl IntoResponse> {
     let request: LoadAdapterRequest = parse_json(body)?;
     check_name(&request.name)?;
+    // The plain values first: a bad one is refused before any file is looked at.
+    let settings = request.settings();
+    settings.check(Some(&request.name), &state.config)?;
     let root = state.config.adapters_dir.as_deref().ok_or_else(|| {
         ApiError::new(ErrorKind::AdapterLoadingDisabled, "runtime adapter loading is off: start the server with --adapters-dir")
     })?;
@@ -78,17 +81,10 @@ pub async fn load(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesR
         }
         (None, None) => None,
     };
-    let spec = ProfileSpec {
-        prompt: request.prompt,
-        schema,
-        max_tokens: request.max_tokens,
-        temperature: request.temperature,
-        min_pixels: request.min_pixels,
-        max_pixels: request.max_pixels,
-    };
+    let spec = ProfileSpec { schema, ..settings };
     // The profile is checked before the adapter is swapped in: a bad schema changes nothing.
-    let task_state = state.clone();
-    let profile = tokio::task::spawn_blocking(move || spec.compile(task_state.engine()?))
+    let (task_state, name) = (state.clone(), request.name.clone());
+    let profile = tokio::task::spawn_blocking(move || spec.compile(Some(&name), &task_state.config, task_state.engine()?))
         .await
         .map_err(|e| ApiError::internal(format!("schema compilation failed: {e}")))??;
     let (task_state, name) = (state.clone(), request.name.clone());

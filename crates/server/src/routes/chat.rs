@@ -33,6 +33,7 @@ use crate::error::{ApiError, ApiResult, ErrorKind};
 use crate::inference::{self, finish_reason};
 use crate::logprobs::openai_logprobs;
 use crate::metrics::AdapterLabel;
+use crate::remote_image;
 use crate::state::AppState;
 
 /// A chat completion, whole or streamed.
@@ -150,7 +151,7 @@ async fn convert_messages(state: &AppState, messages: Vec<Message>) -> ApiResult
     Ok((out, images))
 }
 
-/// The bytes behind an image URL: `data:` URLs always, `http(s)` only from allowed hosts.
+/// The bytes behind an image URL: `data:` URLs always, `http(s)` as `remote_image` allows.
 async fn image_bytes(state: &AppState, url: &str) -> ApiResult<Vec<u8>> {
     if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) = rest.split_once(',').ok_or_else(|| ApiError::new(ErrorKind::InvalidImageUrl, "malformed data: URL"))?;
@@ -161,40 +162,14 @@ async fn image_bytes(state: &AppState, url: &str) -> ApiResult<Vec<u8>> {
             .decode(data.trim())
             .map_err(|e| ApiError::new(ErrorKind::InvalidImageUrl, format!("data: URL is not valid base64: {e}")));
     }
-    if url.starts_with("http://") || url.starts_with("https://") {
-        let host = url.split("://").nth(1).and_then(|r| r.split(['/', ':', '?', '#']).next()).unwrap_or("");
-        if !state.config.allowed_image_hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
-            return Err(ApiError::new(
-                ErrorKind::RemoteImageNotAllowed,
-                format!("image URLs from `{host}` are not allowed: send the image as a data: URL, or add the host to allowed_image_hosts"),
-            ));
-        }
-        return fetch(url.to_string(), state.config.max_body_bytes).await;
+    if remote_image::is_remote(url) {
+        let policy = state.config.image_fetch_policy().map_err(ApiError::internal)?;
+        let url = url.to_string();
+        return tokio::task::spawn_blocking(move || remote_image::fetch(&url, &policy))
+            .await
+            .map_err(|e| ApiError::internal(format!("image fetching failed: {e}")))?;
     }
     Err(ApiError::new(ErrorKind::InvalidImageUrl, "image_url must be a data: URL (or an http(s) URL from an allowed host)"))
-}
-
-/// Downloads an allowed remote image, refusing bodies over `limit` bytes.
-async fn fetch(url: String, limit: usize) -> ApiResult<Vec<u8>> {
-    tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let response = ureq::get(&url)
-            .timeout(std::time::Duration::from_secs(30))
-            .call()
-            .map_err(|e| ApiError::new(ErrorKind::ImageFetchFailed, format!("cannot fetch {url}: {e}")))?;
-        let mut bytes = Vec::new();
-        response
-            .into_reader()
-            .take(limit as u64 + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| ApiError::new(ErrorKind::ImageFetchFailed, e.to_string()))?;
-        if bytes.len() > limit {
-            return Err(ApiError::new(ErrorKind::ImageTooLarge, format!("{url} is over {limit} bytes")));
-        }
-        Ok(bytes)
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?
 }
 
 /// What every response and chunk of one request shares.

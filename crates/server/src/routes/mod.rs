@@ -130,12 +130,21 @@ async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
     Ok(bytes)
 }
 
-/// A JSON body, with malformed JSON, wrong fields and oversized bodies as API errors.
+/// A JSON body, with malformed JSON, wrong fields and oversized bodies as API errors. A field
+/// of the wrong type is named with its path (`messages[0].content`, `max_tokens`).
 fn parse_json<T: serde::de::DeserializeOwned>(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<T, ApiError> {
     let bytes = body.map_err(body_error)?;
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::new(ErrorKind::InvalidJson, format!("invalid request body: {e}")))
+    let invalid = |detail: String| ApiError::new(ErrorKind::InvalidJson, format!("invalid request body: {detail}"));
+    let mut json = serde_json::Deserializer::from_slice(&bytes);
+    let value = serde_path_to_error::deserialize(&mut json).map_err(|e| match e.path().to_string().as_str() {
+        "." => invalid(e.inner().to_string()),
+        at => invalid(format!("`{at}`: {}", e.inner())),
+    })?;
+    // Data after the value is malformed too, as `serde_json::from_slice` has it.
+    json.end().map_err(|e| invalid(e.to_string()))?;
+    Ok(value)
 }
 
 fn body_error(rejection: axum::extract::rejection::BytesRejection) -> ApiError {

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::Json;
+use utoipa::openapi::extensions::Extensions;
 use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::link::LinkBuilder;
 use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn};
 use utoipa::openapi::schema::{Object, Schema, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
@@ -14,6 +16,8 @@ use utoipa::openapi::{Content, OpenApi as Document, RefOr, Required, ResponseBui
 use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
 
 use super::{adapters, chat, extract, models, ops, REQUEST_ID_HEADER};
+use qwen_ocr_model::preprocess::image::MAX_RESIZED_PIXELS;
+
 use crate::api::error::ErrorResponse;
 use crate::config::ServerConfig;
 use crate::state::AppState;
@@ -72,15 +76,40 @@ pub fn document(config: &ServerConfig) -> Document {
             ("ChatCompletionRequest", "max_completion_tokens", max_tokens),
             ("ChatCompletionRequest", "top_logprobs", top_logprobs),
             ("ExtractForm", "max_tokens", max_tokens),
+            ("LoadAdapterRequest", "max_tokens", max_tokens),
+            ("LoadAdapterRequest", "min_pixels", MAX_RESIZED_PIXELS as usize),
+            ("LoadAdapterRequest", "max_pixels", MAX_RESIZED_PIXELS as usize),
         ] {
             let property = components.schemas.get_mut(schema).and_then(|s| property_mut(s, property));
             set_maximum(property.expect("the bounded fields exist"), maximum);
         }
     }
+    link_adapter_operations(&mut doc);
     let extract = doc.paths.paths.get_mut("/v1/extract").and_then(|p| p.post.as_mut()).expect("the extract route is documented");
     let query = extract.parameters.iter_mut().flatten().find(|p| p.name == "max_tokens" && p.parameter_in == ParameterIn::Query);
     set_maximum(query.and_then(|p| p.schema.as_mut()).expect("the extract query has max_tokens"), max_tokens);
     doc
+}
+
+/// An adapter that `POST /v1/adapters` loaded is listed by `GET /v1/adapters` and unloaded by
+/// `DELETE /v1/adapters/{name}` with the name the answer gives: links, so that clients and
+/// stateful testers can follow the chain.
+fn link_adapter_operations(doc: &mut Document) {
+    // utoipa 5.5 writes a link's `operationId` as `operation_id`, which no OpenAPI tool reads:
+    // it goes in through the extensions map, which is written as given.
+    let link = |operation: &str, description: &str| {
+        let mut named = Extensions::default();
+        named.insert("operationId".into(), operation.into());
+        LinkBuilder::new().description(description).extensions(Some(named))
+    };
+    let load = doc.paths.paths.get_mut("/v1/adapters").and_then(|p| p.post.as_mut()).expect("the load route is documented");
+    for status in ["200", "201"] {
+        if let Some(RefOr::T(response)) = load.responses.responses.get_mut(status) {
+            let unload = link("unload_adapter", "Unload the adapter just loaded").parameter("name", "$response.body#/name").build();
+            response.links.insert("unload".into(), RefOr::T(unload));
+            response.links.insert("list".into(), RefOr::T(link("list_adapters", "List it with the others").build()));
+        }
+    }
 }
 
 /// The schema of `name` in an object schema, or in one of the parts of an `allOf`.
@@ -100,8 +129,8 @@ fn set_maximum(schema: &mut RefOr<Schema>, maximum: usize) {
 
 /// What every operation shares, said once here rather than on each route: the failures any
 /// request can meet before its handler runs (a body over `max_body_bytes`, a body not received
-/// within `read_timeout_secs`, a bug caught on its way out), request ids, and, under `/v1`,
-/// the bearer key.
+/// within `read_timeout_secs`, a bug caught on its way out, a connection over
+/// `max_connections`), request ids, and, under `/v1`, the bearer key.
 struct EveryOperation;
 
 impl Modify for EveryOperation {
@@ -124,6 +153,11 @@ impl Modify for EveryOperation {
                 add_error(operation, 408, "The body was not received within `read_timeout_secs` of the headers (`read_timeout`)");
                 add_error(operation, 413, "The body is over `max_body_bytes` (`body_too_large`)");
                 add_error(operation, 500, "A bug (`internal_error`)");
+                add_error(
+                    operation,
+                    503,
+                    "The server already has `max_connections` connections open (`too_many_connections`); sent before the request is read",
+                );
                 add_request_id(operation);
             }
         }
