@@ -23,6 +23,11 @@ use crate::remote_image::FetchPolicy;
 /// Used by `/v1/extract` when neither the request nor the adapter's configuration gives one.
 pub const DEFAULT_EXTRACTION_PROMPT: &str = "Extract the text and the key fields from this image. Respond only with JSON, nothing else.";
 
+/// Connections beyond the requests the engine can hold, in the default `max_connections`: for
+/// requests on their way to a 429, idle keep-alive connections (clients and gateways keep
+/// them between requests), probes, metrics scrapes and admin calls.
+pub const CONNECTION_HEADROOM: usize = 512;
+
 /// An image may declare this many pixels whatever its file size (see `max_image_pixels_per_byte`):
 /// 1024x1024, the work of an ordinary small photo.
 pub const FREE_IMAGE_PIXELS: u64 = 1 << 20;
@@ -54,7 +59,7 @@ pub struct ServerConfig {
     /// Most LoRA adapters resident at once.
     pub max_adapters: usize,
     /// Most connections open at once; the accept loop answers more with 503 at once.
-    /// Unset: [`ServerConfig::connection_limit`].
+    /// Unset: see [`ServerConfig::connection_limit`].
     pub max_connections: Option<usize>,
     /// Largest request body, and largest remote image download.
     pub max_body_bytes: usize,
@@ -281,12 +286,12 @@ impl ServerConfig {
         Ok(())
     }
 
-    /// `max_connections`, or room for every request the engine can hold (running and
-    /// queued) and as many again for probes, metrics scrapes, admin calls and idle keep-alive
-    /// connections (a gateway keeps some open to each replica). The default configuration
-    /// gives 576: far below the common 1024 open-file limit, a few MiB of buffers.
+    /// `max_connections`, or room for every request the engine can hold (running and queued)
+    /// plus [`CONNECTION_HEADROOM`]: below the cap, overload is answered by the queue (429,
+    /// the signal clients act on), and the cap only stops floods of connections. The default
+    /// configuration gives 800, under the common 1024 open-file limit.
     pub fn connection_limit(&self) -> usize {
-        self.max_connections.unwrap_or(2 * (self.engine.max_batch_size + self.engine.max_queue))
+        self.max_connections.unwrap_or(self.engine.max_batch_size + self.engine.max_queue + CONNECTION_HEADROOM)
     }
 
     /// What remote image URLs may reach; an entry of `allowed_image_hosts` that is not a
@@ -433,9 +438,9 @@ mod tests {
     }
 
     #[test]
-    fn the_connection_cap_defaults_to_twice_what_the_engine_can_hold() {
+    fn the_connection_cap_defaults_to_what_the_engine_can_hold_and_some() {
         let config = ServerConfig::default();
-        assert_eq!(config.connection_limit(), 2 * (32 + 256));
+        assert_eq!(config.connection_limit(), 32 + 256 + CONNECTION_HEADROOM);
         assert_eq!(ServerConfig { max_connections: Some(7), ..config }.connection_limit(), 7);
     }
 
