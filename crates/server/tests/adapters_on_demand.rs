@@ -245,7 +245,7 @@ fn bad_profile_values_stop_the_start_or_fail_the_load_naming_the_adapter_and_the
     assert_refused_at_start(&plates("temperature = -0.5\n"), &["adapter `plates`", "temperature"]);
     assert_refused_at_start(&plates("max_tokens = 0\n"), &["adapter `plates`", "max_tokens"]);
     assert_refused_at_start(&plates("max_tokens = \"many\"\n"), &["max_tokens", "many"]);
-    assert_refused_at_start(&plates("max_pixels = 99999999\n"), &["adapter `plates`", "max_pixels 99999999 is over 12845056"]);
+    assert_refused_at_start(&plates("max_pixels = 99999999\n"), &["adapter `plates`", "max_pixels 99999999 is over 16777216"]);
     assert_refused_at_start("min_pixels = 5000\nmax_pixels = 100\n", &["min_pixels 5000 exceeds max_pixels 100"]);
     assert_refused_at_start("dtype = \"f64\"\n", &["dtype", "f64"]);
     assert_refused_at_start(
