@@ -27,6 +27,7 @@ pub mod quality;
 pub mod quant;
 pub mod quant_cache;
 pub mod sampling;
+pub mod schema;
 pub mod text;
 pub mod threads;
 pub mod vision;
