@@ -145,6 +145,7 @@ impl Walk<'_> {
             }
             object.remove(*keyword);
         }
+        bound_numbers(object);
         if let Some(Value::String(format)) = object.get("format") {
             let format = format.clone();
             object.remove("format");
@@ -153,10 +154,10 @@ impl Walk<'_> {
                 None => {
                     let checked = super::check::knows_format(&format);
                     let (why, note) = match checked {
-                        true => ("the grammar does not enforce this format", format!("format `{format}` checked after decoding")),
-                        false => ("it is an unknown format", format!("unknown format `{format}`: an annotation, which constrains nothing")),
+                        true => (format!("the grammar does not enforce format `{format}`"), format!("format `{format}` checked after decoding")),
+                        false => (format!("`{format}` is an unknown format"), format!("unknown format `{format}`: an annotation, which constrains nothing")),
                     };
-                    self.relax(path, "format", checked, why, note)?;
+                    self.relax(path, "format", checked, &why, note)?;
                 }
             }
         }
@@ -249,6 +250,25 @@ enum Children {
     Map,
     One,
     List,
+}
+
+/// The magnitude below which a number without bounds is written. Without any bound the
+/// grammar admits exponents (`24e434`), which most JSON parsers cannot read as a finite number;
+/// with one it writes plain digits.
+const NUMBER_BOUND: f64 = 1e15;
+
+/// Bounds a number schema that has none, a narrowing every answer still satisfies.
+fn bound_numbers(object: &mut Map<String, Value>) {
+    let numbers = match object.get("type") {
+        Some(Value::String(t)) => t == "number",
+        Some(Value::Array(ts)) => ts.iter().any(|t| t == "number"),
+        _ => false,
+    };
+    let bounded = ["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"].iter().any(|k| object.contains_key(*k));
+    if numbers && !bounded {
+        object.insert("minimum".into(), Value::from(-NUMBER_BOUND));
+        object.insert("maximum".into(), Value::from(NUMBER_BOUND));
+    }
 }
 
 /// Adds a pattern the value must also match; an existing `pattern` stays and both apply.
@@ -356,6 +376,14 @@ mod tests {
         let out = relax(&schema, false, &bad).unwrap();
         assert_eq!(out.relaxed.iter().map(|r| r.path.as_str()).collect::<Vec<_>>(), ["/patternProperties/(?=a)b", "/properties/x/pattern"]);
         assert!(relax(&schema, true, &bad).is_err());
+    }
+
+    #[test]
+    fn numbers_without_bounds_get_plain_digit_bounds_and_bounded_ones_keep_theirs() {
+        let out = relaxed(json!({ "properties": { "a": { "type": "number" }, "b": { "type": ["number", "null"], "minimum": 0 } } }));
+        assert_eq!(out.grammar_schema["properties"]["a"], json!({ "type": "number", "minimum": -1e15, "maximum": 1e15 }));
+        assert_eq!(out.grammar_schema["properties"]["b"], json!({ "type": ["number", "null"], "minimum": 0 }));
+        assert!(out.relaxed.is_empty());
     }
 
     #[test]
