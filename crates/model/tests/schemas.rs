@@ -78,8 +78,7 @@ fn the_same_schema_is_refused_strictly_and_relaxed_otherwise_with_the_full_check
     assert!(error.contains("`dependentRequired` at /dependentRequired cannot be enforced"), "{error}");
 
     let constraint = vocabulary.constrain(&schema, false).unwrap();
-    let relaxed: Vec<(&str, &str, bool)> =
-        constraint.relaxed.iter().map(|r| (r.keyword.as_str(), r.path.as_str(), r.checked)).collect();
+    let relaxed: Vec<(&str, &str, bool)> = constraint.relaxed.iter().map(|r| (r.keyword.as_str(), r.path.as_str(), r.checked)).collect();
     assert_eq!(
         relaxed,
         [
@@ -145,11 +144,9 @@ fn a_schema_over_the_size_bound_is_refused_at_once_with_the_reason() {
 fn malformed_and_remote_schemas_are_refused_in_both_modes() {
     let vocabulary = vocabulary();
     for strict in [true, false] {
-        for (schema, needle) in [
-            (json!({ "type": "strng" }), "strng"),
-            (json!({ "$ref": "https://example.com/s.json" }), "example.com"),
-            (json!(3), "object"),
-        ] {
+        for (schema, needle) in
+            [(json!({ "type": "strng" }), "strng"), (json!({ "$ref": "https://example.com/s.json" }), "example.com"), (json!(3), "object")]
+        {
             let error = vocabulary.constrain(&schema, strict).unwrap_err().to_string();
             assert!(error.contains(needle), "{schema} strict={strict}: {error}");
         }

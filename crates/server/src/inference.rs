@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
-use qwen_ocr_model::grammar::Grammar;
 use qwen_ocr_model::image::{self, ImageOptions, PreprocessedImage};
 use qwen_ocr_model::lora::LoraAdapter;
 use qwen_ocr_model::sampling::SamplingParams;
+use qwen_ocr_model::schema::Constraint;
 use qwen_ocr_model::{FinishReason, GenerateRequest};
 use qwen_ocr_scheduler::{Completion, Request, RequestStream};
 use serde_json::Value;
@@ -103,10 +103,11 @@ pub fn sampling(state: &AppState, temperature: Option<f64>, top_p: Option<f64>, 
 }
 
 /// Compiles a JSON Schema into a decoding constraint off the async threads (a hit in the
-/// compiled-schema cache is immediate). A schema that cannot be enforced is a 400.
-pub async fn compile_schema(state: &AppState, schema: Value) -> ApiResult<Arc<Grammar>> {
+/// compiled-schema cache is immediate). A schema that cannot be used, or with `strict` one
+/// that cannot be enforced while decoding, is a 400.
+pub async fn compile_schema(state: &AppState, schema: Value, strict: bool) -> ApiResult<Arc<Constraint>> {
     let pipeline = state.engine()?.pipeline().clone();
-    tokio::task::spawn_blocking(move || pipeline.vocabulary()?.compile(&schema))
+    tokio::task::spawn_blocking(move || pipeline.vocabulary()?.constrain(&schema, strict).map(Arc::new))
         .await
         .map_err(|e| ApiError::internal(format!("schema compilation failed: {e}")))?
         .map_err(ApiError::from)

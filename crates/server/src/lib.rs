@@ -15,5 +15,6 @@ pub mod metrics;
 pub mod on_demand;
 pub mod profile;
 pub mod routes;
+pub mod schema_report;
 pub mod serve;
 pub mod state;

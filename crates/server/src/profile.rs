@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use qwen_ocr_model::grammar::Grammar;
+use qwen_ocr_model::schema::Constraint;
 use qwen_ocr_model::Pipeline;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -18,7 +18,7 @@ use crate::error::{ApiError, ApiResult, ErrorKind};
 #[derive(Debug, Clone, Default)]
 pub struct ExtractionProfile {
     pub settings: ProfileSpec,
-    pub grammar: Option<Arc<Grammar>>,
+    pub constraint: Option<Arc<Constraint>>,
 }
 
 /// A profile's settings, as configured or posted.
@@ -28,6 +28,10 @@ pub struct ProfileSpec {
     pub prompt: Option<String>,
     /// The JSON Schema every answer must validate against.
     pub schema: Option<Value>,
+    /// Refuse a schema with keywords the grammar cannot enforce, instead of relaxing them and
+    /// checking answers after decoding.
+    #[serde(default)]
+    pub strict: bool,
     pub max_tokens: Option<usize>,
     pub temperature: Option<f64>,
     /// The resize bounds the adapter's images were trained at (LLaMA-Factory's
@@ -43,6 +47,7 @@ impl ProfileSpec {
         Ok(ProfileSpec {
             prompt: adapter.prompt.clone(),
             schema: adapter.schema_file.as_ref().map(|f| read_schema_file(&base.join(f))).transpose()?,
+            strict: adapter.strict,
             max_tokens: adapter.max_tokens,
             temperature: adapter.temperature,
             min_pixels: adapter.min_pixels,
@@ -50,8 +55,8 @@ impl ProfileSpec {
         })
     }
 
-    /// Checks the settings and compiles the schema; a schema that cannot be enforced is
-    /// refused with its reason.
+    /// Checks the settings and compiles the schema; a schema that cannot be used (or, when
+    /// strict, cannot be enforced) is refused with its reason.
     pub fn compile(self, pipeline: &Pipeline) -> ApiResult<ExtractionProfile> {
         if let Some(t) = self.temperature {
             if !(t.is_finite() && t >= 0.0) {
@@ -61,11 +66,11 @@ impl ProfileSpec {
         if self.max_tokens == Some(0) {
             return Err(ApiError::new(ErrorKind::InvalidProfile, "max_tokens must be at least 1"));
         }
-        let grammar = match &self.schema {
-            Some(schema) => Some(pipeline.vocabulary()?.compile(schema)?),
+        let constraint = match &self.schema {
+            Some(schema) => Some(Arc::new(pipeline.vocabulary()?.constrain(schema, self.strict)?)),
             None => None,
         };
-        Ok(ExtractionProfile { settings: self, grammar })
+        Ok(ExtractionProfile { settings: self, constraint })
     }
 }
 

@@ -83,7 +83,11 @@ fn load(state: &AppState) -> Result<()> {
         seconds = started.elapsed().as_secs_f64(),
         "weights loaded"
     );
-    let base = ProfileSpec { schema: read_schema(config.extraction_schema_file.as_deref())?, ..ProfileSpec::default() };
+    let base = ProfileSpec {
+        schema: read_schema(config.extraction_schema_file.as_deref())?,
+        strict: config.extraction_schema_strict,
+        ..ProfileSpec::default()
+    };
     state.set_base_profile(base.compile(&pipeline).map_err(|e| anyhow!("extraction_schema_file: {}", e.message))?);
     for (name, adapter) in &config.adapters {
         // Absolute already: the config's relative paths were resolved against its folder.

@@ -92,9 +92,10 @@ impl<'a> Facts<'a> {
             return true;
         }
         depth < MAX_DEPTH
-            && self.properties.iter().any(|(name, schema)| {
-                object.get(*name).is_some_and(|v| Facts::of(schema, root, depth + 1).excludes(v, root, depth + 1))
-            })
+            && self
+                .properties
+                .iter()
+                .any(|(name, schema)| object.get(*name).is_some_and(|v| Facts::of(schema, root, depth + 1).excludes(v, root, depth + 1)))
     }
 
     /// Whether every value these facts allow is an object.
@@ -178,9 +179,7 @@ fn same_value(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
         (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_value(x, y)),
-        (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same_value(v, w)))
-        }
+        (Value::Object(x), Value::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same_value(v, w))),
         _ => a == b,
     }
 }

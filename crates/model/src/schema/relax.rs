@@ -110,8 +110,14 @@ impl Draft {
             "not" | "uniqueItems" | "dependencies" => true,
             "contains" | "propertyNames" => self >= Draft::Draft6,
             "if" | "then" | "else" => self >= Draft::Draft7,
-            "minContains" | "maxContains" | "dependentRequired" | "dependentSchemas" | "unevaluatedItems"
-            | "unevaluatedProperties" | "$recursiveRef" | "$recursiveAnchor" => self >= Draft::Draft201909,
+            "minContains"
+            | "maxContains"
+            | "dependentRequired"
+            | "dependentSchemas"
+            | "unevaluatedItems"
+            | "unevaluatedProperties"
+            | "$recursiveRef"
+            | "$recursiveAnchor" => self >= Draft::Draft201909,
             "$dynamicRef" | "$dynamicAnchor" => self == Draft::Latest,
             _ => false,
         }
@@ -154,8 +160,13 @@ impl Walk<'_> {
                 None => {
                     let checked = super::check::knows_format(&format);
                     let (why, note) = match checked {
-                        true => (format!("the grammar does not enforce format `{format}`"), format!("format `{format}` checked after decoding")),
-                        false => (format!("`{format}` is an unknown format"), format!("unknown format `{format}`: an annotation, which constrains nothing")),
+                        true => {
+                            (format!("the grammar does not enforce format `{format}`"), format!("format `{format}` checked after decoding"))
+                        }
+                        false => (
+                            format!("`{format}` is an unknown format"),
+                            format!("unknown format `{format}`: an annotation, which constrains nothing"),
+                        ),
                     };
                     self.relax(path, "format", checked, &why, note)?;
                 }
@@ -183,7 +194,9 @@ impl Walk<'_> {
                 let at = format!("{path}/oneOf");
                 self.unproven_one_of.push(at.clone());
                 if !self.strict {
-                    let note = "decoded as anyOf: the alternatives may overlap, and a value matching two of them is caught only by the check".into();
+                    let note =
+                        "decoded as anyOf: the alternatives may overlap, and a value matching two of them is caught only by the check"
+                            .into();
                     self.relaxed.push(Relaxation { keyword: "oneOf".into(), path: at, checked: true, note });
                 }
             }
@@ -314,7 +327,13 @@ mod tests {
         let paths: Vec<&str> = out.relaxed.iter().map(|r| r.path.as_str()).collect();
         assert_eq!(
             paths,
-            ["/dependentRequired", "/properties/tags/uniqueItems", "/properties/tags/items/not", "/properties/a~1b/if", "/properties/a~1b/then"]
+            [
+                "/dependentRequired",
+                "/properties/tags/uniqueItems",
+                "/properties/tags/items/not",
+                "/properties/a~1b/if",
+                "/properties/a~1b/then"
+            ]
         );
         assert!(out.relaxed.iter().all(|r| r.checked));
         let grammar = out.grammar_schema.to_string();

@@ -38,6 +38,10 @@ pub struct LoadAdapterRequest {
     /// Or the schema in a file inside `--adapters-dir`; not both.
     #[schema(value_type = Option<String>)]
     pub schema_file: Option<PathBuf>,
+    /// Refuse a schema with keywords the grammar cannot enforce while decoding; default: leave
+    /// them out of the grammar and check every answer against the full schema afterwards.
+    #[serde(default)]
+    pub strict: bool,
     #[schema(minimum = 1)]
     pub max_tokens: Option<usize>,
     #[schema(minimum = 0.0)]

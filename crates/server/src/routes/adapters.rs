@@ -82,6 +82,7 @@ pub async fn load(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesR
     let spec = ProfileSpec {
         prompt: request.prompt,
         schema,
+        strict: request.strict,
         max_tokens: request.max_tokens,
         temperature: request.temperature,
         min_pixels: request.min_pixels,
