@@ -12,10 +12,40 @@ use serde_json::Value;
 /// How deep proofs follow `$ref`, `allOf` and nested properties before giving up.
 const MAX_DEPTH: usize = 12;
 
-/// Whether no value can match two of `alternatives`; `root` resolves local `$ref`s.
-pub fn exclusive(alternatives: &[Value], root: &Value) -> bool {
-    let facts: Vec<Facts> = alternatives.iter().map(|a| Facts::of(a, root, 0)).collect();
-    facts.iter().enumerate().all(|(i, a)| facts[i + 1..].iter().all(|b| disjoint(a, b, root, 0)))
+/// Whether no value can match two of `alternatives` of the `oneOf` of schema `parent` (whose
+/// other keywords every value also matches); `root` resolves local `$ref`s. One repair is
+/// allowed: two closed objects (`additionalProperties: false`) with
+/// no property in common share only `{}`, which `minProperties: 1` on both removes without
+/// losing any valid answer. `Some(indices)`: exclusive once the alternatives at `indices` get
+/// it; `None`: not proven.
+pub fn exclusive_within(parent: &Value, alternatives: &[Value], root: &Value) -> Option<Vec<usize>> {
+    let facts: Vec<Facts> = alternatives
+        .iter()
+        .map(|a| {
+            let mut facts = Facts::of(a, root, 0);
+            facts.merge(Facts::of(parent, root, 0));
+            facts
+        })
+        .collect();
+    let mut needs = Vec::new();
+    for (i, a) in facts.iter().enumerate() {
+        for (j, b) in facts.iter().enumerate().skip(i + 1) {
+            if disjoint(a, b, root, 0) {
+                continue;
+            }
+            let only_empty = match (&a.allowed, &b.allowed) {
+                (Some(x), Some(y)) => a.only_objects() && b.only_objects() && !x.iter().any(|n| y.contains(n)),
+                _ => false,
+            };
+            if !only_empty {
+                return None;
+            }
+            needs.extend([i, j]);
+        }
+    }
+    needs.sort_unstable();
+    needs.dedup();
+    Some(needs)
 }
 
 /// What every value matching a schema must satisfy, as far as the proofs need it.
@@ -29,6 +59,9 @@ struct Facts<'a> {
     required: Vec<&'a str>,
     /// Schemas a property must match when present (several when `allOf` adds more).
     properties: Vec<(&'a str, &'a Value)>,
+    /// The only property names an object may have (`additionalProperties: false` without
+    /// `patternProperties`); `None`: any.
+    allowed: Option<Vec<&'a str>>,
 }
 
 impl<'a> Facts<'a> {
@@ -54,6 +87,9 @@ impl<'a> Facts<'a> {
         if let Some(Value::Object(properties)) = object.get("properties") {
             facts.properties = properties.iter().map(|(k, v)| (k.as_str(), v)).collect();
         }
+        if object.get("additionalProperties") == Some(&Value::Bool(false)) && !object.contains_key("patternProperties") {
+            facts.allowed = Some(facts.properties.iter().map(|(k, _)| *k).collect());
+        }
         if let Some(target) = object.get("$ref").and_then(Value::as_str).and_then(|r| resolve(root, r)) {
             facts.merge(Facts::of(target, root, depth + 1));
         }
@@ -75,6 +111,10 @@ impl<'a> Facts<'a> {
             (Some(a), Some(b)) => Some(a.into_iter().filter(|v| b.iter().any(|w| same_value(v, w))).collect()),
             (a, b) => a.or(b),
         };
+        self.allowed = match (self.allowed.take(), other.allowed) {
+            (Some(a), Some(b)) => Some(a.into_iter().filter(|n| b.contains(n)).collect()),
+            (a, b) => a.or(b),
+        };
         self.required.extend(other.required);
         self.properties.extend(other.properties);
     }
@@ -89,6 +129,9 @@ impl<'a> Facts<'a> {
         }
         let Some(object) = value.as_object() else { return false };
         if self.required.iter().any(|name| !object.contains_key(*name)) {
+            return true;
+        }
+        if self.allowed.as_ref().is_some_and(|names| object.keys().any(|k| !names.contains(&k.as_str()))) {
             return true;
         }
         depth < MAX_DEPTH
@@ -118,6 +161,13 @@ fn disjoint(a: &Facts, b: &Facts, root: &Value, depth: usize) -> bool {
     }
     // A value matching both is an object (one side says so), so it has every property either
     // side requires, and that property's value must match both sides' schemas for it.
+    if a.only_objects() || b.only_objects() {
+        // One side requires a property the other, closed, does not allow.
+        let refuses = |x: &Facts, y: &Facts| x.allowed.as_ref().is_some_and(|names| y.required.iter().any(|r| !names.contains(r)));
+        if refuses(a, b) || refuses(b, a) {
+            return true;
+        }
+    }
     if depth < MAX_DEPTH && (a.only_objects() || b.only_objects()) {
         let required = a.required.iter().chain(&b.required);
         for name in required {
@@ -190,7 +240,7 @@ mod tests {
     use serde_json::json;
 
     fn one_of(schema: &Value) -> bool {
-        exclusive(schema["oneOf"].as_array().unwrap(), schema)
+        exclusive_within(&Value::Null, schema["oneOf"].as_array().unwrap(), schema) == Some(vec![])
     }
 
     #[test]
@@ -231,6 +281,20 @@ mod tests {
             { "properties": { "k": { "const": "b" } }, "required": ["k"] }
         ] });
         assert!(!one_of(&untyped), "a string matches both");
+    }
+
+    #[test]
+    fn closed_objects_are_told_apart_by_required_names_or_repaired_when_they_share_only_the_empty_object() {
+        let closed = |name: &str, required: bool| {
+            let required = if required { json!([name]) } else { json!([]) };
+            json!({ "properties": { name: { "type": "string" } }, "required": required, "additionalProperties": false })
+        };
+        let parent = json!({ "type": "object" });
+        assert_eq!(exclusive_within(&parent, &[closed("key", true), closed("keys", false)], &json!({})), Some(vec![]));
+        assert_eq!(exclusive_within(&parent, &[closed("key", false), closed("keys", false)], &json!({})), Some(vec![0, 1]));
+        assert_eq!(exclusive_within(&Value::Null, &[closed("key", false), closed("keys", false)], &json!({})), None, "a string matches both");
+        let shared = json!({ "properties": { "key": {}, "keys": {} }, "additionalProperties": false });
+        assert_eq!(exclusive_within(&parent, &[closed("key", false), shared], &json!({})), None);
     }
 
     #[test]

@@ -189,8 +189,13 @@ impl Walk<'_> {
             }
         }
         if let Some(Value::Array(alternatives)) = object.get("oneOf") {
-            let original = self.root.pointer(path).and_then(|n| n.get("oneOf")).and_then(Value::as_array);
-            if !one_of::exclusive(original.unwrap_or(alternatives), self.root) {
+            let parent = self.root.pointer(path).unwrap_or(&Value::Null);
+            let original = parent.get("oneOf").and_then(Value::as_array).unwrap_or(alternatives);
+            let exact = match one_of::exclusive_within(parent, original, self.root) {
+                Some(needs) => repair_empty_overlap(object, &needs),
+                None => false,
+            };
+            if !exact {
                 let at = format!("{path}/oneOf");
                 self.unproven_one_of.push(at.clone());
                 if !self.strict {
@@ -282,6 +287,22 @@ fn bound_numbers(object: &mut Map<String, Value>) {
         object.insert("minimum".into(), Value::from(-NUMBER_BOUND));
         object.insert("maximum".into(), Value::from(NUMBER_BOUND));
     }
+}
+
+/// Gives the `oneOf` alternatives at `needs` `minProperties: 1` (they share only `{}`, which
+/// `oneOf` refuses anyway); false when one is a `$ref`, which the grammar cannot add to.
+fn repair_empty_overlap(object: &mut Map<String, Value>, needs: &[usize]) -> bool {
+    let Some(Value::Array(alternatives)) = object.get_mut("oneOf") else { return false };
+    if needs.iter().any(|&i| alternatives.get(i).is_none_or(|a| !a.is_object() || a.get("$ref").is_some())) {
+        return false;
+    }
+    for &i in needs {
+        let alternative = alternatives[i].as_object_mut().expect("checked above");
+        if alternative.get("minProperties").and_then(Value::as_u64).unwrap_or(0) == 0 {
+            alternative.insert("minProperties".into(), Value::from(1));
+        }
+    }
+    true
 }
 
 /// Adds a pattern the value must also match; an existing `pattern` stays and both apply.
@@ -386,6 +407,18 @@ mod tests {
         assert!(!strict.one_of_as_any_of && strict.unproven_one_of == ["/properties/x/oneOf"]);
         let loose = relaxed(overlapping);
         assert!(loose.one_of_as_any_of && loose.relaxed[0].path == "/properties/x/oneOf");
+    }
+
+    #[test]
+    fn closed_alternatives_sharing_only_the_empty_object_are_repaired_instead_of_relaxed() {
+        let schema = json!({ "type": "object", "oneOf": [
+            { "properties": { "key": { "type": "string" } }, "additionalProperties": false },
+            { "properties": { "keys": { "type": "array" } }, "additionalProperties": false }
+        ] });
+        let out = relax(&schema, true, &HashSet::new()).unwrap();
+        assert!(out.relaxed.is_empty() && out.unproven_one_of.is_empty());
+        assert_eq!(out.grammar_schema["oneOf"][0]["minProperties"], 1);
+        assert_eq!(out.grammar_schema["oneOf"][1]["minProperties"], 1);
     }
 
     #[test]
