@@ -292,7 +292,11 @@ mod tests {
         let parent = json!({ "type": "object" });
         assert_eq!(exclusive_within(&parent, &[closed("key", true), closed("keys", false)], &json!({})), Some(vec![]));
         assert_eq!(exclusive_within(&parent, &[closed("key", false), closed("keys", false)], &json!({})), Some(vec![0, 1]));
-        assert_eq!(exclusive_within(&Value::Null, &[closed("key", false), closed("keys", false)], &json!({})), None, "a string matches both");
+        assert_eq!(
+            exclusive_within(&Value::Null, &[closed("key", false), closed("keys", false)], &json!({})),
+            None,
+            "a string matches both"
+        );
         let shared = json!({ "properties": { "key": {}, "keys": {} }, "additionalProperties": false });
         assert_eq!(exclusive_within(&parent, &[closed("key", false), shared], &json!({})), None);
     }

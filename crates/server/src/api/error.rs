@@ -189,7 +189,10 @@ mod tests {
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)] // Only its OpenAPI description is used.
 pub enum InferenceErrors {
-    #[response(status = 400, description = "Malformed or out-of-range fields, a missing or corrupt image, a JSON Schema that does not parse or cannot be enforced")]
+    #[response(
+        status = 400,
+        description = "Malformed or out-of-range fields, a missing or corrupt image, a JSON Schema that does not parse or cannot be enforced"
+    )]
     BadRequest(ErrorResponse),
     #[response(status = 403, description = "An adapter name that leads outside the adapters folder (`adapter_path_outside`)")]
     Forbidden(ErrorResponse),

@@ -1,7 +1,7 @@
 //! `/health` and `/ready`.
 
-use serde::{Deserialize, Serialize};
 use qwen_ocr_scheduler::Stats;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
