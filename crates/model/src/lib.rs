@@ -14,6 +14,7 @@ pub mod model;
 pub mod pipeline;
 pub mod preprocess;
 pub mod quality;
+pub mod schema;
 
 pub use candle_core::{DType, Device};
 pub use decoding::sequence::{Phase, Sequence};

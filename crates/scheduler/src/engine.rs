@@ -11,9 +11,10 @@ use std::path::Path;
 
 use qwen_ocr_model::adapters::lora::LoraAdapter;
 use qwen_ocr_model::config::PreprocessorConfig;
-use qwen_ocr_model::decoding::grammar::{Grammar, Vocabulary};
+use qwen_ocr_model::decoding::grammar::Vocabulary;
 use qwen_ocr_model::decoding::sampling::SamplingParams;
 use qwen_ocr_model::preprocess::image::{ImageOptions, PreprocessedImage};
+use qwen_ocr_model::schema::Constraint;
 use qwen_ocr_model::{Error, Family, FinishReason, Pipeline, Sequence, VisualEmbeds};
 use tokio::sync::mpsc;
 
@@ -83,9 +84,10 @@ impl Engine {
         self.pipeline.vocabulary()
     }
 
-    /// A JSON schema compiled into a constraint over this checkpoint's vocabulary (cached).
-    pub fn compile_schema(&self, schema: &serde_json::Value) -> Result<Arc<Grammar>, Error> {
-        self.pipeline.vocabulary()?.compile(schema)
+    /// A JSON schema made into a decoding constraint over this checkpoint's vocabulary
+    /// (grammars cached), strictly or relaxed (see [`qwen_ocr_model::schema`]).
+    pub fn compile_schema(&self, schema: &serde_json::Value, strict: bool) -> Result<Constraint, Error> {
+        self.pipeline.vocabulary()?.constrain(schema, strict)
     }
 
     /// Loads and validates a PEFT LoRA adapter against the loaded model.

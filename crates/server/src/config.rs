@@ -96,6 +96,9 @@ pub struct ServerConfig {
     /// A JSON Schema file that `/v1/extract` answers of the base model must validate against
     /// (relative paths resolve against the config file's folder).
     pub extraction_schema_file: Option<PathBuf>,
+    /// Refuse an `extraction_schema_file` with keywords the grammar cannot enforce, instead of
+    /// checking them after decoding.
+    pub extraction_schema_strict: bool,
     pub engine: EngineConfig,
 }
 
@@ -108,6 +111,10 @@ pub struct AdapterConfig {
     /// settings and the pixel range its images were trained at.
     pub prompt: Option<String>,
     pub schema_file: Option<PathBuf>,
+    /// Refuse a `schema_file` with keywords the grammar cannot enforce (default: relax them
+    /// and check answers after decoding).
+    #[serde(default)]
+    pub strict: bool,
     pub max_tokens: Option<usize>,
     pub temperature: Option<f64>,
     pub min_pixels: Option<u64>,
@@ -117,7 +124,16 @@ pub struct AdapterConfig {
 impl AdapterConfig {
     /// An adapter with no profile of its own.
     pub fn at(path: PathBuf) -> Self {
-        Self { path, prompt: None, schema_file: None, max_tokens: None, temperature: None, min_pixels: None, max_pixels: None }
+        Self {
+            path,
+            prompt: None,
+            schema_file: None,
+            strict: false,
+            max_tokens: None,
+            temperature: None,
+            min_pixels: None,
+            max_pixels: None,
+        }
     }
 
     /// The profile's settings, without its schema (which is read from `schema_file` later).
@@ -125,6 +141,7 @@ impl AdapterConfig {
         ProfileSpec {
             prompt: self.prompt.clone(),
             schema: None,
+            strict: self.strict,
             max_tokens: self.max_tokens,
             temperature: self.temperature,
             min_pixels: self.min_pixels,
@@ -166,6 +183,7 @@ impl Default for ServerConfig {
             image_fetch_timeout_secs: 10,
             extraction_prompt: DEFAULT_EXTRACTION_PROMPT.into(),
             extraction_schema_file: None,
+            extraction_schema_strict: false,
             engine: EngineConfig::default(),
         }
     }

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
 use qwen_ocr_model::adapters::lora::LoraAdapter;
-use qwen_ocr_model::decoding::grammar::Grammar;
 use qwen_ocr_model::decoding::sampling::SamplingParams;
 use qwen_ocr_model::preprocess::image::{ImageOptions, PreprocessedImage};
+use qwen_ocr_model::schema::Constraint;
 use qwen_ocr_model::{FinishReason, GenerateRequest, ImageError};
 use qwen_ocr_scheduler::{Completion, Request, RequestStream};
 use serde_json::Value;
@@ -129,10 +129,11 @@ pub fn sampling(state: &AppState, temperature: Option<f64>, top_p: Option<f64>, 
 }
 
 /// Compiles a JSON Schema into a decoding constraint off the async threads (a hit in the
-/// compiled-schema cache is immediate). A schema that cannot be enforced is a 400.
-pub async fn compile_schema(state: &Arc<AppState>, schema: Value) -> ApiResult<Arc<Grammar>> {
+/// compiled-schema cache is immediate). A schema that cannot be used, or with `strict` one
+/// that cannot be enforced while decoding, is a 400.
+pub async fn compile_schema(state: &Arc<AppState>, schema: Value, strict: bool) -> ApiResult<Arc<Constraint>> {
     let state = state.clone();
-    tokio::task::spawn_blocking(move || Ok(state.engine()?.compile_schema(&schema)?))
+    tokio::task::spawn_blocking(move || Ok(Arc::new(state.engine()?.compile_schema(&schema, strict)?)))
         .await
         .map_err(|e| ApiError::internal(format!("schema compilation failed: {e}")))?
 }

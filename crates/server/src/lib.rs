@@ -17,5 +17,6 @@ pub mod on_demand;
 pub mod profile;
 pub mod remote_image;
 pub mod routes;
+pub mod schema_report;
 pub mod serve;
 pub mod state;

@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use qwen_ocr_model::decoding::grammar::Grammar;
 use qwen_ocr_model::preprocess::image::{max_resized_pixels, MAX_RESIZED_PIXELS};
+use qwen_ocr_model::schema::Constraint;
 use qwen_ocr_scheduler::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -19,7 +19,7 @@ use crate::error::{ApiError, ApiResult, ErrorKind};
 #[derive(Debug, Clone, Default)]
 pub struct ExtractionProfile {
     pub settings: ProfileSpec,
-    pub grammar: Option<Arc<Grammar>>,
+    pub constraint: Option<Arc<Constraint>>,
 }
 
 /// A profile's settings, as configured or posted.
@@ -29,6 +29,10 @@ pub struct ProfileSpec {
     pub prompt: Option<String>,
     /// The JSON Schema every answer must validate against.
     pub schema: Option<Value>,
+    /// Refuse a schema with keywords the grammar cannot enforce, instead of relaxing them and
+    /// checking answers after decoding.
+    #[serde(default)]
+    pub strict: bool,
     pub max_tokens: Option<usize>,
     pub temperature: Option<f64>,
     /// The resize bounds the adapter's images were trained at (LLaMA-Factory's
@@ -81,14 +85,14 @@ impl ProfileSpec {
             );
             return Err(ApiError::new(ErrorKind::InvalidProfile, message));
         }
-        let grammar = match &self.schema {
-            Some(schema) => Some(engine.compile_schema(schema).map_err(|e| {
+        let constraint = match &self.schema {
+            Some(schema) => Some(Arc::new(engine.compile_schema(schema, self.strict).map_err(|e| {
                 let e = ApiError::from(e);
                 ApiError::new(e.kind, format!("{}: schema: {}", owner(adapter), e.message))
-            })?),
+            })?)),
             None => None,
         };
-        Ok(ExtractionProfile { settings: self, grammar })
+        Ok(ExtractionProfile { settings: self, constraint })
     }
 }
 

@@ -96,7 +96,11 @@ fn load(state: &AppState) -> Result<()> {
         seconds = started.elapsed().as_secs_f64(),
         "weights loaded"
     );
-    let base = ProfileSpec { schema: read_schema(config.extraction_schema_file.as_deref())?, ..ProfileSpec::default() };
+    let base = ProfileSpec {
+        schema: read_schema(config.extraction_schema_file.as_deref())?,
+        strict: config.extraction_schema_strict,
+        ..ProfileSpec::default()
+    };
     let base = base.compile(None, config, &engine).map_err(|e| match &config.extraction_schema_file {
         Some(file) if e.kind == crate::error::ErrorKind::InvalidSchema => {
             anyhow!("extraction_schema_file {}: {}", file.display(), e.message)

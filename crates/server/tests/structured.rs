@@ -222,7 +222,7 @@ fn bad_schemas_get_a_400_that_names_the_problem_in_chat_extract_and_profiles() {
 
     let plate = image_bytes("plate.png");
     named(server.extract_multipart(&[("image", "p.png", &plate)], &[("schema", "{not json")], &[]), "not JSON");
-    named(server.extract_multipart(&[("image", "p.png", &plate)], &[("schema", r#"{"not": {}}"#)], &[]), "not");
+    named(server.extract_multipart(&[("image", "p.png", &plate)], &[("schema", r#"{"not": {}}"#), ("strict", "true")], &[]), "not");
 
     let load = |extra: Value| {
         let mut body = json!({ "name": "plates", "path": "lm-qv-r4" });
@@ -249,4 +249,177 @@ fn bad_schemas_get_a_400_that_names_the_problem_in_chat_extract_and_profiles() {
     let out = qwen_ocr(&["serve", "--model", &tiny_model(), "--host", "127.0.0.1", "--port", "0", "--config", config.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("adapter `x`") && stderr.contains("strng"), "{stderr}");
+}
+
+/// A schema whose only answers break a keyword the grammar cannot enforce: two items from a
+/// one-value enum, which `uniqueItems` forbids.
+fn pair_schema() -> Value {
+    json!({ "type": "array", "items": { "enum": ["a"] }, "minItems": 2, "maxItems": 2, "uniqueItems": true })
+}
+
+/// A JSON POST with the response's `x-qwen-ocr-schema-relaxed` header.
+fn post_with_header(server: &Server, path: &str, body: &Value) -> (u16, Value, Option<String>) {
+    let response = match ureq::post(&server.url(path)).set("content-type", "application/json").send_string(&body.to_string()) {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
+    };
+    let header = response.header("x-qwen-ocr-schema-relaxed").map(str::to_string);
+    let status = response.status();
+    (status, serde_json::from_str(&response.into_string().unwrap()).unwrap(), header)
+}
+
+#[test]
+fn strict_refuses_what_non_strict_relaxes_reports_and_checks_in_chat_extract_and_profiles() {
+    let adapters_dir = adapter_dir("lm-qv-r4").parent().unwrap().to_path_buf();
+    let server = Server::start(&["--adapters-dir", adapters_dir.to_str().unwrap()]);
+    let chat = |strict: Option<bool>| {
+        let mut format = json!({ "type": "json_schema", "json_schema": { "name": "pair", "schema": pair_schema() } });
+        if let Some(strict) = strict {
+            format["json_schema"]["strict"] = json!(strict);
+        }
+        with_format(chat_body(None, &[], "hi", 16), format)
+    };
+    let (status, body, _) = post_with_header(&server, "/v1/chat/completions", &chat(Some(true)));
+    assert_api_error(&(status, body.clone()), 400, "invalid_schema");
+    let message = parse::<ErrorResponse>(&body).error.message;
+    assert!(message.contains("`uniqueItems` at /uniqueItems") && message.contains("strict"), "{message}");
+
+    for strict in [None, Some(false)] {
+        let (status, body, header) = post_with_header(&server, "/v1/chat/completions", &chat(strict));
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(header.as_deref(), Some("uniqueItems"));
+        let reply: ChatCompletion = parse(&body);
+        assert_eq!(reply.choices[0].message.content, r#"["a","a"]"#);
+        let relaxed = reply.schema.schema_relaxed.unwrap();
+        assert_eq!(
+            (relaxed.len(), relaxed[0].keyword.as_str(), relaxed[0].path.as_str(), relaxed[0].checked),
+            (1, "uniqueItems", "/uniqueItems", true)
+        );
+        assert_eq!(reply.schema.schema_valid, Some(false));
+        assert!(reply.schema.schema_errors[0].contains("unique"), "{:?}", reply.schema.schema_errors);
+    }
+    // Streamed: the finish chunk carries the report.
+    let mut streamed = chat(None);
+    streamed["stream"] = json!(true);
+    let (text, finish, lines) = server.chat_stream(&streamed, &[]);
+    assert_eq!((text.as_str(), finish.as_deref()), (r#"["a","a"]"#, Some("stop")));
+    let reports: Vec<ChatCompletionChunk> = lines
+        .iter()
+        .filter(|l| *l != "[DONE]")
+        .map(|l| parse_str::<ChatCompletionChunk>(l))
+        .filter(|c| c.schema.schema_valid.is_some())
+        .collect();
+    assert_eq!(reports.len(), 1, "{lines:?}");
+    assert!(reports[0].choices[0].finish_reason.is_some() && reports[0].schema.schema_valid == Some(false));
+    // A schema the grammar enforces whole: nothing relaxed, no header, and the answer passes.
+    let (status, body, header) =
+        post_with_header(&server, "/v1/chat/completions", &with_format(chat_body(None, &[], "hi", 64), json_schema_format(plate_schema())));
+    assert_eq!((status, header), (200, None), "{body}");
+    let reply: ChatCompletion = parse(&body);
+    assert_eq!((reply.schema.schema_relaxed, reply.schema.schema_valid), (Some(vec![]), Some(true)));
+    // Without a schema, no report at all.
+    let (_, body, _) = post_with_header(&server, "/v1/chat/completions", &chat_body(None, &[], "hi", 2));
+    assert!(body.get("schema_valid").is_none() && body.get("schema_relaxed").is_none(), "{body}");
+
+    // /v1/extract: not strict unless asked; a failed check keeps the answer and says why.
+    let plate = image_bytes("plate.png");
+    let schema = pair_schema().to_string();
+    let (status, body) = server.extract_multipart(&[("image", "p.png", &plate)], &[("schema", &schema)], &[]);
+    assert_eq!(status, 200, "{body}");
+    let extraction: Extraction = parse(&body);
+    assert_eq!(extraction.data, json!(["a", "a"]));
+    assert!(extraction.error.as_deref().is_some_and(|e| e.contains("full schema check") && e.contains("unique")), "{body}");
+    assert_eq!(extraction.schema.schema_valid, Some(false));
+    let strict = server.extract_multipart(&[("image", "p.png", &plate)], &[("schema", &schema), ("strict", "true")], &[]);
+    assert_api_error(&strict, 400, "invalid_schema");
+    assert_api_error(
+        &server.extract_multipart(&[("image", "p.png", &plate)], &[("schema", &schema), ("strict", "yes")], &[]),
+        400,
+        "invalid_field",
+    );
+
+    // Profiles: `strict` refuses the schema at load; without it the adapter loads and reports.
+    let load = |strict: bool| {
+        server.post_json(
+            "/v1/adapters",
+            &json!({ "name": "pairs", "path": "lm-qv-r4", "schema": pair_schema(), "strict": strict, "max_tokens": 16 }),
+            &[],
+        )
+    };
+    assert_api_error(&load(true), 400, "invalid_schema");
+    assert_eq!(load(false).0, 201);
+    let (status, body) = server.extract_multipart(&[("image", "p.png", &plate)], &[], &[("X-Adapter", "pairs")]);
+    assert_eq!(status, 200, "{body}");
+    let extraction: Extraction = parse(&body);
+    assert_eq!(extraction.schema.schema_relaxed.unwrap()[0].keyword, "uniqueItems");
+
+    // At start-up, `strict = true` on a profile stops the server with the keyword.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pair.json"), pair_schema().to_string()).unwrap();
+    let config = dir.path().join("c.toml");
+    let toml =
+        format!("[adapters.x]\npath = {:?}\nschema_file = \"pair.json\"\nstrict = true\n", adapter_dir("lm-qv-r4").display().to_string());
+    std::fs::write(&config, toml).unwrap();
+    let out = qwen_ocr(&["serve", "--model", &tiny_model(), "--host", "127.0.0.1", "--port", "0", "--config", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("adapter `x`") && stderr.contains("uniqueItems"), "{stderr}");
+}
+
+/// Each format the grammar enforces, written by the model several times, checked by Python's
+/// `jsonschema` with its format checker (`tests/schema_formats.py`). Python comes from
+/// `QWEN_OCR_PYTHON`, as for the openai client test; without `jsonschema` it skips, except
+/// under CI.
+#[test]
+fn every_enforced_format_writes_values_pythons_jsonschema_accepts() {
+    const FORMATS: [&str; 11] =
+        ["date-time", "date", "time", "duration", "email", "hostname", "ipv4", "ipv6", "uuid", "uri", "uri-reference"];
+    let python = std::env::var("QWEN_OCR_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_jsonschema = std::process::Command::new(&python).args(["-c", "import jsonschema"]).output().is_ok_and(|o| o.status.success());
+    if !has_jsonschema {
+        assert!(std::env::var_os("CI").is_none(), "CI must provide jsonschema: set QWEN_OCR_PYTHON to a Python that has it");
+        eprintln!("skipped: no `jsonschema` for {python}; `pip install 'jsonschema[format-nongpl]'` and set QWEN_OCR_PYTHON to run it");
+        return;
+    }
+    let server = Server::start(&[]);
+    let prompts = ["Write it.", "Another one, please."];
+    let jobs: Vec<(&str, &str)> = FORMATS.iter().flat_map(|f| prompts.iter().map(move |p| (*f, *p))).collect();
+    // All at once, so that the engine batches them.
+    let answers: Vec<(&str, Value)> = std::thread::scope(|s| {
+        let server = &server;
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|&(format, prompt)| {
+                let schema = json!({ "type": "string", "format": format });
+                let body = with_format(chat_body(None, &[], &format!("A {format}. {prompt}"), 512), json_schema_format(schema));
+                (format, s.spawn(move || server.post_json("/v1/chat/completions", &body, &[])))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .filter_map(|(format, handle)| {
+                let (status, body) = handle.join().unwrap();
+                assert_eq!(status, 200, "{format}: {body}");
+                let reply: ChatCompletion = parse(&body);
+                assert_eq!(reply.schema.schema_relaxed, Some(vec![]), "{format} is enforced, not relaxed");
+                let choice = &reply.choices[0];
+                (choice.finish_reason == FinishReason::Stop).then(|| (format, serde_json::from_str(&choice.message.content).unwrap()))
+            })
+            .collect()
+    });
+    for format in FORMATS {
+        let values: Vec<Value> = answers.iter().filter(|(f, _)| *f == format).map(|(_, v)| v.clone()).collect();
+        assert!(values.len() >= 2, "{format}: only {} answers finished", values.len());
+        let job = json!({ "schema": { "type": "string", "format": format }, "answers": values, "formats": [format] });
+        let mut child = std::process::Command::new(&python)
+            .arg(fixtures().join("../schema_formats.py"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(job.to_string().as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{format}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
 }

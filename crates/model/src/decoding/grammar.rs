@@ -79,10 +79,16 @@ impl Vocabulary {
     /// A grammar that accepts exactly the compact JSON texts valid under `schema`. Schemas
     /// with keywords llguidance cannot enforce are refused, never half-enforced.
     pub fn compile(&self, schema: &Value) -> Result<Arc<Grammar>> {
+        self.compile_with(schema, false)
+    }
+
+    /// [`compile`](Self::compile), optionally decoding every `oneOf` as `anyOf` (exact only
+    /// where the alternatives exclude each other: `crate::schema` decides when to ask).
+    pub fn compile_with(&self, schema: &Value, one_of_as_any_of: bool) -> Result<Arc<Grammar>> {
         if !schema.is_object() && !schema.is_boolean() {
             return Err(Error::Schema("a JSON Schema must be an object".into()));
         }
-        let key = schema.to_string();
+        let key = format!("{one_of_as_any_of}{schema}");
         if let Some(hit) = self.cache.lock().expect("grammar cache lock").get(&key) {
             return Ok(hit.clone());
         }
@@ -94,6 +100,7 @@ impl Vocabulary {
                 item_separator: ",".into(),
                 key_separator: ":".into(),
                 whitespace_flexible: false,
+                coerce_one_of: one_of_as_any_of,
                 ..JsonCompileOptions::default()
             };
             object.remove("x-guidance");

@@ -38,6 +38,10 @@ pub struct LoadAdapterRequest {
     /// Or the schema in a file inside `--adapters-dir`; not both.
     #[schema(value_type = Option<String>)]
     pub schema_file: Option<PathBuf>,
+    /// Refuse a schema with keywords the grammar cannot enforce while decoding; default: leave
+    /// them out of the grammar and check every answer against the full schema afterwards.
+    #[serde(default)]
+    pub strict: bool,
     #[schema(minimum = 1)]
     pub max_tokens: Option<usize>,
     #[schema(minimum = 0.0)]
@@ -55,6 +59,7 @@ impl LoadAdapterRequest {
         ProfileSpec {
             prompt: self.prompt.clone(),
             schema: None,
+            strict: self.strict,
             max_tokens: self.max_tokens,
             temperature: self.temperature,
             min_pixels: self.min_pixels,

@@ -9,6 +9,7 @@ use utoipa::{PartialSchema, ToSchema};
 
 use super::error::ErrorResponse;
 use super::logprobs::ChoiceLogprobs;
+use super::schema::SchemaReport;
 use super::{FinishReason, ObjectKind, Usage};
 
 /// OpenAI's chat completion request; fields OpenAI has and this server does not use are
@@ -116,21 +117,30 @@ pub enum ResponseFormat {
     JsonSchema { json_schema: JsonSchemaFormat },
 }
 
-/// OpenAI's `json_schema` object. Its `name`, `description` and `strict` are accepted and not
-/// needed: the schema is always enforced, and one that cannot be is refused.
+/// OpenAI's `json_schema` object. Its `name` and `description` are accepted and not needed.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct JsonSchemaFormat {
     /// A JSON Schema; absent: any JSON value.
     pub schema: Option<Value>,
+    /// `true`: every keyword is enforced while decoding, and a schema with one that cannot be
+    /// (`not`, `uniqueItems`, `if`, an unknown `format`, a `oneOf` whose alternatives may
+    /// overlap, ...) is refused with 400 `invalid_schema` naming it and its path. `false` or
+    /// absent: such keywords are left out of the grammar and listed in `schema_relaxed`, and
+    /// the answer is checked against the full schema after decoding (`schema_valid`).
+    #[serde(default)]
+    pub strict: Option<bool>,
 }
 
 impl ResponseFormat {
-    /// The schema to enforce, if any; OpenAI's `json_object` is any object.
-    pub fn schema(self) -> Option<Value> {
+    /// The schema to enforce, if any, and whether strictly; OpenAI's `json_object` is any
+    /// object.
+    pub fn schema(self) -> Option<(Value, bool)> {
         match self {
             ResponseFormat::Text => None,
-            ResponseFormat::JsonObject => Some(Value::Object(Map::from_iter([("type".into(), "object".into())]))),
-            ResponseFormat::JsonSchema { json_schema } => Some(json_schema.schema.unwrap_or_else(|| Value::Object(Map::new()))),
+            ResponseFormat::JsonObject => Some((Value::Object(Map::from_iter([("type".into(), "object".into())])), true)),
+            ResponseFormat::JsonSchema { json_schema } => {
+                Some((json_schema.schema.unwrap_or_else(|| Value::Object(Map::new())), json_schema.strict.unwrap_or(false)))
+            }
         }
     }
 }
@@ -147,6 +157,8 @@ pub struct ChatCompletion {
     pub usage: Usage,
     /// Always null.
     pub system_fingerprint: Option<String>,
+    #[serde(flatten)]
+    pub schema: SchemaReport,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -178,6 +190,9 @@ pub struct ChatCompletionChunk {
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
     #[schema(value_type = Option<Usage>)]
     pub usage: Option<Option<Usage>>,
+    /// With a schema, in the chunk with the `finish_reason`.
+    #[serde(flatten)]
+    pub schema: SchemaReport,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

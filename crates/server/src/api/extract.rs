@@ -7,6 +7,7 @@ use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, Schema, SchemaFormat, 
 use utoipa::openapi::RefOr;
 use utoipa::{IntoParams, PartialSchema, ToSchema};
 
+use super::schema::SchemaReport;
 use super::{FinishReason, ObjectKind, Usage};
 
 /// The optional settings, from the form's text parts or (for a raw body) the query string.
@@ -27,6 +28,9 @@ pub struct ExtractOptions {
     /// A JSON Schema, as JSON text, that the answer must validate against; it replaces the
     /// profile's for this request.
     pub schema: Option<String>,
+    /// For `schema`: `true` refuses keywords the grammar cannot enforce while decoding;
+    /// default `false` leaves them out of the grammar and checks the answer after decoding.
+    pub strict: Option<bool>,
 }
 
 /// The multipart form: the `image` file part (`file` is accepted too) and the options as text
@@ -71,13 +75,15 @@ pub struct Extraction {
     pub finish_reason: FinishReason,
     pub usage: Usage,
     pub timings: Timings,
-    /// Why `data` is null.
+    /// Why `data` is null, or why it failed the full schema check (`data` is kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// With a schema: for each top-level field, the probability the model gave its value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<std::collections::HashMap<String, f64>>)]
     pub confidence: Option<Map<String, Value>>,
+    #[serde(flatten)]
+    pub schema: SchemaReport,
 }
 
 /// Where the request's time went, in milliseconds.

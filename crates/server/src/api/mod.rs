@@ -9,6 +9,7 @@ pub mod extract;
 pub mod logprobs;
 pub mod models;
 pub mod ops;
+pub mod schema;
 
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};

@@ -17,6 +17,7 @@ use base64::Engine as _;
 use futures_util::stream;
 use qwen_ocr_model::decoding::logprobs::{TokenLogprob, MAX_TOP_LOGPROBS};
 use qwen_ocr_model::preprocess::prompt::{ChatMessage, Content, ContentPart};
+use qwen_ocr_model::schema::Constraint;
 use qwen_ocr_model::GenerateRequest;
 use qwen_ocr_scheduler::{Completion, Event, RequestStream};
 use serde::Serialize;
@@ -28,12 +29,14 @@ use crate::api::chat::{
 };
 use crate::api::error::InferenceErrors;
 use crate::api::logprobs::ChoiceLogprobs;
+use crate::api::schema::SchemaReport;
 use crate::api::{AdapterHeader, FinishReason, ObjectKind, Usage};
 use crate::error::{ApiError, ApiResult, ErrorKind};
 use crate::inference::{self, finish_reason};
 use crate::logprobs::openai_logprobs;
 use crate::metrics::AdapterLabel;
 use crate::remote_image;
+use crate::schema_report;
 use crate::state::AppState;
 
 /// A chat completion, whole or streamed.
@@ -48,6 +51,8 @@ use crate::state::AppState;
         (status = 200, description = "The completion; with `stream: true`, `text/event-stream` events each carrying a chunk (a stream that fails after it started ends with an `ErrorResponse` event), then `[DONE]`", content(
             (ChatCompletion = "application/json"),
             (ChatCompletionEvent = "text/event-stream"),
+        ), headers(
+            ("x-qwen-ocr-schema-relaxed" = String, description = "The `response_format` schema's keywords the grammar did not enforce as written, comma-separated (each with its path in `schema_relaxed`); absent when none"),
         )),
         InferenceErrors,
     ),
@@ -85,10 +90,11 @@ pub async fn completions(
         Some(Stop::Many(v)) if v.len() <= 4 => v,
         Some(Stop::Many(_)) => return Err(ApiError::new(ErrorKind::InvalidStop, "at most 4 stop strings")),
     };
-    let grammar = match request.response_format.and_then(ResponseFormat::schema) {
-        Some(schema) => Some(inference::compile_schema(&state, schema).await?),
+    let constraint = match request.response_format.and_then(ResponseFormat::schema) {
+        Some((schema, strict)) => Some(inference::compile_schema(&state, schema, strict).await?),
         None => None,
     };
+    let grammar = constraint.as_ref().map(|c| c.grammar.clone());
     let (messages, image_bytes) = convert_messages(&state, request.messages).await?;
     let images = inference::preprocess_images(&state, image_bytes).await?;
     let adapter_name = adapter.as_ref().map(|a| a.name.clone());
@@ -102,7 +108,9 @@ pub async fn completions(
         model: adapter_name.clone().or(request.model).unwrap_or_else(|| inference::BASE_MODEL.into()),
         adapter: adapter_name.clone(),
         vocabulary,
+        constraint,
     };
+    let constraint = reply.constraint.clone();
     let mut response = if request.stream {
         let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
         stream_reply(reply, stream, include_usage).await?.into_response()
@@ -110,6 +118,7 @@ pub async fn completions(
         let done = inference::complete(stream, adapter_name.as_deref()).await?;
         Json(reply.completion(&done)).into_response()
     };
+    schema_report::set_header(&mut response, constraint.as_deref());
     response.extensions_mut().insert(AdapterLabel(adapter_name.unwrap_or_default()));
     Ok(response)
 }
@@ -180,6 +189,8 @@ struct Reply {
     adapter: Option<String>,
     /// Where token bytes come from, when the request asked for log-probabilities.
     vocabulary: Option<Arc<AppState>>,
+    /// The `response_format` schema's constraint, whose report and check the answer gets.
+    constraint: Option<Arc<Constraint>>,
 }
 
 impl Reply {
@@ -197,6 +208,15 @@ impl Reply {
             }],
             usage: usage(done),
             system_fingerprint: None,
+            schema: self.schema_report(done),
+        }
+    }
+
+    /// With a schema: what it relaxed and whether the finished answer passed the full check.
+    fn schema_report(&self, done: &Completion) -> SchemaReport {
+        match &self.constraint {
+            Some(constraint) => schema_report::checked(constraint, &done.text, done.finish_reason).0,
+            None => SchemaReport::default(),
         }
     }
 
@@ -209,11 +229,11 @@ impl Reply {
     fn chunk(&self, delta: Delta, logprobs: &[TokenLogprob], finish_reason: Option<FinishReason>, include_usage: bool) -> SseEvent {
         let logprobs = if logprobs.is_empty() { None } else { self.logprobs(logprobs) };
         let choices = vec![ChunkChoice { index: 0, delta, finish_reason, logprobs }];
-        self.chunk_event(choices, include_usage.then_some(None))
+        self.chunk_event(choices, include_usage.then_some(None), SchemaReport::default())
     }
 
     /// A `chat.completion.chunk` event; `usage` is present (possibly null) only when asked for.
-    fn chunk_event(&self, choices: Vec<ChunkChoice>, usage: Option<Option<Usage>>) -> SseEvent {
+    fn chunk_event(&self, choices: Vec<ChunkChoice>, usage: Option<Option<Usage>>, schema: SchemaReport) -> SseEvent {
         let chunk = ChatCompletionChunk {
             id: self.id.clone(),
             object: ObjectKind::ChatCompletionChunk,
@@ -221,6 +241,7 @@ impl Reply {
             model: self.model.clone(),
             choices,
             usage,
+            schema,
         };
         data_event(&chunk)
     }
@@ -312,9 +333,15 @@ impl Reply {
                     if !done.tail.is_empty() || !logprobs.is_empty() {
                         pending.push_back(self.chunk(self::text(done.tail.as_str()), &logprobs, None, include_usage));
                     }
-                    pending.push_back(self.chunk(Delta::default(), &[], Some(finish_reason(done.finish_reason)), include_usage));
+                    let finish = vec![ChunkChoice {
+                        index: 0,
+                        delta: Delta::default(),
+                        finish_reason: Some(finish_reason(done.finish_reason)),
+                        logprobs: None,
+                    }];
+                    pending.push_back(self.chunk_event(finish, include_usage.then_some(None), self.schema_report(&done)));
                     if include_usage {
-                        pending.push_back(self.chunk_event(vec![], Some(Some(usage(&done)))));
+                        pending.push_back(self.chunk_event(vec![], Some(Some(usage(&done))), SchemaReport::default()));
                     }
                 }
                 pending.push_back(SseEvent::default().data("[DONE]"));

@@ -9,12 +9,13 @@ use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use qwen_ocr_model::preprocess::prompt::ChatMessage;
-use qwen_ocr_model::{FinishReason, GenerateRequest};
+use qwen_ocr_model::GenerateRequest;
 use serde_json::Value;
 
 use super::{body_error, unreadable_body};
 use crate::api::error::InferenceErrors;
 use crate::api::extract::{ExtractForm, ExtractOptions, Extraction, RawImage, Timings};
+use crate::api::schema::SchemaReport;
 use crate::api::{AdapterHeader, ObjectKind, Usage};
 use crate::confidence::field_confidences;
 use crate::error::{ApiError, ApiResult, ErrorKind};
@@ -22,6 +23,7 @@ use crate::extract_json::extract_json;
 use crate::inference::{self, finish_reason};
 use crate::metrics::AdapterLabel;
 use crate::profile::parse_schema;
+use crate::schema_report;
 use crate::state::AppState;
 
 /// Reads one image: the JSON the model found in it, checked against the profile's schema.
@@ -38,7 +40,9 @@ use crate::state::AppState;
         (RawImage = "application/octet-stream"),
     )),
     responses(
-        (status = 200, description = "What the model read", body = Extraction),
+        (status = 200, description = "What the model read", body = Extraction, headers(
+            ("x-qwen-ocr-schema-relaxed" = String, description = "The schema keywords the grammar did not enforce as written, comma-separated (each with its path in `schema_relaxed`); absent when none"),
+        )),
         InferenceErrors,
     ),
 )]
@@ -68,9 +72,9 @@ pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, req
     let max_new_tokens = inference::check_max_tokens(&state, options.max_tokens.or(profile.settings.max_tokens.map(|n| n as i64)))?;
     let sampling = inference::sampling(&state, options.temperature.or(profile.settings.temperature), None, None)?;
     let prompt = options.prompt.unwrap_or_else(|| state.extraction_prompt(adapter_name.as_deref()));
-    let grammar = match options.schema {
-        Some(text) => Some(inference::compile_schema(&state, parse_schema(&text)?).await?),
-        None => profile.grammar.clone(),
+    let constraint = match options.schema {
+        Some(text) => Some(inference::compile_schema(&state, parse_schema(&text)?, options.strict.unwrap_or(false)).await?),
+        None => profile.constraint.clone(),
     };
     let pixels = (profile.settings.min_pixels, profile.settings.max_pixels);
     let images = inference::preprocess_images_within(&state, vec![image], pixels).await?;
@@ -82,10 +86,9 @@ pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, req
         stop: vec![],
         adapter,
         // Confidences are made of the chosen tokens' probabilities.
-        top_logprobs: grammar.as_ref().map(|_| 0),
-        grammar,
+        top_logprobs: constraint.as_ref().map(|_| 0),
+        grammar: constraint.as_ref().map(|c| c.grammar.clone()),
     };
-    let constrained = request.grammar.is_some();
     let stream = inference::submit(&state, request)?;
     let done = inference::complete(stream, adapter_name.as_deref()).await?;
     let mut body = Extraction {
@@ -100,22 +103,31 @@ pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, req
         timings: Timings::from(&done.timings),
         error: None,
         confidence: None,
+        schema: SchemaReport::default(),
     };
-    if !constrained {
-        match extract_json(&done.text) {
+    match constraint.as_deref() {
+        None => match extract_json(&done.text) {
             Ok(data) => body.data = data,
             Err(why) => body.error = Some(why),
+        },
+        Some(constraint) => {
+            let (report, data) = schema_report::checked(constraint, &done.text, done.finish_reason);
+            if let Some(data) = data {
+                // The grammar admitted only JSON; the check covers what it was relaxed of.
+                body.data = data;
+                let vocabulary = state.engine()?.vocabulary()?;
+                let bytes = |t| if vocabulary.is_special(t) { Vec::new() } else { vocabulary.token_bytes(t) };
+                body.confidence = Some(field_confidences(&done.logprobs, bytes));
+            }
+            if !report.schema_errors.is_empty() {
+                let what = if body.data.is_null() { "" } else { "the answer does not pass the full schema check: " };
+                body.error = Some(format!("{what}{}", report.schema_errors.join("; ")));
+            }
+            body.schema = report;
         }
-    } else if done.finish_reason != FinishReason::Stop {
-        body.error = Some("max_tokens cut the answer before its JSON was complete: raise max_tokens".into());
-    } else {
-        // The grammar admitted only text that parses and validates.
-        body.data = serde_json::from_str(&done.text).map_err(|e| ApiError::internal(format!("constrained output is not JSON: {e}")))?;
-        let vocabulary = state.engine()?.vocabulary()?;
-        let bytes = |t| if vocabulary.is_special(t) { Vec::new() } else { vocabulary.token_bytes(t) };
-        body.confidence = Some(field_confidences(&done.logprobs, bytes));
     }
     let mut response = Json(body).into_response();
+    schema_report::set_header(&mut response, constraint.as_deref());
     response.extensions_mut().insert(AdapterLabel(adapter_name.unwrap_or_default()));
     Ok(response)
 }
@@ -146,6 +158,7 @@ pub async fn read_multipart(request: Request) -> ApiResult<(Vec<u8>, ExtractOpti
             "max_tokens" => options.max_tokens = Some(parse_field(&name, &field.text().await.map_err(broken)?)?),
             "temperature" => options.temperature = Some(parse_field(&name, &field.text().await.map_err(broken)?)?),
             "schema" => options.schema = Some(field.text().await.map_err(broken)?),
+            "strict" => options.strict = Some(parse_field(&name, &field.text().await.map_err(broken)?.to_ascii_lowercase())?),
             other => return Err(ApiError::new(ErrorKind::UnknownField, format!("unknown form field `{other}`"))),
         }
     }
@@ -154,8 +167,8 @@ pub async fn read_multipart(request: Request) -> ApiResult<(Vec<u8>, ExtractOpti
 }
 
 fn parse_field<T: std::str::FromStr>(name: &str, value: &str) -> ApiResult<T> {
-    value
-        .trim()
-        .parse()
-        .map_err(|_| ApiError::new(ErrorKind::InvalidField, format!("form field `{name}` is not a valid number: `{value}`")))
+    value.trim().parse().map_err(|_| {
+        let kind = if name == "strict" { "`true` or `false`" } else { "a valid number" };
+        ApiError::new(ErrorKind::InvalidField, format!("form field `{name}` is not {kind}: `{value}`"))
+    })
 }
