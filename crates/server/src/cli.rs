@@ -41,6 +41,11 @@ enum Command {
     Preprocess(PreprocessArgs),
     /// Fold a LoRA adapter into the base weights and write a standalone checkpoint.
     Merge(MergeArgs),
+    /// Read every image and PDF page of files and folders into a JSON Lines file, resumably.
+    Extract(crate::bulk::ExtractArgs),
+    /// The PDF renderer's child process, which the server starts; not for people.
+    #[command(name = "render-pdf", hide = true)]
+    RenderPdf(crate::documents::isolated::ChildArgs),
 }
 
 #[derive(Args, Debug)]
@@ -60,22 +65,22 @@ struct MergeArgs {
 }
 
 #[derive(Args, Debug)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// A checkpoint directory or a Hugging Face hub id.
     #[arg(long, env = "QWEN_OCR_MODEL", default_value = DEFAULT_MODEL)]
-    model: String,
+    pub(crate) model: String,
     /// Compute dtype: f32, bf16 or f16.
     #[arg(long, env = "QWEN_OCR_DTYPE", default_value = "f32")]
-    dtype: String,
+    pub(crate) dtype: String,
     /// Weights: auto (q8_0 on CPU, none on CUDA), none (exact), q8_0 or q4k.
     #[arg(long, env = "QWEN_OCR_QUANT", default_value = "auto")]
-    quant: String,
+    pub(crate) quant: String,
     /// Where quantized weights are kept between starts: auto, off, or a directory.
     #[arg(long, env = "QWEN_OCR_QUANT_CACHE", default_value = "auto")]
-    quant_cache: String,
+    pub(crate) quant_cache: String,
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "QWEN_OCR_DEVICE", default_value = "cpu")]
-    device: String,
+    pub(crate) device: String,
 }
 
 #[derive(Args, Debug)]
@@ -153,6 +158,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate(args),
         Command::Preprocess(args) => preprocess(args),
         Command::Merge(args) => merge(args),
+        Command::Extract(args) => crate::bulk::run(args),
+        Command::RenderPdf(args) => crate::documents::isolated::child_main(args),
     }
 }
 

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -13,6 +14,11 @@ use qwen_ocr_model::model::{parse_device, parse_dtype};
 use qwen_ocr_model::{LoadOptions, Quant};
 use qwen_ocr_scheduler::EngineConfig;
 use serde::{Deserialize, Serialize};
+
+use crate::documents::isolated::RenderLimits;
+
+/// The least address space the PDF renderer is given.
+pub const MIN_RENDER_MEMORY: u64 = 256 << 20;
 
 /// Used by `/v1/extract` when neither the request nor the adapter's configuration gives one.
 pub const DEFAULT_EXTRACTION_PROMPT: &str = "Extract the text and the key fields from this image. Respond only with JSON, nothing else.";
@@ -53,6 +59,12 @@ pub struct ServerConfig {
     pub max_pixels: Option<u64>,
     /// Highest `max_tokens` a request may ask for.
     pub max_tokens_limit: usize,
+    /// Most pages one PDF request may read; a longer document needs `pages`.
+    pub max_pdf_pages: usize,
+    /// Rendering one PDF page (or opening the document) taking longer than this fails that page.
+    pub pdf_page_timeout_secs: u64,
+    /// Address space of the process that renders a PDF's pages: a page needing more fails.
+    pub pdf_render_memory_bytes: u64,
     /// A request not finished after this long ends with a timeout.
     pub request_timeout_secs: u64,
     /// A request head not complete within this long closes its connection, and a body not
@@ -117,6 +129,9 @@ impl Default for ServerConfig {
             min_pixels: None,
             max_pixels: None,
             max_tokens_limit: 4096,
+            max_pdf_pages: 32,
+            pdf_page_timeout_secs: 30,
+            pdf_render_memory_bytes: 2 << 30,
             request_timeout_secs: 300,
             read_timeout_secs: 30,
             shutdown_grace_secs: 30,
@@ -208,6 +223,14 @@ impl ServerConfig {
         config.api_keys.retain(|k| !k.is_empty());
         // Zero would drop every connection before its request head could arrive.
         anyhow::ensure!(config.read_timeout_secs > 0, "read_timeout_secs must be at least 1");
+        anyhow::ensure!(config.max_pdf_pages > 0, "max_pdf_pages must be at least 1");
+        anyhow::ensure!(config.pdf_page_timeout_secs > 0, "pdf_page_timeout_secs must be at least 1");
+        // Below this the renderer (this binary) cannot even start, and every PDF would fail.
+        anyhow::ensure!(
+            config.pdf_render_memory_bytes >= MIN_RENDER_MEMORY,
+            "pdf_render_memory_bytes must be at least {MIN_RENDER_MEMORY} (256 MiB), got {}",
+            config.pdf_render_memory_bytes
+        );
         if let Some(id) = &config.replica_id {
             anyhow::ensure!(is_header_token(id), "replica_id must be printable ASCII without spaces (it is sent as a header), got `{id}`");
         }
@@ -240,6 +263,13 @@ impl ServerConfig {
             *file = folder.join(&*file);
         }
         Ok(config)
+    }
+}
+
+impl ServerConfig {
+    /// How PDF pages are rendered: in a child process of this binary, within these limits.
+    pub fn render_limits(&self) -> RenderLimits {
+        RenderLimits { page_timeout: Duration::from_secs(self.pdf_page_timeout_secs), memory_bytes: self.pdf_render_memory_bytes }
     }
 }
 

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
+use qwen_ocr_model::config::PreprocessorConfig;
 use qwen_ocr_model::grammar::Grammar;
-use qwen_ocr_model::image::{self, ImageOptions, PreprocessedImage};
+use qwen_ocr_model::image::{self, PreprocessedImage};
 use qwen_ocr_model::lora::LoraAdapter;
 use qwen_ocr_model::sampling::SamplingParams;
 use qwen_ocr_model::{FinishReason, GenerateRequest};
@@ -14,9 +15,11 @@ use qwen_ocr_scheduler::{Completion, Request, RequestStream};
 use serde_json::Value;
 
 use crate::api;
+use crate::documents::boxes::Geometry;
 use crate::error::{ApiError, ApiResult, ErrorKind};
 use crate::metrics;
 use crate::on_demand::get_or_load;
+use crate::pixel_budget::{self, PixelBounds, PixelBudget};
 use crate::state::AppState;
 
 /// The header that picks an adapter per request; it wins over the `model` field.
@@ -47,35 +50,65 @@ pub async fn resolve_adapter(state: &Arc<AppState>, headers: &HeaderMap, model: 
     }
 }
 
-/// Decodes and preprocesses images off the async threads.
-pub async fn preprocess_images(state: &Arc<AppState>, images: Vec<Vec<u8>>) -> ApiResult<Vec<PreprocessedImage>> {
-    preprocess_images_within(state, images, (None, None)).await
-}
-
-/// Like [`preprocess_images`], resized within `(min_pixels, max_pixels)` where given (an
-/// adapter's profile: the size its images were trained at), else the server's bounds.
-pub async fn preprocess_images_within(
-    state: &Arc<AppState>,
-    images: Vec<Vec<u8>>,
-    (min_pixels, max_pixels): (Option<u64>, Option<u64>),
-) -> ApiResult<Vec<PreprocessedImage>> {
+/// Decodes and preprocesses images off the async threads, each within its own budget.
+pub async fn preprocess_images(state: &Arc<AppState>, images: Vec<(Vec<u8>, PixelBudget)>) -> ApiResult<Vec<PreprocessedImage>> {
     let limit = state.config.max_images_per_request;
     if images.len() > limit {
         return Err(ApiError::new(ErrorKind::TooManyImages, format!("{} images, the limit is {limit} per request", images.len())));
     }
-    let engine = state.engine()?;
-    let pipeline = engine.pipeline().clone();
-    let options = ImageOptions {
-        min_pixels: min_pixels.or(state.config.min_pixels),
-        max_pixels: max_pixels.or(state.config.max_pixels),
-        max_decoded_pixels: Some(state.config.max_image_pixels),
-    };
+    let config = preprocessor(state)?;
+    let max_decoded = state.config.max_image_pixels;
     tokio::task::spawn_blocking(move || {
-        images.iter().map(|bytes| image::preprocess(bytes, &pipeline.preprocessor, &options)).collect::<Result<Vec<_>, _>>()
+        images
+            .iter()
+            .map(|(bytes, budget)| image::preprocess(bytes, &config, &budget.image_options(max_decoded)))
+            .collect::<Result<Vec<_>, _>>()
     })
     .await
     .map_err(|e| ApiError::internal(format!("image decoding failed: {e}")))?
     .map_err(ApiError::from)
+}
+
+/// One upload decoded (EXIF orientation applied) and preprocessed, with its geometry: the size
+/// the caller sees and the size the model will see.
+pub async fn preprocess_upload(state: &Arc<AppState>, bytes: Vec<u8>, budget: PixelBudget) -> ApiResult<(PreprocessedImage, Geometry)> {
+    let config = preprocessor(state)?;
+    let max_decoded = state.config.max_image_pixels;
+    tokio::task::spawn_blocking(move || {
+        let rgb = image::decode_rgb(&bytes, max_decoded)?;
+        let image = image::preprocess_rgb(&rgb, &config, &budget.image_options(max_decoded))?;
+        let geometry = Geometry { width: rgb.width(), height: rgb.height(), resized: image.resized };
+        Ok::<_, qwen_ocr_model::Error>((image, geometry))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("image decoding failed: {e}")))?
+    .map_err(ApiError::from)
+}
+
+/// The checkpoint's image preprocessing settings (patch size, resize bounds).
+pub fn preprocessor(state: &AppState) -> ApiResult<PreprocessorConfig> {
+    Ok(state.engine()?.pipeline().preprocessor.clone())
+}
+
+/// A request's own resize bounds, each between one merged patch and the resize cap (400 naming
+/// `prefix` + the field otherwise).
+pub fn check_bounds(state: &AppState, bounds: PixelBounds, prefix: &str) -> ApiResult<PixelBounds> {
+    bounds.checked(preprocessor(state)?.factor(), prefix)
+}
+
+/// The budget of one image of a request: the request's (checked) bounds over the adapter
+/// profile's, the server's and the checkpoint's.
+pub fn pixel_budget(state: &AppState, request: PixelBounds, profile: PixelBounds, prefix: &str) -> ApiResult<PixelBudget> {
+    let checkpoint = preprocessor(state)?;
+    let request = request.checked(checkpoint.factor(), prefix)?;
+    let config = PixelBounds::new(state.config.min_pixels, state.config.max_pixels);
+    pixel_budget::resolve(request, profile, config, &checkpoint, prefix)
+}
+
+/// Generated tokens as text with the special tokens kept (`raw` drops them; boxes are written
+/// with them).
+pub fn text_with_special_tokens(state: &AppState, ids: &[u32]) -> ApiResult<String> {
+    state.engine()?.pipeline().prompt.tokenizer().decode(ids, false).map_err(|e| ApiError::internal(format!("decoding the answer: {e}")))
 }
 
 /// `max_tokens` must be between 1 and the configured limit.
