@@ -130,38 +130,41 @@ fn each_bad_document_gets_its_status_before_any_model_work() {
     assert_api_error(&pages_of_an_image, 400, "invalid_pages");
     // Refused before the engine saw a token.
     assert_eq!(metric(&server, "qwen_ocr_prompt_tokens_total"), 0.0);
-    // Within the limit the same document is read.
+    // Within the limit the same document is read (and the counter above is the real one).
     let (status, body) = post_pdf(&server, &three, &[("pages", "2-"), ("max_tokens", "2")]);
     assert_eq!(status, 200, "{body}");
+    assert!(metric(&server, "qwen_ocr_prompt_tokens_total") > 0.0);
+}
+
+/// Reads a document whose second of three pages cannot be rendered: the first and last are read
+/// (the last by a fresh renderer), the second fails with a reason naming `limit`.
+fn read_around_a_hostile_page(config: &str, hostile: PageKind, limit: &str) {
+    let server = Server::start_with_config(config, &[]);
+    let document = pdf::with_pages(&[PageKind::Invoice, hostile, PageKind::Invoice]);
+    assert!(document.len() < 16 << 20, "{} bytes: within max_body_bytes", document.len());
+    let (status, body) = post_pdf(&server, &document, &[("max_tokens", "2")]);
+    assert_eq!(status, 200, "{body}");
+    let pages = parse::<DocumentExtraction>(&body).pages;
+    assert_eq!(pages.iter().map(|p| p.page).collect::<Vec<_>>(), [1, 2, 3]);
+    for page in [&pages[0], &pages[2]] {
+        assert!(page.finish_reason.is_some() && page.usage.completion_tokens == 2, "{page:?}");
+    }
+    let failed = &pages[1];
+    assert!(failed.error.as_deref().is_some_and(|e| e.contains(limit)), "{failed:?}");
+    assert_eq!((failed.finish_reason, failed.usage.total_tokens, &failed.data), (None, 0, &Value::Null), "{failed:?}");
+    assert!(!server.logs().contains("panicked"), "{}", server.logs());
 }
 
 #[test]
-fn a_page_that_cannot_be_rendered_fails_alone() {
-    // A page drawing 8^9 full-page fills cannot finish within its seconds, and one inflating to
-    // 384 MiB cannot fit in a renderer of 256 MiB; the pages after each render in a fresh
-    // renderer.
-    let server = Server::start_with_config("pdf_page_timeout_secs = 3\npdf_render_memory_bytes = 268435456\n", &[]);
-    let hostile = pdf::with_pages(&[
-        PageKind::Invoice,
-        PageKind::FanOut { depth: 9, fanout: 8 },
-        PageKind::Inflating { megabytes: 384 },
-        PageKind::Invoice,
-    ]);
-    assert!(hostile.len() < 16 << 20, "{} bytes: within max_body_bytes", hostile.len());
-    let (status, body) = post_pdf(&server, &hostile, &[("max_tokens", "2")]);
-    assert_eq!(status, 200, "{body}");
-    let pages = parse::<DocumentExtraction>(&body).pages;
-    assert_eq!(pages.len(), 4);
-    for page in [&pages[0], &pages[3]] {
-        assert!(page.finish_reason.is_some() && page.usage.completion_tokens == 2, "{page:?}");
-    }
-    let (slow, big) = (&pages[1], &pages[2]);
-    assert!(slow.error.as_deref().is_some_and(|e| e.contains("pdf_page_timeout_secs")), "{slow:?}");
-    assert!(big.error.as_deref().is_some_and(|e| e.contains("pdf_render_memory_bytes")), "{big:?}");
-    for page in [slow, big] {
-        assert_eq!((page.finish_reason, page.usage.total_tokens, &page.data), (None, 0, &Value::Null), "{page:?}");
-    }
-    assert!(!server.logs().contains("panicked"), "{}", server.logs());
+fn a_page_too_slow_to_render_fails_alone() {
+    // 8^9 full-page fills cannot be drawn in 2 s.
+    read_around_a_hostile_page("pdf_page_timeout_secs = 2\n", PageKind::FanOut { depth: 9, fanout: 8 }, "pdf_page_timeout_secs");
+}
+
+#[test]
+fn a_page_too_big_to_render_fails_alone() {
+    // A content stream inflating to 384 MiB cannot be held in a renderer of 256 MiB.
+    read_around_a_hostile_page("pdf_render_memory_bytes = 268435456\n", PageKind::Inflating { megabytes: 384 }, "pdf_render_memory_bytes");
 }
 
 /// The size an image is shown at: decoded, with its EXIF orientation applied.
@@ -256,4 +259,25 @@ fn boxes_land_on_the_rotated_image_as_it_is_shown() {
     let expected = [100.0 * 80.0 / 1000.0, 200.0 * 120.0 / 1000.0, 700.0 * 80.0 / 1000.0, 900.0 * 120.0 / 1000.0];
     assert_eq!(extraction.boxes.len(), 1, "{body}");
     assert_eq!((extraction.boxes[0].label.as_deref(), extraction.boxes[0].bbox, extraction.boxes[0].page), (Some("plate"), expected, 1));
+}
+
+/// Writes the seeds of the `pdf_document` fuzz target (its first byte picks the pixel budget),
+/// from the builders above; run by hand when they change:
+/// `cargo test -p qwen-ocr-server --test documents -- --ignored write_the_pdf_fuzz_seeds`.
+#[test]
+#[ignore = "writes fuzz/seeds/pdf_document"]
+fn write_the_pdf_fuzz_seeds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/pdf_document");
+    std::fs::create_dir_all(&dir).unwrap();
+    let seeds = [
+        ("invoices.pdf", 2, pdf::document(2)),
+        ("encrypted-no-password.pdf", 1, pdf::encrypted("")),
+        ("encrypted-password.pdf", 1, pdf::encrypted("secret")),
+        ("count-mismatch.pdf", 0, pdf::declaring(1, 2)),
+        ("no-pages.pdf", 0, pdf::no_pages()),
+        ("nested-forms.pdf", 3, pdf::with_pages(&[PageKind::FanOut { depth: 3, fanout: 2 }, PageKind::Invoice])),
+    ];
+    for (name, budget, bytes) in seeds {
+        std::fs::write(dir.join(name), [&[budget][..], &bytes].concat()).unwrap();
+    }
 }

@@ -79,8 +79,16 @@ pub struct ExtractArgs {
 
 /// One request's worth of work, or a file that failed before any.
 enum Job {
-    Image { file: String, path: PathBuf },
-    Pages { file: String, bytes: Arc<[u8]>, pages: Vec<u32> },
+    Image {
+        file: String,
+        path: PathBuf,
+    },
+    /// Read again when its turn comes: the scan runs ahead, and must not hold every PDF.
+    Pages {
+        file: String,
+        path: PathBuf,
+        pages: Vec<u32>,
+    },
     Failed(Box<Line>),
 }
 
@@ -183,7 +191,7 @@ fn scan(
             }
             Ok(None) => vec![Job::Image { file, path: path.clone() }],
             Ok(Some(bytes)) => {
-                let (jobs, done) = pdf_jobs(&file, bytes, pages, journal, renderer);
+                let (jobs, done) = pdf_jobs(&file, path, bytes, pages, journal, renderer);
                 skipped += done;
                 jobs
             }
@@ -204,8 +212,15 @@ fn scan(
 
 /// A PDF's pages not yet done, a request's worth at a time, or why it cannot be read; and how
 /// many pages earlier runs did.
-fn pdf_jobs(file: &str, bytes: Arc<[u8]>, selection: Option<&PageSelection>, journal: &Journal, renderer: &Renderer) -> (Vec<Job>, u64) {
-    let count = match renderer.count_pages(bytes.clone()) {
+fn pdf_jobs(
+    file: &str,
+    path: &Path,
+    bytes: Arc<[u8]>,
+    selection: Option<&PageSelection>,
+    journal: &Journal,
+    renderer: &Renderer,
+) -> (Vec<Job>, u64) {
+    let count = match renderer.count_pages(bytes) {
         Ok(count) => count,
         Err(e) => return (vec![Job::Failed(Box::new(Line::failed(file, None, e.to_string())))], 0),
     };
@@ -215,7 +230,7 @@ fn pdf_jobs(file: &str, bytes: Arc<[u8]>, selection: Option<&PageSelection>, jou
     };
     let (done, left): (Vec<u32>, Vec<u32>) = pages.into_iter().partition(|&p| journal.is_done(file, Some(p)));
     let jobs =
-        left.chunks(PAGES_PER_REQUEST).map(|chunk| Job::Pages { file: file.to_string(), bytes: bytes.clone(), pages: chunk.to_vec() });
+        left.chunks(PAGES_PER_REQUEST).map(|chunk| Job::Pages { file: file.to_string(), path: path.to_path_buf(), pages: chunk.to_vec() });
     (jobs.collect(), done.len() as u64)
 }
 
@@ -236,7 +251,10 @@ fn run_job(job: Job, client: &Client, done: &mut dyn FnMut(Line)) {
             Ok(bytes) => done(client.image(&file, &bytes)),
             Err(e) => done(Line::failed(&file, None, format!("cannot read it: {e}"))),
         },
-        Job::Pages { file, bytes, pages } => client.pages(&file, &bytes, &pages, done),
+        Job::Pages { file, path, pages } => match std::fs::read(&path) {
+            Ok(bytes) => client.pages(&file, &bytes, &pages, done),
+            Err(e) => pages.iter().for_each(|&page| done(Line::failed(&file, Some(page), format!("cannot read it: {e}")))),
+        },
     }
 }
 

@@ -24,7 +24,7 @@ use serde::Serialize;
 use super::parse_json;
 use crate::api::chat::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionEvent, ChatCompletionRequest, Choice, ChunkChoice,
-    ContentPart as InPart, Delta, Message, MessageContent, MmProcessorKwargs, ResponseFormat, Role, Stop,
+    ContentPart as InPart, Delta, Message, MessageContent, ResponseFormat, Role, Stop,
 };
 use crate::api::error::InferenceErrors;
 use crate::api::logprobs::ChoiceLogprobs;
@@ -89,9 +89,11 @@ pub async fn completions(
         Some(schema) => Some(inference::compile_schema(&state, schema).await?),
         None => None,
     };
+    let kwargs = request.mm_processor_kwargs.unwrap_or_default();
+    let kwargs = inference::check_bounds(&state, PixelBounds::new(kwargs.min_pixels, kwargs.max_pixels), KWARGS)?;
     let (messages, chat_images) = convert_messages(&state, request.messages).await?;
     let adapter_name = adapter.as_ref().map(|a| a.name.clone());
-    let budgets = pixel_budgets(&state, adapter_name.as_deref(), request.mm_processor_kwargs.unwrap_or_default(), &chat_images)?;
+    let budgets = pixel_budgets(&state, adapter_name.as_deref(), kwargs, &chat_images)?;
     let images = inference::preprocess_images(&state, chat_images.into_iter().map(|i| i.bytes).zip(budgets).collect()).await?;
     let generate = GenerateRequest { messages, images, max_new_tokens, sampling, stop, adapter, grammar, top_logprobs };
     let stream = inference::submit(&state, generate)?;
@@ -134,11 +136,12 @@ struct ChatImage {
     field: String,
 }
 
-/// Each image's visual budget: its own bounds, else `mm_processor_kwargs`, else the adapter
-/// profile's, the server's and the checkpoint's.
-fn pixel_budgets(state: &AppState, adapter: Option<&str>, kwargs: MmProcessorKwargs, images: &[ChatImage]) -> ApiResult<Vec<PixelBudget>> {
-    const KWARGS: &str = "mm_processor_kwargs.";
-    let kwargs = inference::check_bounds(state, PixelBounds::new(kwargs.min_pixels, kwargs.max_pixels), KWARGS)?;
+/// Where `mm_processor_kwargs`' bounds are, for errors about them.
+const KWARGS: &str = "mm_processor_kwargs.";
+
+/// Each image's visual budget: its own bounds, else `mm_processor_kwargs` (checked), else the
+/// adapter profile's, the server's and the checkpoint's.
+fn pixel_budgets(state: &AppState, adapter: Option<&str>, kwargs: PixelBounds, images: &[ChatImage]) -> ApiResult<Vec<PixelBudget>> {
     let profile = state.profile(adapter);
     let profile = PixelBounds::new(profile.settings.min_pixels, profile.settings.max_pixels);
     images

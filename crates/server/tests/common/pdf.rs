@@ -76,7 +76,8 @@ fn write(kinds: &[PageKind], declared: u32, security: Option<&Security>, seal: i
     xobject.finish();
     for (i, (&id, &kind)) in page_ids.iter().zip(kinds).enumerate() {
         let content_id = Ref::new(id.get() + 1);
-        let form = |level: u32| Ref::new(1000 + 100 * i as i32 + level as i32);
+        // After the pages' objects, 16 levels each: few free ids, a short xref table.
+        let form = |level: u32| Ref::new(FIRST_PAGE + 2 * pages as i32 + 16 * i as i32 + level as i32);
         let mut page = pdf.page(id);
         page.media_box(Rect::new(0.0, 0.0, PAGE_SIZE.0, PAGE_SIZE.1)).parent(TREE).contents(content_id);
         let mut resources = page.resources();
