@@ -84,6 +84,11 @@ impl Engine {
         self.pipeline.vocabulary()
     }
 
+    /// Generated ids as text with the special tokens kept (`Completion::text` drops them).
+    pub fn text_with_special_tokens(&self, ids: &[u32]) -> Result<String, Error> {
+        self.pipeline.prompt.decode_with_special_tokens(ids)
+    }
+
     /// A JSON schema made into a decoding constraint over this checkpoint's vocabulary
     /// (grammars cached), strictly or relaxed (see [`qwen_ocr_model::schema`]).
     pub fn compile_schema(&self, schema: &serde_json::Value, strict: bool) -> Result<Constraint, Error> {

@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::load_options::{load_options, DeviceSpec, Precision, QuantCache, QuantMode};
 
 #[derive(Parser, Debug)]
-#[command(name = "qwen-ocr", version, about = "Qwen2-VL document extraction on candle")]
+#[command(name = "qwen-ocr", version, about = "Qwen-VL document extraction on candle")]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,6 +42,11 @@ enum Command {
     Preprocess(PreprocessArgs),
     /// Fold a LoRA adapter into the base weights and write a standalone checkpoint.
     Merge(MergeArgs),
+    /// Read every image and PDF page of files and folders into a JSON Lines file, resumably.
+    Extract(crate::bulk::ExtractArgs),
+    /// The PDF renderer's child process, which the server starts; not for people.
+    #[command(name = "render-pdf", hide = true)]
+    RenderPdf(crate::documents::isolated::ChildArgs),
 }
 
 #[derive(Args, Debug)]
@@ -68,22 +73,22 @@ enum MergedDtype {
 }
 
 #[derive(Args, Debug)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// A checkpoint directory or a Hugging Face hub id.
     #[arg(long, env = "QWEN_OCR_MODEL", default_value = DEFAULT_MODEL)]
-    model: String,
+    pub(crate) model: String,
     /// Compute dtype.
     #[arg(long, env = "QWEN_OCR_DTYPE", value_enum, ignore_case = true, default_value = "f32")]
-    dtype: Precision,
+    pub(crate) dtype: Precision,
     /// Weights: auto (q8_0 on CPU, none on CUDA), none (exact), q8_0 or q4k.
     #[arg(long, env = "QWEN_OCR_QUANT", value_enum, ignore_case = true, default_value = "auto")]
-    quant: QuantMode,
+    pub(crate) quant: QuantMode,
     /// Where quantized weights are kept between starts: auto, off, or a directory.
     #[arg(long, env = "QWEN_OCR_QUANT_CACHE", default_value = "auto")]
-    quant_cache: QuantCache,
+    pub(crate) quant_cache: QuantCache,
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "QWEN_OCR_DEVICE", default_value = "cpu")]
-    device: DeviceSpec,
+    pub(crate) device: DeviceSpec,
 }
 
 #[derive(Args, Debug)]
@@ -161,6 +166,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate(args),
         Command::Preprocess(args) => preprocess(args),
         Command::Merge(args) => merge(args),
+        Command::Extract(args) => crate::bulk::run(args),
+        Command::RenderPdf(args) => crate::documents::isolated::child_main(args),
     }
 }
 

@@ -16,9 +16,13 @@ use qwen_ocr_model::LoadOptions;
 use qwen_ocr_scheduler::EngineConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::documents::isolated::RenderLimits;
 use crate::load_options::{load_options, DeviceSpec, Precision, QuantCache, QuantMode};
 use crate::profile::{check_pixel_bounds, ProfileSpec};
 use crate::remote_image::FetchPolicy;
+
+/// The least address space the PDF renderer is given.
+pub const MIN_RENDER_MEMORY: u64 = 256 << 20;
 
 /// Used by `/v1/extract` when neither the request nor the adapter's configuration gives one.
 pub const DEFAULT_EXTRACTION_PROMPT: &str = "Extract the text and the key fields from this image. Respond only with JSON, nothing else.";
@@ -74,6 +78,12 @@ pub struct ServerConfig {
     pub max_pixels: Option<u64>,
     /// Highest `max_tokens` a request may ask for.
     pub max_tokens_limit: usize,
+    /// Most pages one PDF request may read; a longer document needs `pages`.
+    pub max_pdf_pages: usize,
+    /// Rendering one PDF page (or opening the document) taking longer than this fails that page.
+    pub pdf_page_timeout_secs: u64,
+    /// Address space of the process that renders a PDF's pages: a page needing more fails.
+    pub pdf_render_memory_bytes: u64,
     /// A request not finished after this long ends with a timeout.
     pub request_timeout_secs: u64,
     /// A request head not complete within this long closes its connection, and a body not
@@ -174,6 +184,9 @@ impl Default for ServerConfig {
             min_pixels: None,
             max_pixels: None,
             max_tokens_limit: 4096,
+            max_pdf_pages: 32,
+            pdf_page_timeout_secs: 30,
+            pdf_render_memory_bytes: 2 << 30,
             request_timeout_secs: 300,
             read_timeout_secs: 30,
             shutdown_grace_secs: 30,
@@ -284,6 +297,8 @@ impl ServerConfig {
             ("max_image_pixels", self.max_image_pixels),
             ("max_tokens_limit", self.max_tokens_limit as u64),
             ("max_connections", self.max_connections.unwrap_or(1) as u64),
+            ("max_pdf_pages", self.max_pdf_pages as u64),
+            ("pdf_page_timeout_secs", self.pdf_page_timeout_secs),
             ("engine.max_batch_size", engine.max_batch_size as u64),
             ("engine.max_queue", engine.max_queue as u64),
             ("engine.max_prefill_tokens", engine.max_prefill_tokens as u64),
@@ -292,6 +307,12 @@ impl ServerConfig {
         for (name, value) in at_least_one {
             anyhow::ensure!(value >= 1, "{name} must be at least 1, got {value}");
         }
+        // Below this the renderer (this binary) cannot even start, and every PDF would fail.
+        anyhow::ensure!(
+            self.pdf_render_memory_bytes >= MIN_RENDER_MEMORY,
+            "pdf_render_memory_bytes must be at least {MIN_RENDER_MEMORY} (256 MiB), got {}",
+            self.pdf_render_memory_bytes
+        );
         if let Some(id) = &self.replica_id {
             anyhow::ensure!(is_header_token(id), "replica_id must be printable ASCII without spaces (it is sent as a header), got `{id}`");
         }
@@ -359,6 +380,13 @@ impl ServerConfig {
             *file = folder.join(&*file);
         }
         Ok(config)
+    }
+}
+
+impl ServerConfig {
+    /// How PDF pages are rendered: in a child process of this binary, within these limits.
+    pub fn render_limits(&self) -> RenderLimits {
+        RenderLimits { page_timeout: Duration::from_secs(self.pdf_page_timeout_secs), memory_bytes: self.pdf_render_memory_bytes }
     }
 }
 

@@ -9,6 +9,8 @@ use qwen_ocr_scheduler::SubmitError;
 
 pub use crate::api::error::ErrorKind;
 use crate::api::error::{ErrorObject, ErrorResponse};
+use crate::documents::isolated::RenderError;
+use crate::documents::pdf::DocumentError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -82,6 +84,30 @@ impl From<SubmitError> for ApiError {
             SubmitError::Invalid(e) => e.into(),
             SubmitError::QueueFull { .. } => Self::new(ErrorKind::QueueFull, e.to_string()),
             SubmitError::ShuttingDown => Self::new(ErrorKind::Unavailable, e.to_string()),
+        }
+    }
+}
+
+impl From<DocumentError> for ApiError {
+    fn from(e: DocumentError) -> Self {
+        let kind = match &e {
+            DocumentError::NotPdf(_) => ErrorKind::NotAPdf,
+            DocumentError::Truncated(_) => ErrorKind::TruncatedPdf,
+            DocumentError::NeedsPassword => ErrorKind::PdfNeedsPassword,
+            DocumentError::NoPages => ErrorKind::EmptyPdf,
+            DocumentError::PagesOutsideDocument(_) => ErrorKind::InvalidPages,
+            DocumentError::TooManyPages { .. } => ErrorKind::TooManyPages,
+            DocumentError::Unreadable(_) => ErrorKind::InvalidPdf,
+        };
+        Self::new(kind, e.to_string())
+    }
+}
+
+impl From<RenderError> for ApiError {
+    fn from(e: RenderError) -> Self {
+        match e {
+            RenderError::Document(e) => e.into(),
+            RenderError::Internal(_) => Self::internal(e.to_string()),
         }
     }
 }

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
 use qwen_ocr_model::adapters::lora::LoraAdapter;
+use qwen_ocr_model::config::PreprocessorConfig;
 use qwen_ocr_model::decoding::sampling::SamplingParams;
-use qwen_ocr_model::preprocess::image::{ImageOptions, PreprocessedImage};
+use qwen_ocr_model::preprocess::image::{self, PreprocessedImage};
 use qwen_ocr_model::schema::Constraint;
 use qwen_ocr_model::{FinishReason, GenerateRequest, ImageError};
 use qwen_ocr_scheduler::{Completion, Request, RequestStream};
@@ -15,9 +16,11 @@ use serde_json::Value;
 
 use crate::api;
 use crate::config::FREE_IMAGE_PIXELS;
+use crate::documents::boxes::Geometry;
 use crate::error::{ApiError, ApiResult, ErrorKind};
 use crate::metrics;
 use crate::on_demand::get_or_load;
+use crate::pixel_budget::{self, PixelBounds, PixelBudget};
 use crate::state::AppState;
 
 /// The header that picks an adapter per request; it wins over the `model` field.
@@ -48,36 +51,20 @@ pub async fn resolve_adapter(state: &Arc<AppState>, headers: &HeaderMap, model: 
     }
 }
 
-/// Decodes and preprocesses images off the async threads.
-pub async fn preprocess_images(state: &Arc<AppState>, images: Vec<Vec<u8>>) -> ApiResult<Vec<PreprocessedImage>> {
-    preprocess_images_within(state, images, (None, None)).await
-}
-
-/// Like [`preprocess_images`], resized within `(min_pixels, max_pixels)` where given (an
-/// adapter's profile: the size its images were trained at), else the server's bounds.
-pub async fn preprocess_images_within(
-    state: &Arc<AppState>,
-    images: Vec<Vec<u8>>,
-    (min_pixels, max_pixels): (Option<u64>, Option<u64>),
-) -> ApiResult<Vec<PreprocessedImage>> {
+/// Decodes and preprocesses images off the async threads, each within its own budget.
+pub async fn preprocess_images(state: &Arc<AppState>, images: Vec<(Vec<u8>, PixelBudget)>) -> ApiResult<Vec<PreprocessedImage>> {
     let limit = state.config.max_images_per_request;
     if images.len() > limit {
         return Err(ApiError::new(ErrorKind::TooManyImages, format!("{} images, the limit is {limit} per request", images.len())));
     }
-    let options = ImageOptions {
-        min_pixels: min_pixels.or(state.config.min_pixels),
-        max_pixels: max_pixels.or(state.config.max_pixels),
-        max_decoded_pixels: None,
-    };
     let state = state.clone();
     tokio::task::spawn_blocking(move || {
         let engine = state.engine()?;
         images
             .iter()
-            .map(|bytes| {
+            .map(|(bytes, budget)| {
                 // Each image may declare only as many pixels as its size pays for.
-                let budget = state.config.image_pixel_budget(bytes.len());
-                let options = ImageOptions { max_decoded_pixels: Some(budget), ..options };
+                let options = budget.image_options(state.config.image_pixel_budget(bytes.len()));
                 engine.preprocess(bytes, &options).map_err(|e| over_budget(e, bytes.len(), &state))
             })
             .collect::<ApiResult<Vec<_>>>()
@@ -102,6 +89,49 @@ fn over_budget(e: qwen_ocr_model::Error, file_bytes: usize, state: &AppState) ->
         }
         e => e.into(),
     }
+}
+
+/// One upload decoded (EXIF orientation applied) and preprocessed, with its geometry: the size
+/// the caller sees and the size the model will see.
+pub async fn preprocess_upload(state: &Arc<AppState>, bytes: Vec<u8>, budget: PixelBudget) -> ApiResult<(PreprocessedImage, Geometry)> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let engine = state.engine()?;
+        let declared = state.config.image_pixel_budget(bytes.len());
+        let options = budget.image_options(declared);
+        let rgb = image::decode_rgb(&bytes, declared).map_err(|e| over_budget(e, bytes.len(), &state))?;
+        let image = image::preprocess_rgb(&rgb, engine.preprocessor(), &options)?;
+        let geometry = Geometry { width: rgb.width(), height: rgb.height(), resized: image.resized };
+        Ok((image, geometry))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("image decoding failed: {e}")))?
+}
+
+/// The checkpoint's image preprocessing settings (patch size, resize bounds).
+pub fn preprocessor(state: &AppState) -> ApiResult<PreprocessorConfig> {
+    Ok(state.engine()?.preprocessor().clone())
+}
+
+/// A request's own resize bounds, each between one merged patch and the resize cap (400 naming
+/// `prefix` + the field otherwise).
+pub fn check_bounds(state: &AppState, bounds: PixelBounds, prefix: &str) -> ApiResult<PixelBounds> {
+    bounds.checked(preprocessor(state)?.factor(), prefix)
+}
+
+/// The budget of one image of a request: the request's (checked) bounds over the adapter
+/// profile's, the server's and the checkpoint's.
+pub fn pixel_budget(state: &AppState, request: PixelBounds, profile: PixelBounds, prefix: &str) -> ApiResult<PixelBudget> {
+    let checkpoint = preprocessor(state)?;
+    let request = request.checked(checkpoint.factor(), prefix)?;
+    let config = PixelBounds::new(state.config.min_pixels, state.config.max_pixels);
+    pixel_budget::resolve(request, profile, config, &checkpoint, prefix)
+}
+
+/// Generated tokens as text with the special tokens kept (`raw` drops them; boxes are written
+/// with them).
+pub fn text_with_special_tokens(state: &AppState, ids: &[u32]) -> ApiResult<String> {
+    Ok(state.engine()?.text_with_special_tokens(ids)?)
 }
 
 /// `max_tokens` must be between 1 and the configured limit.

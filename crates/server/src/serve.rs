@@ -2,6 +2,8 @@
 //! and the configured adapters, serve, and on SIGTERM/SIGINT stop taking connections and let
 //! in-flight requests finish within the grace period.
 
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,10 +21,70 @@ use crate::state::AppState;
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let config = ServerConfig::load(args)?;
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?.block_on(serve(config))
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?.block_on(serve(
+        config,
+        shutdown_signal(),
+        |_| {},
+        || {},
+    ))
 }
 
-async fn serve(config: ServerConfig) -> Result<()> {
+/// A server inside this process, on a thread of its own, for a command that sends it work
+/// (`qwen-ocr extract`): it stops with the process, not on a signal.
+pub struct Background {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    ready: std::sync::mpsc::Receiver<()>,
+    thread: std::thread::JoinHandle<Result<()>>,
+}
+
+impl Background {
+    /// Starts serving `config` and returns once it listens; [`wait_ready`](Self::wait_ready)
+    /// waits for the model.
+    pub fn start(config: ServerConfig) -> Result<Self> {
+        let (listening_tx, listening) = std::sync::mpsc::channel();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new().name("qwen-ocr-server".into()).spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+            let listening = move |addr| {
+                let _ = listening_tx.send(addr);
+            };
+            let loaded = move || {
+                let _ = ready_tx.send(());
+            };
+            runtime.block_on(serve(config, std::future::pending(), listening, loaded))
+        })?;
+        match listening.recv() {
+            Ok(addr) => Ok(Self { base: format!("http://{addr}"), ready, thread }),
+            Err(_) => Err(Self::failure(thread)),
+        }
+    }
+
+    /// Waits until the model has loaded; a model that fails to load is the error.
+    pub fn wait_ready(self) -> Result<Self> {
+        match self.ready.recv() {
+            Ok(()) => Ok(self),
+            Err(_) => Err(Self::failure(self.thread)),
+        }
+    }
+
+    /// Why the server's thread ended.
+    fn failure(thread: std::thread::JoinHandle<Result<()>>) -> anyhow::Error {
+        match thread.join() {
+            Ok(Err(e)) => e,
+            Ok(Ok(())) => anyhow!("the server stopped"),
+            Err(_) => anyhow!("the server thread panicked"),
+        }
+    }
+}
+
+/// Serves until `stop`; `listening` hears the address once bound, `loaded` once the model is.
+async fn serve(
+    config: ServerConfig,
+    stop: impl Future<Output = ()> + Send + 'static,
+    listening: impl FnOnce(SocketAddr),
+    loaded: impl FnOnce(),
+) -> Result<()> {
     if let Some(dir) = &config.adapters_dir {
         anyhow::ensure!(dir.is_dir(), "the adapters dir {} is not a directory", dir.display());
     }
@@ -38,7 +100,9 @@ async fn serve(config: ServerConfig) -> Result<()> {
     let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {}:{}", addr.0, addr.1))?;
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let state = Arc::new(AppState::new(config, metrics));
-    tracing::info!(address = %listener.local_addr()?, model = %state.config.model, "listening");
+    let address = listener.local_addr()?;
+    tracing::info!(address = %address, model = %state.config.model, "listening");
+    listening(address);
 
     let loader_state = state.clone();
     let loader = tokio::task::spawn_blocking(move || load(&loader_state));
@@ -48,7 +112,7 @@ async fn serve(config: ServerConfig) -> Result<()> {
     let read_timeout = Duration::from_secs(state.config.read_timeout_secs);
     let max_connections = state.config.connection_limit();
     let server = crate::http_server::serve(listener, app, read_timeout, max_connections, async move {
-        shutdown_signal().await;
+        stop.await;
         tracing::info!(grace_secs = grace.as_secs(), "shutting down: finishing in-flight requests");
         shutdown_state.begin_shutdown();
         let _ = stopping_tx.send(());
@@ -63,13 +127,13 @@ async fn serve(config: ServerConfig) -> Result<()> {
     let mut server = std::pin::pin!(server);
     let mut loader = std::pin::pin!(loader);
     let mut deadline = std::pin::pin!(deadline);
-    let mut loaded = false;
+    let mut loaded = Some(loaded);
     loop {
         tokio::select! {
             _ = &mut server => return Ok(()),
-            result = &mut loader, if !loaded => {
+            result = &mut loader, if loaded.is_some() => {
                 result.context("model loading panicked")??;
-                loaded = true;
+                loaded.take().expect("loads once")();
             }
             _ = &mut deadline => {
                 tracing::warn!("grace period over: dropping the requests still running");

@@ -8,8 +8,10 @@ use std::sync::{Arc, OnceLock, RwLock};
 use metrics_exporter_prometheus::PrometheusHandle;
 use qwen_ocr_model::adapters::registry::AdapterRegistry;
 use qwen_ocr_scheduler::Engine;
+use tokio::sync::Semaphore;
 
 use crate::config::ServerConfig;
+use crate::documents::isolated::Renderer;
 use crate::error::{ApiError, ApiResult, ErrorKind};
 use crate::on_demand::FirstLoads;
 use crate::profile::ExtractionProfile;
@@ -26,6 +28,8 @@ pub struct AppState {
     base_profile: RwLock<Arc<ExtractionProfile>>,
     pub metrics: PrometheusHandle,
     shutting_down: AtomicBool,
+    /// PDF renderers running at once: each is a process that takes a core while it draws.
+    pub render_slots: Arc<Semaphore>,
 }
 
 impl AppState {
@@ -39,12 +43,18 @@ impl AppState {
             base_profile: RwLock::new(Arc::default()),
             metrics,
             shutting_down: AtomicBool::new(false),
+            render_slots: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get()))),
         }
     }
 
     /// The engine, or 503 while the model is still loading.
     pub fn engine(&self) -> ApiResult<&Engine> {
         self.engine.get().ok_or_else(|| ApiError::new(ErrorKind::Unavailable, "the model is still loading"))
+    }
+
+    /// The PDF renderer: this binary in a child process, within the configured limits.
+    pub fn renderer(&self) -> ApiResult<Renderer> {
+        Renderer::current(self.config.render_limits()).map_err(|e| ApiError::internal(format!("cannot find the PDF renderer: {e}")))
     }
 
     pub fn set_engine(&self, engine: Engine) {

@@ -98,6 +98,11 @@ impl PromptBuilder {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
     }
+
+    /// Text for generated ids with the special tokens kept (boxes are written with them).
+    pub fn decode_with_special_tokens(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.decode(ids, false).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
 }
 
 /// Repeats the i-th image placeholder `counts[i]` times; the counts must match the placeholders.

@@ -45,6 +45,19 @@ pub struct ChatCompletionRequest {
     /// Only 1 is supported.
     #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u32>,
+    /// The image processor's settings, as vLLM takes them: the resize bounds of every image of
+    /// this request (an image's own `image_url` bounds win).
+    pub mm_processor_kwargs: Option<MmProcessorKwargs>,
+}
+
+/// vLLM's `mm_processor_kwargs`; keys other than these are ignored.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, ToSchema)]
+pub struct MmProcessorKwargs {
+    /// Fewest pixels an image may have once resized, at least one merged patch (784 for
+    /// Qwen2-VL); default the adapter profile's, else the server's.
+    pub min_pixels: Option<u64>,
+    /// Most pixels an image may have once resized.
+    pub max_pixels: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -77,18 +90,35 @@ pub enum ContentPart {
     ImageUrl { image_url: ImageUrl },
 }
 
-/// A `data:` URL (base64), or an `http(s)` URL from a host in `allowed_image_hosts`.
+/// A `data:` URL (base64), or an `http(s)` URL from a host in `allowed_image_hosts`; as an
+/// object, optionally with this image's resize bounds, as LMDeploy takes them.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum ImageUrl {
-    Object { url: String },
+    Object {
+        url: String,
+        /// Fewest pixels this image may have once resized (wins over `mm_processor_kwargs`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min_pixels: Option<u64>,
+        /// Most pixels this image may have once resized.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_pixels: Option<u64>,
+    },
     Url(String),
 }
 
 impl ImageUrl {
     pub fn url(&self) -> &str {
         match self {
-            ImageUrl::Object { url } | ImageUrl::Url(url) => url,
+            ImageUrl::Object { url, .. } | ImageUrl::Url(url) => url,
+        }
+    }
+
+    /// This image's own resize bounds.
+    pub fn pixel_bounds(&self) -> (Option<u64>, Option<u64>) {
+        match self {
+            ImageUrl::Object { min_pixels, max_pixels, .. } => (*min_pixels, *max_pixels),
+            ImageUrl::Url(_) => (None, None),
         }
     }
 }

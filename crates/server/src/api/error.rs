@@ -37,6 +37,11 @@ pub enum ErrorKind {
     InvalidAdapterProfile,
     InvalidProfile,
     AdapterPathNotFound,
+    InvalidPages,
+    TruncatedPdf,
+    PdfNeedsPassword,
+    EmptyPdf,
+    InvalidPdf,
     // 401
     MissingApiKey,
     InvalidApiKey,
@@ -54,9 +59,11 @@ pub enum ErrorKind {
     // 413
     BodyTooLarge,
     ImageTooLarge,
+    TooManyPages,
     // 415
     UnsupportedImage,
     UnsupportedContentType,
+    NotAPdf,
     // 429
     QueueFull,
     // 500
@@ -100,14 +107,19 @@ impl ErrorKind {
             | InvalidAdapterName
             | InvalidAdapterProfile
             | InvalidProfile
-            | AdapterPathNotFound => StatusCode::BAD_REQUEST,
+            | AdapterPathNotFound
+            | InvalidPages
+            | TruncatedPdf
+            | PdfNeedsPassword
+            | EmptyPdf
+            | InvalidPdf => StatusCode::BAD_REQUEST,
             MissingApiKey | InvalidApiKey => StatusCode::UNAUTHORIZED,
             AdapterLoadingDisabled | AdapterPathOutside => StatusCode::FORBIDDEN,
             UnknownRoute | ModelNotFound | AdapterNotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ReadTimeout => StatusCode::REQUEST_TIMEOUT,
-            BodyTooLarge | ImageTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            UnsupportedImage | UnsupportedContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            BodyTooLarge | ImageTooLarge | TooManyPages => StatusCode::PAYLOAD_TOO_LARGE,
+            UnsupportedImage | UnsupportedContentType | NotAPdf => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             QueueFull => StatusCode::TOO_MANY_REQUESTS,
             InternalError => StatusCode::INTERNAL_SERVER_ERROR,
             NoReplicaAvailable => StatusCode::BAD_GATEWAY,
@@ -196,7 +208,7 @@ mod tests {
 pub enum InferenceErrors {
     #[response(
         status = 400,
-        description = "Malformed or out-of-range fields, a missing or corrupt image, a JSON Schema that does not parse or cannot be enforced"
+        description = "Malformed or out-of-range fields (`min_pixels`/`max_pixels` name themselves), a missing or corrupt image, a JSON Schema that does not parse, is too large or with `strict` cannot be enforced; on `/v1/extract`, a PDF that is truncated, needs a password, has no pages or cannot be read, or `pages` outside it (`truncated_pdf`, `pdf_needs_password`, `empty_pdf`, `invalid_pdf`, `invalid_pages`)"
     )]
     BadRequest(ErrorResponse),
     #[response(status = 403, description = "An adapter name that leads outside the adapters folder (`adapter_path_outside`)")]
@@ -205,12 +217,12 @@ pub enum InferenceErrors {
     NotFound(ErrorResponse),
     #[response(
         status = 413,
-        description = "The body is over `max_body_bytes`, or an image declares more than `max_image_pixels` (`body_too_large`, `image_too_large`)"
+        description = "The body is over `max_body_bytes`, an image declares more than `max_image_pixels`, or a PDF request selects more than `max_pdf_pages` pages (`body_too_large`, `image_too_large`, `too_many_pages`)"
     )]
     TooLarge(ErrorResponse),
     #[response(
         status = 415,
-        description = "Not an image the server decodes (`unsupported_image`); on `/v1/extract`, also a body that is neither multipart nor an image (`unsupported_content_type`)"
+        description = "Not an image the server decodes (`unsupported_image`); on `/v1/extract`, also a body that is neither multipart, an image nor a PDF (`unsupported_content_type`), or a body sent as a PDF that is not one (`not_a_pdf`)"
     )]
     UnsupportedMedia(ErrorResponse),
     #[response(status = 429, description = "The queue is full (`queue_full`)", headers(("Retry-After" = u64, description = "Seconds to wait before retrying")))]

@@ -35,6 +35,7 @@ use crate::error::{ApiError, ApiResult, ErrorKind};
 use crate::inference::{self, finish_reason};
 use crate::logprobs::openai_logprobs;
 use crate::metrics::AdapterLabel;
+use crate::pixel_budget::{PixelBounds, PixelBudget};
 use crate::remote_image;
 use crate::schema_report;
 use crate::state::AppState;
@@ -95,9 +96,12 @@ pub async fn completions(
         None => None,
     };
     let grammar = constraint.as_ref().map(|c| c.grammar.clone());
-    let (messages, image_bytes) = convert_messages(&state, request.messages).await?;
-    let images = inference::preprocess_images(&state, image_bytes).await?;
+    let kwargs = request.mm_processor_kwargs.unwrap_or_default();
+    let kwargs = inference::check_bounds(&state, PixelBounds::new(kwargs.min_pixels, kwargs.max_pixels), KWARGS)?;
+    let (messages, chat_images) = convert_messages(&state, request.messages).await?;
     let adapter_name = adapter.as_ref().map(|a| a.name.clone());
+    let budgets = pixel_budgets(&state, adapter_name.as_deref(), kwargs, &chat_images)?;
+    let images = inference::preprocess_images(&state, chat_images.into_iter().map(|i| i.bytes).zip(budgets).collect()).await?;
     let generate = GenerateRequest { messages, images, max_new_tokens, sampling, stop, adapter, grammar, top_logprobs };
     let stream = inference::submit(&state, generate)?;
     let vocabulary = top_logprobs.map(|_| state.clone());
@@ -127,11 +131,38 @@ pub async fn completions(
 /// model: how the fuzz target reaches both.
 pub async fn parse_messages(state: &AppState, body: Bytes) -> ApiResult<(Vec<ChatMessage>, Vec<Vec<u8>>)> {
     let request: ChatCompletionRequest = parse_json(Ok(body))?;
-    convert_messages(state, request.messages).await
+    let (messages, images) = convert_messages(state, request.messages).await?;
+    Ok((messages, images.into_iter().map(|i| i.bytes).collect()))
 }
 
-/// OpenAI messages as the chat template sees them, and the bytes of their images in order.
-async fn convert_messages(state: &AppState, messages: Vec<Message>) -> ApiResult<(Vec<ChatMessage>, Vec<Vec<u8>>)> {
+/// An image of a chat request: its bytes and its own resize bounds.
+struct ChatImage {
+    bytes: Vec<u8>,
+    bounds: PixelBounds,
+    /// Where it is in the request, for errors about its bounds.
+    field: String,
+}
+
+/// Where `mm_processor_kwargs`' bounds are, for errors about them.
+const KWARGS: &str = "mm_processor_kwargs.";
+
+/// Each image's visual budget: its own bounds, else `mm_processor_kwargs` (checked), else the
+/// adapter profile's, the server's and the checkpoint's.
+fn pixel_budgets(state: &AppState, adapter: Option<&str>, kwargs: PixelBounds, images: &[ChatImage]) -> ApiResult<Vec<PixelBudget>> {
+    let profile = state.profile(adapter);
+    let profile = PixelBounds::new(profile.settings.min_pixels, profile.settings.max_pixels);
+    images
+        .iter()
+        .map(|image| {
+            let own = inference::check_bounds(state, image.bounds, &image.field)?;
+            let prefix = if own != PixelBounds::default() { image.field.as_str() } else { KWARGS };
+            inference::pixel_budget(state, own.or(kwargs), profile, prefix)
+        })
+        .collect()
+}
+
+/// OpenAI messages as the chat template sees them, and their images in order.
+async fn convert_messages(state: &AppState, messages: Vec<Message>) -> ApiResult<(Vec<ChatMessage>, Vec<ChatImage>)> {
     let mut out = Vec::with_capacity(messages.len());
     let mut images = Vec::new();
     for (i, message) in messages.into_iter().enumerate() {
@@ -143,11 +174,16 @@ async fn convert_messages(state: &AppState, messages: Vec<Message>) -> ApiResult
             Some(MessageContent::Text(text)) => Content::Text(text),
             Some(MessageContent::Parts(parts)) => {
                 let mut converted = Vec::with_capacity(parts.len());
-                for part in parts {
+                for (j, part) in parts.into_iter().enumerate() {
                     match part {
                         InPart::Text { text } => converted.push(ContentPart::Text { text }),
                         InPart::ImageUrl { image_url } => {
-                            images.push(image_bytes(state, image_url.url()).await?);
+                            let (min_pixels, max_pixels) = image_url.pixel_bounds();
+                            images.push(ChatImage {
+                                bytes: image_bytes(state, image_url.url()).await?,
+                                bounds: PixelBounds::new(min_pixels, max_pixels),
+                                field: format!("messages[{i}].content[{j}].image_url."),
+                            });
                             converted.push(ContentPart::Image);
                         }
                     }

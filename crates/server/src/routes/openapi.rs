@@ -70,6 +70,8 @@ pub fn document(config: &ServerConfig) -> Document {
     let mut doc = ApiDoc::openapi();
     let max_tokens = config.max_tokens_limit;
     let top_logprobs = qwen_ocr_model::decoding::logprobs::MAX_TOP_LOGPROBS;
+    // The most any family takes; each checkpoint refuses what is over its own cap.
+    let pixels = MAX_RESIZED_PIXELS as usize;
     if let Some(components) = doc.components.as_mut() {
         for (schema, property, maximum) in [
             ("ChatCompletionRequest", "max_tokens", max_tokens),
@@ -77,17 +79,25 @@ pub fn document(config: &ServerConfig) -> Document {
             ("ChatCompletionRequest", "top_logprobs", top_logprobs),
             ("ExtractForm", "max_tokens", max_tokens),
             ("LoadAdapterRequest", "max_tokens", max_tokens),
-            ("LoadAdapterRequest", "min_pixels", MAX_RESIZED_PIXELS as usize),
-            ("LoadAdapterRequest", "max_pixels", MAX_RESIZED_PIXELS as usize),
+            ("LoadAdapterRequest", "min_pixels", pixels),
+            ("LoadAdapterRequest", "max_pixels", pixels),
+            ("ExtractForm", "min_pixels", pixels),
+            ("ExtractForm", "max_pixels", pixels),
+            ("MmProcessorKwargs", "min_pixels", pixels),
+            ("MmProcessorKwargs", "max_pixels", pixels),
+            ("ImageUrl", "min_pixels", pixels),
+            ("ImageUrl", "max_pixels", pixels),
         ] {
-            let property = components.schemas.get_mut(schema).and_then(|s| property_mut(s, property));
-            set_maximum(property.expect("the bounded fields exist"), maximum);
+            let found = components.schemas.get_mut(schema).and_then(|s| property_mut(s, property));
+            set_maximum(found.unwrap_or_else(|| panic!("{schema}.{property} is documented")), maximum);
         }
     }
     link_adapter_operations(&mut doc);
     let extract = doc.paths.paths.get_mut("/v1/extract").and_then(|p| p.post.as_mut()).expect("the extract route is documented");
-    let query = extract.parameters.iter_mut().flatten().find(|p| p.name == "max_tokens" && p.parameter_in == ParameterIn::Query);
-    set_maximum(query.and_then(|p| p.schema.as_mut()).expect("the extract query has max_tokens"), max_tokens);
+    for (name, maximum) in [("max_tokens", max_tokens), ("min_pixels", pixels), ("max_pixels", pixels)] {
+        let query = extract.parameters.iter_mut().flatten().find(|p| p.name == name && p.parameter_in == ParameterIn::Query);
+        set_maximum(query.and_then(|p| p.schema.as_mut()).unwrap_or_else(|| panic!("the extract query has {name}")), maximum);
+    }
     doc
 }
 
@@ -112,11 +122,12 @@ fn link_adapter_operations(doc: &mut Document) {
     }
 }
 
-/// The schema of `name` in an object schema, or in one of the parts of an `allOf`.
+/// The schema of `name` in an object schema, or in one of the parts of an `allOf` or `oneOf`.
 fn property_mut<'a>(schema: &'a mut RefOr<Schema>, name: &str) -> Option<&'a mut RefOr<Schema>> {
     match schema {
         RefOr::T(Schema::Object(object)) => object.properties.get_mut(name),
         RefOr::T(Schema::AllOf(all)) => all.items.iter_mut().find_map(|part| property_mut(part, name)),
+        RefOr::T(Schema::OneOf(one)) => one.items.iter_mut().find_map(|part| property_mut(part, name)),
         _ => None,
     }
 }

@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 pub mod json_schema;
+pub mod pdf;
 
 pub const PLATE_PROMPT: &str =
     "Please extract the Vehicle Sr No, Engine No, and Model from this image. Response only json format nothing else.";
