@@ -264,7 +264,7 @@ fn local_config(args: &ExtractArgs) -> Result<ServerConfig> {
     let mut config = ServerConfig::default();
     let model = &args.model;
     (config.model, config.dtype, config.quant, config.quant_cache, config.device) =
-        (model.model.clone(), model.dtype.clone(), model.quant.clone(), model.quant_cache.clone(), model.device.clone());
+        (model.model.clone(), model.dtype, model.quant, model.quant_cache.clone(), model.device);
     config.load_options()?;
     config.host = Ipv4Addr::LOCALHOST.into();
     config.port = 0;
