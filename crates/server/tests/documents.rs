@@ -157,8 +157,14 @@ fn read_around_a_hostile_page(config: &str, hostile: PageKind, limit: &str) {
 
 #[test]
 fn a_page_too_slow_to_render_fails_alone() {
-    // 8^9 full-page fills cannot be drawn in 2 s.
-    read_around_a_hostile_page("pdf_page_timeout_secs = 2\n", PageKind::FanOut { depth: 9, fanout: 8 }, "pdf_page_timeout_secs");
+    // Five million full-page fills cannot be drawn in 2 s.
+    read_around_a_hostile_page("pdf_page_timeout_secs = 2\n", PageKind::Fills { count: 5_000_000 }, "pdf_page_timeout_secs");
+}
+
+#[test]
+fn a_page_whose_forms_multiply_is_refused_before_drawing() {
+    // Forms drawing forms, 9 levels of 8: 8^9 draws, refused at once (no timeout needed).
+    read_around_a_hostile_page("pdf_page_timeout_secs = 600\n", PageKind::FanOut { depth: 9, fanout: 8 }, "forms that draw forms");
 }
 
 #[test]

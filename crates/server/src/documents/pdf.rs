@@ -3,8 +3,14 @@
 //! or memory bound of its own, so the server runs this only inside the child process of
 //! [`super::isolated`]; the fuzz target calls it directly.
 
+use std::collections::HashMap;
+use std::rc::Rc;
+
 use hayro::hayro_interpret::InterpreterSettings;
-use hayro::hayro_syntax::object::Dict;
+use hayro::hayro_syntax::content::ops::TypedInstruction;
+use hayro::hayro_syntax::content::TypedIter;
+use hayro::hayro_syntax::object::{Array, Dict, Name, Object, ObjectIdentifier, Stream};
+use hayro::hayro_syntax::page::{Page, Resources};
 use hayro::hayro_syntax::{DecryptionError, LoadPdfError, Pdf};
 use hayro::vello_cpu::color::palette::css::WHITE;
 use hayro::{PixmapSettings, RenderCache, RenderSettings};
@@ -115,6 +121,7 @@ impl Document {
         let page = number.checked_sub(1).and_then(|i| pages.get(i as usize)).ok_or_else(|| format!("there is no page {number}"))?;
         let (width, height) = page.render_dimensions();
         let scale = render_scale(width as f64, height as f64, max_pixels)?;
+        FormDraws::default().count_page(page)?;
         let pixmap_settings = PixmapSettings { x_scale: scale as f32, y_scale: scale as f32, bg_color: WHITE };
         let cache = RenderCache::new();
         let pixmap = hayro::render(page, &cache, &InterpreterSettings::default(), &RenderSettings::default(), &pixmap_settings);
@@ -138,6 +145,91 @@ fn render_scale(width: f64, height: f64, max_pixels: u64) -> Result<f64, String>
     }
     let scale = (max_pixels as f64 / (width * height)).sqrt();
     Ok(scale.min(MAX_SIDE / width.max(height)))
+}
+
+/// Form XObjects a page may draw, counted through their nesting (a form drawn twice that draws
+/// another twice costs 2 + 4 draws). Forms drawing forms multiply: 50 levels of two, within the
+/// renderer's own nesting limit, would never finish. A page past this is refused before
+/// drawing, instead of costing `pdf_page_timeout_secs`.
+const MAX_FORM_DRAWS: u64 = 100_000;
+/// The renderer's nesting limit (hayro's `MAX_NESTED_INTERPRETATION_DEPTH`): deeper forms are
+/// not drawn, so they cost nothing.
+const MAX_NESTING: u32 = 50;
+
+/// Counts the form draws of a page: its content and its annotations' appearances, each form's
+/// own `Do`s read once.
+#[derive(Default)]
+struct FormDraws {
+    draws: u64,
+    /// The `Do` names of each form's content, by object.
+    names: HashMap<ObjectIdentifier, Rc<Vec<Vec<u8>>>>,
+}
+
+impl FormDraws {
+    fn count_page(&mut self, page: &Page<'_>) -> Result<(), String> {
+        let names = page.page_stream().map(xobject_names).unwrap_or_default();
+        self.count(&names, page.resources(), 0)?;
+        let annotations = page.raw().get::<Array<'_>>(b"Annots");
+        for annotation in annotations.iter().flat_map(|a| a.iter::<Dict<'_>>()) {
+            if let Some(appearance) = appearance(&annotation) {
+                self.count_form(&appearance, page.resources(), 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn count<'a>(&mut self, names: &[Vec<u8>], resources: &Resources<'a>, depth: u32) -> Result<(), String> {
+        for name in names {
+            if let Some(form) = resources.x_objects.get::<Stream<'a>>(name.as_slice()) {
+                self.count_form(&form, resources, depth + 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn count_form<'a>(&mut self, stream: &Stream<'a>, resources: &Resources<'a>, depth: u32) -> Result<(), String> {
+        if depth > MAX_NESTING || stream.dict().get::<Name<'_>>(b"Subtype").as_deref() != Some(b"Form".as_slice()) {
+            return Ok(());
+        }
+        self.draws += 1;
+        if self.draws > MAX_FORM_DRAWS {
+            return Err(format!("the page draws more than {MAX_FORM_DRAWS} forms through forms that draw forms: refused before drawing"));
+        }
+        let names = match self.names.get(&stream.obj_id()) {
+            Some(names) => names.clone(),
+            None => {
+                let names = Rc::new(stream.decoded().map(|content| xobject_names(&content)).unwrap_or_default());
+                self.names.insert(stream.obj_id(), names.clone());
+                names
+            }
+        };
+        // A form without resources of its own uses the ones it is drawn with.
+        let own = stream.dict().get::<Dict<'a>>(b"Resources").map(Resources::new);
+        self.count(&names, own.as_ref().unwrap_or(resources), depth)
+    }
+}
+
+/// The names a content stream draws with `Do`.
+fn xobject_names(content: &[u8]) -> Vec<Vec<u8>> {
+    let mut ops = TypedIter::new(content);
+    let mut names = Vec::new();
+    while let Some(op) = ops.next() {
+        if let TypedInstruction::XObject(x) = op {
+            names.push(x.0.to_vec());
+        }
+    }
+    names
+}
+
+/// An annotation's normal appearance, as the renderer picks it.
+fn appearance<'a>(annotation: &Dict<'a>) -> Option<Stream<'a>> {
+    match annotation.get::<Dict<'a>>(b"AP")?.get::<Object<'a>>(b"N")? {
+        Object::Stream(stream) => Some(stream),
+        Object::Dict(states) => {
+            annotation.get::<Name<'_>>(b"AS").and_then(|state| states.get::<Stream<'a>>(&*state)).or_else(|| states.get::<Stream<'a>>(b"Off"))
+        }
+        _ => None,
+    }
 }
 
 /// A complete file ends with `startxref`, the offset of its cross-reference section, and

@@ -27,6 +27,8 @@ pub enum PageKind {
     /// A content stream that inflates to this many MiB of spaces, which the renderer holds
     /// whole.
     Inflating { megabytes: usize },
+    /// This many full-page fills, one after the other (compressed: a few hundred kilobytes).
+    Fills { count: usize },
 }
 
 /// A document of `pages` invoice pages.
@@ -128,12 +130,13 @@ fn write(kinds: &[PageKind], declared: u32, security: Option<&Security>, seal: i
                 pdf.stream(content_id, &content);
             }
             PageKind::Inflating { megabytes } => {
-                let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
                 let spaces = vec![b' '; 1 << 20];
-                for _ in 0..megabytes {
-                    encoder.write_all(&spaces).unwrap();
-                }
-                let content = seal(content_id, encoder.finish().unwrap());
+                let content = seal(content_id, deflate(std::iter::repeat_n(&spaces[..], megabytes)));
+                pdf.stream(content_id, &content).filter(Filter::FlateDecode);
+            }
+            PageKind::Fills { count } => {
+                let fill = format!("0 0 {} {} re f\n", PAGE_SIZE.0, PAGE_SIZE.1).repeat(10_000);
+                let content = seal(content_id, deflate(std::iter::repeat_n(fill.as_bytes(), count / 10_000)));
                 pdf.stream(content_id, &content).filter(Filter::FlateDecode);
             }
         }
@@ -146,6 +149,15 @@ fn write(kinds: &[PageKind], declared: u32, security: Option<&Security>, seal: i
         dict.finish();
     }
     pdf.finish()
+}
+
+/// zlib (`FlateDecode`) of the chunks one after the other.
+fn deflate<'a>(chunks: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+    for chunk in chunks {
+        encoder.write_all(chunk).unwrap();
+    }
+    encoder.finish().unwrap()
 }
 
 /// A smooth RGB gradient, `width` x `height`.
