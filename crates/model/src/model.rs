@@ -208,7 +208,8 @@ impl Model {
         Ok(self.text.embed(&Tensor::new(ids, &self.device)?)?)
     }
 
-    /// One pass over a ragged batch; f32 logits `[sequences, vocab]` for each last token.
+    /// One pass over a ragged batch; f32 logits `[rows, vocab]` for each sequence's last
+    /// `logit_rows` tokens.
     pub fn forward(&self, batch: &mut [SeqInput]) -> Result<Tensor> {
         Ok(self.text.forward(batch)?)
     }

@@ -39,6 +39,9 @@ pub struct Pipeline {
     /// Token bytes and the grammar compiler, built on first use (only constraints and
     /// log-probabilities need them).
     vocabulary: OnceLock<std::result::Result<Vocabulary, String>>,
+    /// Run the tokens a grammar forces together with the next chosen one, not a pass each
+    /// (the same tokens either way). `QWEN_OCR_FAST_FORWARD=0` turns it off, to compare.
+    pub fast_forward: bool,
 }
 
 impl Pipeline {
@@ -70,7 +73,8 @@ impl Pipeline {
         };
         let prompt = PromptBuilder::load(&files, config.tokens)?;
         let model = Model::load(&files, &config, options)?;
-        Ok(Self { model, prompt, preprocessor, generation, files, vocabulary: OnceLock::new() })
+        let fast_forward = !std::env::var("QWEN_OCR_FAST_FORWARD").is_ok_and(|v| matches!(v.as_str(), "0" | "off" | "false"));
+        Ok(Self { model, prompt, preprocessor, generation, files, vocabulary: OnceLock::new(), fast_forward })
     }
 
     pub fn family(&self) -> Family {
@@ -153,6 +157,7 @@ impl Pipeline {
             stop: &request.stop,
             top_logprobs: request.top_logprobs,
             stream,
+            fast_forward: self.fast_forward,
         };
         let decoding = Decoding::new(&prompt.ids, &options, self.eos_token_ids(), prompt.max_new);
         let cache = KvCache::with_capacity(self.model.num_layers(), prompt.ids.len() + prompt.max_new);
@@ -178,19 +183,23 @@ impl Pipeline {
     }
 
     /// One forward pass over sequences that are prefilling (the prompt, with their images
-    /// spliced in) and sequences that are decoding (their last token), together; then the next
-    /// token of each, in order. Every sequence must be past its `Encode` phase.
-    pub fn step(&self, seqs: &mut [&mut Sequence]) -> Result<Vec<Step>> {
+    /// spliced in) and sequences that are decoding (their last token, and any the grammar
+    /// forced after it); then the tokens each released, in order: the forced ones and the
+    /// next one it chose. Every sequence must be past its `Encode` phase.
+    pub fn step(&self, seqs: &mut [&mut Sequence]) -> Result<Vec<Vec<Step>>> {
         let decoding = || seqs.iter().filter(|s| matches!(s.phase(), Phase::Decode));
-        let last: Vec<u32> = decoding().map(|s| *s.decoding.generated().last().expect("a decoding sequence has a token")).collect();
-        let positions: Vec<[[u32; 3]; 1]> = decoding().map(|s| [decode_position(s.cache.len(), s.prompt.delta)]).collect();
-        let last_embeds = if last.is_empty() { None } else { Some(self.model.token_embeds(&last)?) };
+        let new_tokens: Vec<u32> = decoding().flat_map(|s| s.decoding.tokens_from(s.cache.len()).iter().copied()).collect();
+        let positions: Vec<Vec<[u32; 3]>> = decoding()
+            .map(|s| (0..s.decoding.tokens_from(s.cache.len()).len()).map(|i| decode_position(s.cache.len() + i, s.prompt.delta)).collect())
+            .collect();
+        let new_embeds = if new_tokens.is_empty() { None } else { Some(self.model.token_embeds(&new_tokens)?) };
 
         let mut inputs = Vec::with_capacity(seqs.len());
         let mut preparing: Vec<&mut Decoding> = Vec::new();
-        let mut row = 0;
+        let (mut decode_row, mut offset) = (0, 0);
         for s in seqs.iter_mut() {
             let s: &mut Sequence = s;
+            let logit_rows = s.decoding.logit_rows();
             let (embeds, deepstack, positions) = match s.phase() {
                 Phase::Encode { .. } => return Err(Error::InvalidRequest("a sequence's images were not encoded before its step".into())),
                 Phase::Prefill { images } => {
@@ -198,15 +207,19 @@ impl Pipeline {
                     (embeds, deepstack, &s.prompt.positions[..])
                 }
                 Phase::Decode => {
-                    row += 1;
-                    (last_embeds.as_ref().expect("decode rows exist").narrow(0, row - 1, 1)?, None, &positions[row - 1][..])
+                    let positions = &positions[decode_row];
+                    let embeds = new_embeds.as_ref().expect("decode rows exist").narrow(0, offset, positions.len())?;
+                    decode_row += 1;
+                    offset += positions.len();
+                    (embeds, None, &positions[..])
                 }
             };
             if s.decoding.has_preparation() {
                 preparing.push(&mut s.decoding);
             }
-            inputs.push(SeqInput { embeds, positions, cache: &mut s.cache, adapter: s.adapter.as_deref(), deepstack });
+            inputs.push(SeqInput { embeds, positions, cache: &mut s.cache, adapter: s.adapter.as_deref(), deepstack, logit_rows });
         }
+        let rows_per_seq: Vec<usize> = inputs.iter().map(|i| i.logit_rows).collect();
         // Grammar masks depend only on the tokens chosen so far: compute them while the model
         // computes the logits they will apply to.
         let logits = std::thread::scope(|scope| {
@@ -220,11 +233,13 @@ impl Pipeline {
         .to_vec2::<f32>()?;
         drop(inputs);
         let tokenizer = self.prompt.tokenizer();
+        let mut logits = logits.into_iter();
         seqs.iter_mut()
-            .zip(logits)
-            .map(|(s, mut row)| {
+            .zip(rows_per_seq)
+            .map(|(s, n)| {
                 s.prefilled();
-                s.decoding.step(&mut row, tokenizer)
+                let mut rows: Vec<Vec<f32>> = logits.by_ref().take(n).collect();
+                s.decoding.step(&mut rows, tokenizer)
             })
             .collect()
     }
@@ -262,6 +277,7 @@ impl Pipeline {
                     prompt_tokens: s.decoding.prompt_len(),
                     image_grid_thw: s.image_grids.clone(),
                     finish_reason: s.decoding.finish_reason().expect("loop ends when all finished"),
+                    forward_passes: s.decoding.passes(),
                     timings: Timings { queued_ms: 0.0, prefill_ms: ms(prefill), vision_ms: ms(vision), decode_ms: ms(decode) },
                 })
             })
@@ -293,6 +309,9 @@ pub struct GenerateOutput {
     pub prompt_tokens: usize,
     pub image_grid_thw: Vec<[usize; 3]>,
     pub finish_reason: FinishReason,
+    /// Forward passes it took (the prefill's included); fewer than its tokens when a grammar
+    /// forced some.
+    pub forward_passes: usize,
     pub timings: Timings,
 }
 

@@ -32,12 +32,18 @@ pub fn next_token_logprobs(pipeline: &Pipeline, request: &GenerateRequest, force
     let mut cache = KvCache::new(model.num_layers());
     let mut rows = Vec::with_capacity(forced.len() + 1);
     let (embeds, deepstack) = model.prompt_embeds(&prompt.ids, &embeds)?;
-    let first = SeqInput { embeds, positions: &prompt.positions, cache: &mut cache, adapter: None, deepstack };
+    let first = SeqInput { embeds, positions: &prompt.positions, cache: &mut cache, adapter: None, deepstack, logit_rows: 1 };
     rows.push(model.forward(&mut [first])?);
     for &token in forced {
         let position = [decode_position(cache.len(), prompt.delta)];
-        let input =
-            SeqInput { embeds: model.token_embeds(&[token])?, positions: &position, cache: &mut cache, adapter: None, deepstack: None };
+        let input = SeqInput {
+            embeds: model.token_embeds(&[token])?,
+            positions: &position,
+            cache: &mut cache,
+            adapter: None,
+            deepstack: None,
+            logit_rows: 1,
+        };
         rows.push(model.forward(&mut [input])?);
     }
     Ok(candle_nn::ops::log_softmax(&Tensor::cat(&rows, 0)?, D::Minus1)?)

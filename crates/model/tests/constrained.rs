@@ -122,3 +122,44 @@ fn the_mask_never_allows_special_vision_or_padding_tokens_and_ends_on_either_end
     ends.sort();
     assert_eq!(allowed, ends);
 }
+
+#[test]
+fn forced_tokens_share_a_pass_and_change_nothing_else() {
+    let mut pipeline = Pipeline::load(fixtures().join("tiny-tied").to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let grammar = pipeline.vocabulary().unwrap().compile(&plate_schema()).unwrap();
+    let mut plain = request(&pipeline, "plate.png", 64);
+    plain.grammar = Some(grammar);
+    let scored = GenerateRequest { top_logprobs: Some(3), ..plain.clone() };
+    // "year" is a key the grammar forces: the stop string falls inside a forced run.
+    let stopped = GenerateRequest { stop: vec!["year".into()], ..plain.clone() };
+    let free = request(&pipeline, "gray.png", 9);
+    let requests = [plain, scored, stopped, free];
+
+    pipeline.fast_forward = false;
+    let one_by_one = pipeline.generate_batch(&requests).unwrap();
+    pipeline.fast_forward = true;
+    let together = pipeline.generate_batch(&requests).unwrap();
+
+    for (i, (a, b)) in one_by_one.iter().zip(&together).enumerate() {
+        assert_eq!((&a.token_ids, &a.text, a.finish_reason), (&b.token_ids, &b.text, b.finish_reason), "request {i}");
+        assert_eq!(a.forward_passes, a.token_ids.len(), "request {i}: one pass a token without fast-forward");
+    }
+    assert_eq!(together[0].finish_reason, FinishReason::Stop, "{}", together[0].text);
+    assert!(
+        together[0].forward_passes < together[0].token_ids.len(),
+        "{} passes for {} tokens",
+        together[0].forward_passes,
+        together[0].token_ids.len()
+    );
+    assert!(together[2].text.ends_with(",\"") && together[2].forward_passes < together[2].token_ids.len(), "{}", together[2].text);
+    assert_eq!(together[3].forward_passes, together[3].token_ids.len(), "an unconstrained request is unchanged");
+    // Forced tokens' log-probabilities come from the rows of the pass that ran them.
+    let (a, b) = (&one_by_one[1].logprobs, &together[1].logprobs);
+    assert_eq!(a.len(), b.len());
+    for (step, (a, b)) in a.iter().zip(b).enumerate() {
+        assert_eq!((a.token, a.choice_logprob == 0.0), (b.token, b.choice_logprob == 0.0), "step {step}");
+        assert!((a.logprob - b.logprob).abs() < 1e-4 && (a.choice_logprob - b.choice_logprob).abs() < 1e-4, "step {step}: {a:?} vs {b:?}");
+        let tops = |l: &qwen_ocr_model::decoding::logprobs::TokenLogprob| l.top.iter().map(|t| t.0).collect::<Vec<_>>();
+        assert_eq!(tops(a), tops(b), "step {step}");
+    }
+}

@@ -267,16 +267,20 @@ impl Worker {
         let steps = self.pipeline.step(&mut active)?;
 
         let now = Instant::now();
-        for (seq, step) in self.running.iter_mut().zip(steps) {
+        let mut generated = 0;
+        for (seq, steps) in self.running.iter_mut().zip(steps) {
             seq.first_token.get_or_insert(now);
-            let _ = seq.events.send(Event::Token { id: step.token, text: step.delta, logprob: step.logprob });
+            generated += steps.len();
+            for step in steps {
+                let _ = seq.events.send(Event::Token { id: step.token, text: step.delta, logprob: step.logprob });
+            }
         }
         let batch = self.running.len();
         self.stats.last_batch_size.store(batch, Ordering::Relaxed);
-        self.stats.generated_tokens.fetch_add(batch as u64, Ordering::Relaxed);
+        self.stats.generated_tokens.fetch_add(generated as u64, Ordering::Relaxed);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         metrics::histogram!(m::BATCH_SIZE).record(batch as f64);
-        metrics::counter!(m::GENERATED_TOKENS).increment(batch as u64);
+        metrics::counter!(m::GENERATED_TOKENS).increment(generated as u64);
         metrics::counter!(m::PROMPT_TOKENS).increment(prefill_tokens as u64);
         Ok(())
     }

@@ -266,3 +266,19 @@ fn seeded_sampling_and_greedy_requests_share_a_batch_without_changing_each_other
         assert_eq!(finish(stream).token_ids, alone[i], "request {i}");
     }
 }
+
+#[test]
+fn forced_tokens_take_fewer_engine_steps_than_tokens_and_stream_each_token() {
+    let pipeline = pipeline();
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("schemas/plate.schema.json")).unwrap()).unwrap();
+    let mut constrained = request(&pipeline, &["plate.png"], PLATE_PROMPT, 64);
+    constrained.grammar = Some(pipeline.vocabulary().unwrap().compile(&schema).unwrap());
+    let alone = pipeline.generate(&constrained).unwrap();
+    let engine = Engine::start(pipeline.clone(), EngineConfig::default());
+    let done = finish(engine.submit(constrained.into()).unwrap());
+    assert_eq!((&done.token_ids, &done.text), (&alone.token_ids, &alone.text));
+    let steps = engine.stats().steps as usize;
+    assert!(steps < done.token_ids.len(), "{steps} engine steps for {} tokens: {}", done.token_ids.len(), done.text);
+    assert_eq!(engine.stats().generated_tokens as usize, done.token_ids.len());
+}

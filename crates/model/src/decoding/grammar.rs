@@ -186,6 +186,20 @@ impl GrammarState {
         }
     }
 
+    /// The one token the grammar allows next, when it allows exactly one and that one is not
+    /// an end-of-sequence token (which end token closes an answer is the model's choice). Such
+    /// a token is what greedy and sampled decoding would both pick, whatever the logits.
+    pub fn forced_token(&mut self) -> Option<u32> {
+        self.prepare();
+        let mask = self.next.as_ref().expect("prepared");
+        if mask.num_set() != 1 {
+            return None;
+        }
+        let mut only = None;
+        mask.iter_set_entries(|t| only = Some(t as u32));
+        only.filter(|t| !self.eos.contains(t))
+    }
+
     /// Advances past the chosen token (an end-of-sequence token ends the walk instead).
     pub fn accept(&mut self, token: u32) {
         self.next = None;

@@ -16,6 +16,11 @@ pub trait LogitsProcessor: Send {
 
     /// Learns the token that was chosen.
     fn accept(&mut self, _token: u32) {}
+
+    /// The token this processor leaves as the only possible one next, whatever the logits.
+    fn forced_token(&mut self) -> Option<u32> {
+        None
+    }
 }
 
 /// The processors of one sequence, in order.
@@ -65,6 +70,11 @@ impl LogitsChain {
     pub fn accept(&mut self, token: u32) {
         self.processors.iter_mut().for_each(|p| p.accept(token));
     }
+
+    /// The next token, when a processor (the grammar) allows only one.
+    pub fn forced_token(&mut self) -> Option<u32> {
+        self.processors.iter_mut().find_map(|p| p.forced_token())
+    }
 }
 
 impl LogitsProcessor for GrammarState {
@@ -78,6 +88,10 @@ impl LogitsProcessor for GrammarState {
 
     fn accept(&mut self, token: u32) {
         GrammarState::accept(self, token);
+    }
+
+    fn forced_token(&mut self) -> Option<u32> {
+        GrammarState::forced_token(self)
     }
 }
 

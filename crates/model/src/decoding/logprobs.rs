@@ -32,6 +32,12 @@ impl TokenLogprob {
         };
         Self { token, logprob: raw[token as usize], top: top_n(raw, top), choice_logprob: choice_logprob.min(0.0) }
     }
+
+    /// A token the grammar forced: the only possible one, so `choice_logprob` is 0. `raw` is
+    /// the log-softmax of the model's logits at its position.
+    pub fn forced(raw: &[f32], token: u32, top: usize) -> Self {
+        Self { token, logprob: raw[token as usize], top: top_n(raw, top), choice_logprob: 0.0 }
+    }
 }
 
 /// `ln softmax(logits)`, computed stably.

@@ -71,6 +71,14 @@ impl Sampler {
         Self { greedy: params.is_greedy(), rng }
     }
 
+    /// A token chosen for the sampler (the grammar's only choice): takes the draw `choose`
+    /// would have, so that a seeded sequence samples the same tokens after it.
+    pub fn skip(&mut self) {
+        if !self.greedy {
+            let _: f32 = self.rng.random();
+        }
+    }
+
     pub fn choose(&mut self, logits: &[f32]) -> u32 {
         if self.greedy {
             return argmax(logits);

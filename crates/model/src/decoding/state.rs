@@ -23,6 +23,9 @@ pub struct DecodingOptions<'a> {
     /// Release text token by token (otherwise text is decoded only where stop strings need it,
     /// and once at the end).
     pub stream: bool,
+    /// Append the tokens the grammar forces without a forward pass each: they go through the
+    /// model together with the next chosen token, in one pass.
+    pub fast_forward: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -60,9 +63,15 @@ pub struct Decoding {
     /// How many alternatives to report with each token's log-probability; `None`: none at all.
     top_logprobs: Option<usize>,
     logprobs: Vec<TokenLogprob>,
-    /// Prompt and generated tokens, for the repetition penalty.
+    /// Prompt and generated tokens, for the repetition penalty. The generated ones past
+    /// `released_tokens` were forced by the grammar and not yet run through the model.
     history: Vec<u32>,
     prompt_len: usize,
+    /// Generated tokens returned as steps.
+    released_tokens: usize,
+    /// Forward passes that produced this sequence's steps.
+    passes: usize,
+    fast_forward: bool,
     eos: Vec<u32>,
     stop: Vec<String>,
     /// Longest stop string in bytes: that much minus one is held back until it cannot start one.
@@ -97,6 +106,9 @@ impl Decoding {
             logprobs: Vec::new(),
             history: prompt.to_vec(),
             prompt_len: prompt.len(),
+            released_tokens: 0,
+            passes: 0,
+            fast_forward: options.fast_forward && options.grammar.is_some(),
             eos,
             longest_stop: stop.iter().map(String::len).max().unwrap_or(0),
             stop,
@@ -118,15 +130,67 @@ impl Decoding {
         self.chain.prepare();
     }
 
-    /// Chooses the next token from `logits` (modified in place) and updates the state.
-    pub fn step(&mut self, logits: &mut [f32], tokenizer: &Tokenizer) -> Result<Step> {
+    /// Logits rows the next step needs, counted back from the last of the sequence's new
+    /// tokens: the forced tokens' own rows when log-probabilities are reported, else only the
+    /// last row, which the next token is chosen from.
+    pub fn logit_rows(&self) -> usize {
+        match self.top_logprobs {
+            Some(_) => self.forced_pending() + 1,
+            None => 1,
+        }
+    }
+
+    /// Forced tokens in the history not yet returned as steps.
+    fn forced_pending(&self) -> usize {
+        self.generated().len() - self.released_tokens
+    }
+
+    /// Tokens from position `from` on: what the model has yet to run when its cache holds
+    /// `from` tokens (the last chosen token and any the grammar forced after it).
+    pub fn tokens_from(&self, from: usize) -> &[u32] {
+        &self.history[from.min(self.history.len())..]
+    }
+
+    /// Releases the forced tokens the last pass ran (scored by their `rows`, when reported),
+    /// then chooses the next token from the last row (modified in place) and appends whatever
+    /// the grammar forces after it.
+    pub fn step(&mut self, rows: &mut [Vec<f32>], tokenizer: &Tokenizer) -> Result<Vec<Step>> {
+        self.passes += 1;
+        let forced = self.generated()[self.released_tokens..].to_vec();
+        let scored = rows.len() == forced.len() + 1;
+        let mut steps = Vec::with_capacity(forced.len() + 1);
+        for (i, token) in forced.into_iter().enumerate() {
+            let logprob = self.top_logprobs.filter(|_| scored).map(|top| TokenLogprob::forced(&log_softmax(&rows[i]), token, top));
+            steps.push(self.release(token, logprob, tokenizer)?);
+            if self.finish.is_some() {
+                // A stop string or the limit within the forced run: what follows is not the answer.
+                self.history.truncate(self.prompt_len + self.released_tokens);
+                return Ok(steps);
+            }
+        }
+        let logits = rows.last_mut().ok_or_else(|| Error::InvalidRequest("a step needs logits".into()))?;
         let raw = self.top_logprobs.map(|_| log_softmax(logits));
         self.chain.process(logits, &self.history);
         let token = self.sampler.choose(logits);
         self.chain.accept(token);
         let logprob = raw.map(|raw| TokenLogprob::new(&raw, logits, token, self.top_logprobs.unwrap_or(0)));
-        self.logprobs.extend(logprob.clone());
         self.history.push(token);
+        steps.push(self.release(token, logprob, tokenizer)?);
+        if self.fast_forward {
+            while self.finish.is_none() && self.generated().len() < self.max_new {
+                let Some(forced) = self.chain.forced_token() else { break };
+                self.sampler.skip();
+                self.chain.accept(forced);
+                self.history.push(forced);
+            }
+        }
+        Ok(steps)
+    }
+
+    /// Returns a token of the history as a step: its text, and whether it ends the sequence.
+    fn release(&mut self, token: u32, logprob: Option<TokenLogprob>, tokenizer: &Tokenizer) -> Result<Step> {
+        self.released_tokens += 1;
+        self.logprobs.extend(logprob.clone());
         if !self.track_text {
             self.finish_after(token, false);
             return Ok(Step { token, logprob, delta: String::new() });
@@ -149,7 +213,7 @@ impl Decoding {
     fn finish_after(&mut self, token: u32, stopped: bool) {
         if self.eos.contains(&token) || stopped {
             self.finish = Some(FinishReason::Stop);
-        } else if self.generated().len() >= self.max_new {
+        } else if self.released_tokens >= self.max_new {
             self.finish = Some(FinishReason::Length);
         }
     }
@@ -158,9 +222,11 @@ impl Decoding {
         self.finish
     }
 
-    /// Ends the sequence early (cancelled, timed out, failed).
+    /// Ends the sequence early (cancelled, timed out, failed); forced tokens not yet returned
+    /// are dropped.
     pub fn end(&mut self, reason: FinishReason) {
         self.finish.get_or_insert(reason);
+        self.history.truncate(self.prompt_len + self.released_tokens);
     }
 
     pub fn generated(&self) -> &[u32] {
@@ -170,6 +236,11 @@ impl Decoding {
     /// Log-probabilities of every generated token, when the request asked for them.
     pub fn logprobs(&self) -> &[TokenLogprob] {
         &self.logprobs
+    }
+
+    /// Forward passes so far; fewer than the generated tokens when a grammar forced some.
+    pub fn passes(&self) -> usize {
+        self.passes
     }
 
     pub fn prompt_len(&self) -> usize {

@@ -28,6 +28,9 @@ pub struct SeqInput<'a> {
     pub adapter: Option<&'a LoraAdapter>,
     /// DeepStack features of this sequence's image tokens (prefill only).
     pub deepstack: Option<Deepstack>,
+    /// How many of its last rows get logits (1: the next token's; more: also the log-
+    /// probabilities of tokens a grammar forced, which ran in this pass).
+    pub logit_rows: usize,
 }
 
 /// What DeepStack adds to a sequence: after decoder layer `i`, `layers[i]` at `rows`.
@@ -255,7 +258,8 @@ impl TextModel {
         Ok((angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?))
     }
 
-    /// Runs the batch and returns f32 logits `[sequences, vocab]` for each sequence's last token.
+    /// Runs the batch and returns f32 logits `[rows, vocab]`: each sequence's last
+    /// `logit_rows` rows, in order.
     pub fn forward(&self, batch: &mut [SeqInput]) -> Result<Tensor> {
         let first = batch.first().ok_or_else(|| candle_core::Error::Msg("empty batch".into()))?;
         let (device, dtype) = (first.embeds.device().clone(), first.embeds.dtype());
@@ -271,6 +275,7 @@ impl TextModel {
             start += n;
             rotary.push(self.rotary(s.positions, &device, dtype)?);
         }
+        let logit_rows: Vec<usize> = batch.iter().zip(&spans).map(|(s, &(_, n))| s.logit_rows.clamp(1, n)).collect();
         let embeds: Vec<&Tensor> = batch.iter().map(|s| &s.embeds).collect();
         let mut x = if embeds.len() == 1 { embeds[0].clone() } else { Tensor::cat(&embeds, 0)? };
         let adapters: Vec<Option<&LoraAdapter>> = batch.iter().map(|s| s.adapter).collect();
@@ -301,7 +306,8 @@ impl TextModel {
         for (cache, &(_, n)) in caches.iter_mut().zip(&spans) {
             cache.advance(n);
         }
-        let last_rows: Vec<Tensor> = spans.iter().map(|&(s, n)| x.narrow(0, s + n - 1, 1)).collect::<Result<_>>()?;
+        let last_rows: Vec<Tensor> =
+            spans.iter().zip(logit_rows).map(|(&(s, n), rows)| x.narrow(0, s + n - rows, rows)).collect::<Result<_>>()?;
         let last = Tensor::cat(&last_rows, 0)?;
         self.lm_head.forward(&self.norm.forward(&last)?)?.to_dtype(DType::F32)
     }

@@ -225,9 +225,10 @@ fn xobject_names(content: &[u8]) -> Vec<Vec<u8>> {
 fn appearance<'a>(annotation: &Dict<'a>) -> Option<Stream<'a>> {
     match annotation.get::<Dict<'a>>(b"AP")?.get::<Object<'a>>(b"N")? {
         Object::Stream(stream) => Some(stream),
-        Object::Dict(states) => {
-            annotation.get::<Name<'_>>(b"AS").and_then(|state| states.get::<Stream<'a>>(&*state)).or_else(|| states.get::<Stream<'a>>(b"Off"))
-        }
+        Object::Dict(states) => annotation
+            .get::<Name<'_>>(b"AS")
+            .and_then(|state| states.get::<Stream<'a>>(&*state))
+            .or_else(|| states.get::<Stream<'a>>(b"Off")),
         _ => None,
     }
 }
