@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use qwen_ocr_model::decoding::grammar::GrammarState;
+use qwen_ocr_model::decoding::sampling::SamplingParams;
 use qwen_ocr_model::preprocess::image::ImageOptions;
 use qwen_ocr_model::preprocess::prompt::ChatMessage;
 use qwen_ocr_model::quality::next_token_logprobs;
@@ -133,7 +134,10 @@ fn forced_tokens_share_a_pass_and_change_nothing_else() {
     // "year" is a key the grammar forces: the stop string falls inside a forced run.
     let stopped = GenerateRequest { stop: vec!["year".into()], ..plain.clone() };
     let free = request(&pipeline, "gray.png", 9);
-    let requests = [plain, scored, stopped, free];
+    // A seeded sampler takes the draw a forced token would have had.
+    let sampling = SamplingParams { temperature: 0.9, seed: Some(11), ..SamplingParams::default() };
+    let sampled = GenerateRequest { sampling, ..plain.clone() };
+    let requests = [plain, scored, stopped, free, sampled];
 
     pipeline.fast_forward = false;
     let one_by_one = pipeline.generate_batch(&requests).unwrap();
@@ -153,6 +157,7 @@ fn forced_tokens_share_a_pass_and_change_nothing_else() {
     );
     assert!(together[2].text.ends_with(",\"") && together[2].forward_passes < together[2].token_ids.len(), "{}", together[2].text);
     assert_eq!(together[3].forward_passes, together[3].token_ids.len(), "an unconstrained request is unchanged");
+    assert!(together[4].forward_passes < together[4].token_ids.len(), "{}", together[4].text);
     // Forced tokens' log-probabilities come from the rows of the pass that ran them.
     let (a, b) = (&one_by_one[1].logprobs, &together[1].logprobs);
     assert_eq!(a.len(), b.len());
