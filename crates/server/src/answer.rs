@@ -11,7 +11,6 @@ use crate::confidence::field_confidences;
 use crate::documents::boxes::{boxes_in_json, boxes_in_text, BoxConvention, Geometry};
 use crate::error::ApiResult;
 use crate::extract_json::extract_json;
-use crate::inference;
 use crate::schema_report;
 use crate::state::AppState;
 
@@ -57,7 +56,7 @@ pub fn read(state: &AppState, done: &Completion, constraint: Option<&Constraint>
 fn boxes(state: &AppState, done: &Completion, data: &Value, geometry: &Geometry, page: u32) -> ApiResult<Vec<BoundingBox>> {
     let convention = BoxConvention::of(state.engine()?.family());
     // The box tokens are special tokens, which `raw` leaves out.
-    let mut written = boxes_in_text(&inference::text_with_special_tokens(state, &done.token_ids)?);
+    let mut written = boxes_in_text(&state.engine()?.text_with_special_tokens(&done.token_ids)?);
     written.extend(boxes_in_json(data));
     Ok(written.iter().map(|b| BoundingBox { label: b.label.clone(), bbox: b.on(geometry, convention), page }).collect())
 }

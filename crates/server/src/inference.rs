@@ -116,22 +116,14 @@ pub fn preprocessor(state: &AppState) -> ApiResult<PreprocessorConfig> {
 /// A request's own resize bounds, each between one merged patch and the resize cap (400 naming
 /// `prefix` + the field otherwise).
 pub fn check_bounds(state: &AppState, bounds: PixelBounds, prefix: &str) -> ApiResult<PixelBounds> {
-    bounds.checked(preprocessor(state)?.factor(), prefix)
+    bounds.checked(state.engine()?.preprocessor().factor(), prefix)
 }
 
-/// The budget of one image of a request: the request's (checked) bounds over the adapter
-/// profile's, the server's and the checkpoint's.
+/// The budget of one image of a request: the request's bounds (already through
+/// [`check_bounds`]) over the adapter profile's, the server's and the checkpoint's.
 pub fn pixel_budget(state: &AppState, request: PixelBounds, profile: PixelBounds, prefix: &str) -> ApiResult<PixelBudget> {
-    let checkpoint = preprocessor(state)?;
-    let request = request.checked(checkpoint.factor(), prefix)?;
     let config = PixelBounds::new(state.config.min_pixels, state.config.max_pixels);
-    pixel_budget::resolve(request, profile, config, &checkpoint, prefix)
-}
-
-/// Generated tokens as text with the special tokens kept (`raw` drops them; boxes are written
-/// with them).
-pub fn text_with_special_tokens(state: &AppState, ids: &[u32]) -> ApiResult<String> {
-    Ok(state.engine()?.text_with_special_tokens(ids)?)
+    pixel_budget::resolve(request, profile, config, state.engine()?.preprocessor(), prefix)
 }
 
 /// `max_tokens` must be between 1 and the configured limit.

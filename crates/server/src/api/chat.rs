@@ -2,8 +2,7 @@
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
-use utoipa::openapi::extensions::Extensions;
-use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Schema, Type};
+use utoipa::openapi::schema::{AnyOfBuilder, Schema};
 use utoipa::openapi::{Ref, RefOr};
 use utoipa::{PartialSchema, ToSchema};
 
@@ -240,17 +239,11 @@ pub struct ChatCompletionEvent;
 
 impl PartialSchema for ChatCompletionEvent {
     fn schema() -> RefOr<Schema> {
-        let done = ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["[DONE]"]));
         let payload = AnyOfBuilder::new()
             .item(Ref::from_schema_name(ChatCompletionChunk::name()))
             .item(Ref::from_schema_name(ErrorResponse::name()))
             .build();
-        let mut json = ObjectBuilder::new().schema_type(Type::String).content_media_type("application/json").build();
-        // JSON Schema 2020-12's `contentSchema`, which utoipa has no field for.
-        let payload = serde_json::to_value(payload).expect("schemas serialize");
-        json.extensions = Some(Extensions::from_iter([("contentSchema", payload)]));
-        let data = AnyOfBuilder::new().item(done).item(json);
-        ObjectBuilder::new().property("data", data).required("data").into()
+        super::sse_event_schema(payload)
     }
 }
 

@@ -4,8 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use utoipa::openapi::extensions::Extensions;
-use utoipa::openapi::schema::{AnyOfBuilder, KnownFormat, ObjectBuilder, Schema, SchemaFormat, Type};
+use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, Schema, SchemaFormat, Type};
 use utoipa::openapi::{Ref, RefOr};
 use utoipa::{IntoParams, PartialSchema, ToSchema};
 
@@ -192,13 +191,7 @@ pub struct ExtractionEvent;
 
 impl PartialSchema for ExtractionEvent {
     fn schema() -> RefOr<Schema> {
-        let done = ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["[DONE]"]));
-        let mut json = ObjectBuilder::new().schema_type(Type::String).content_media_type("application/json").build();
-        // JSON Schema 2020-12's `contentSchema`, which utoipa has no field for.
-        let payload = serde_json::to_value(Ref::from_schema_name(PageExtraction::name())).expect("schemas serialize");
-        json.extensions = Some(Extensions::from_iter([("contentSchema", payload)]));
-        let data = AnyOfBuilder::new().item(done).item(json);
-        ObjectBuilder::new().property("data", data).required("data").into()
+        super::sse_event_schema(Ref::from_schema_name(PageExtraction::name()))
     }
 }
 

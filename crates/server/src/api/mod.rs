@@ -12,7 +12,22 @@ pub mod ops;
 pub mod schema;
 
 use serde::{Deserialize, Serialize};
+use utoipa::openapi::extensions::Extensions;
+use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
 use utoipa::{IntoParams, ToSchema};
+
+/// The schema of one server-sent event: its `data` is `[DONE]` or JSON text whose content is
+/// `payload`.
+pub(crate) fn sse_event_schema(payload: impl Serialize) -> RefOr<Schema> {
+    let done = ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["[DONE]"]));
+    let mut json = ObjectBuilder::new().schema_type(Type::String).content_media_type("application/json").build();
+    // JSON Schema 2020-12's `contentSchema`, which utoipa has no field for.
+    let payload = serde_json::to_value(payload).expect("schemas serialize");
+    json.extensions = Some(Extensions::from_iter([("contentSchema", payload)]));
+    let data = AnyOfBuilder::new().item(done).item(json);
+    ObjectBuilder::new().property("data", data).required("data").into()
+}
 
 /// The `object` field: what kind of body this is, as OpenAI names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -69,12 +69,9 @@ pub async fn extract(State(state): State<Arc<AppState>>, headers: HeaderMap, req
         options.pages.as_deref().map(str::parse::<PageSelection>).transpose().map_err(|e| ApiError::new(ErrorKind::InvalidPages, e))?;
     let adapter_name = adapter.as_ref().map(|a| a.name.clone());
     let profile = state.profile(adapter_name.as_deref());
-    let budget = inference::pixel_budget(
-        &state,
-        PixelBounds::new(options.min_pixels, options.max_pixels),
-        PixelBounds::new(profile.settings.min_pixels, profile.settings.max_pixels),
-        "",
-    )?;
+    let request_bounds = inference::check_bounds(&state, PixelBounds::new(options.min_pixels, options.max_pixels), "")?;
+    let profile_bounds = PixelBounds::new(profile.settings.min_pixels, profile.settings.max_pixels);
+    let budget = inference::pixel_budget(&state, request_bounds, profile_bounds, "")?;
     let max_new_tokens = inference::check_max_tokens(&state, options.max_tokens.or(profile.settings.max_tokens.map(|n| n as i64)))?;
     let sampling = inference::sampling(&state, options.temperature.or(profile.settings.temperature), None, None)?;
     let constraint = match options.schema {
