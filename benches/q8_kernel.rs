@@ -1,7 +1,8 @@
 //! Q8_0 kernel vs candle's QMatMul (Q8_0) on the model's hot shapes.
 //! `cargo bench -p qwen-ocr-model --bench q8_kernel` (set RAYON_NUM_THREADS=2 to match the
 //! server). Prints medians of 5 runs; the host is shared, so compare columns, not absolutes.
-//! `Q8_BENCH_NO_CANDLE=1` skips candle; `Q8_BENCH_DECODE=0` skips the (memory-hungry) decode case.
+//! `Q8_BENCH_NO_CANDLE=1` skips candle; `Q8_BENCH_DECODE=0` skips the (memory-hungry) decode case;
+//! `Q8_BENCH_F32=1` adds the f32 product `--quant none` runs (candle's matmul, i.e. gemm).
 //! Diagnostics: `Q8_BENCH_PEAK=1` (register-only vpdpbusd rate of one core, the ceiling),
 //! `Q8_BENCH_L2=1` (per-CPU-second rates, kernels alone vs the whole matmul).
 
@@ -38,6 +39,20 @@ fn ours(seed: u64, n: usize, k: usize) -> Q8Weights {
 fn candle(seed: u64, n: usize, k: usize) -> QMatMul {
     let w = Tensor::from_vec(data(seed, n * k), (n, k), &Device::Cpu).unwrap();
     QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()).unwrap()
+}
+
+/// The f32 weights as `--quant none`'s `Linear` multiplies by them: `x · Wᵀ`.
+fn f32_weights(seed: u64, n: usize, k: usize) -> Tensor {
+    Tensor::from_vec(data(seed, n * k), (n, k), &Device::Cpu).unwrap()
+}
+
+/// Median time of `x · Wᵀ` in f32, formatted as (ms, GOP/s); dashes when not asked for.
+fn f32_column(asked: bool, ops: f64, run: impl FnMut()) -> (String, String) {
+    if !asked {
+        return ("-".into(), "-".into());
+    }
+    let t = time(run);
+    (format!("{:.2}", t * 1e3), format!("{:.0}", ops / t))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -136,6 +151,7 @@ fn main() {
         return l2_only();
     }
     let with_candle = std::env::var("Q8_BENCH_NO_CANDLE").is_err();
+    let with_f32 = std::env::var("Q8_BENCH_F32").is_ok();
     println!("q8_kernel: rayon threads {}, load {}", rayon::current_num_threads(), load());
     let prefill = [
         ("vision qkv", 1564, 1280, 3840),
@@ -143,7 +159,10 @@ fn main() {
         ("vision fc2", 1564, 5120, 1280),
         ("decoder up", 464, 1536, 8960),
     ];
-    println!("{:<12} {:>18} {:>10} {:>10} {:>10} {:>10}", "shape", "m x k x n", "ours ms", "GOP/s", "candle ms", "GOP/s");
+    println!(
+        "{:<12} {:>18} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "shape", "m x k x n", "ours ms", "GOP/s", "candle ms", "GOP/s", "f32 ms", "GOP/s"
+    );
     for (name, m, k, n) in prefill {
         let ops = 2.0 * (m * n * k) as f64 / 1e9;
         let x = data(1, m * k);
@@ -161,7 +180,12 @@ fn main() {
         } else {
             ("-".into(), "-".into())
         };
-        println!("{name:<12} {:>18} {:>10.2} {:>10.0} {tc:>10} {gc:>10}", format!("{m}x{k}x{n}"), t * 1e3, ops / t);
+        let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+        let wf = with_f32.then(|| f32_weights(2, n, k));
+        let (tf, gf) = f32_column(with_f32, ops, || {
+            xt.matmul(&wf.as_ref().unwrap().t().unwrap()).unwrap();
+        });
+        println!("{name:<12} {:>18} {:>10.2} {:>10.0} {tc:>10} {gc:>10} {tf:>10} {gf:>10}", format!("{m}x{k}x{n}"), t * 1e3, ops / t);
     }
 
     if std::env::var("Q8_BENCH_DECODE").map(|v| v != "0").unwrap_or(true) {
@@ -185,7 +209,24 @@ fn main() {
         } else {
             String::new()
         };
-        println!("decode 28 x 1x{k}x{n}: ours {:.2} ms ({:.1} GB/s of {} MB)   {cand}", t * 1e3, bytes as f64 / t / 1e9, bytes >> 20);
+        let f32_decode = if with_f32 {
+            let wf: Vec<Tensor> = (0..layers).map(|l| f32_weights(100 + l as u64, n, k)).collect();
+            let xt = Tensor::from_vec(x.clone(), (1, k), &Device::Cpu).unwrap();
+            let tf = time(|| {
+                for w in &wf {
+                    xt.matmul(&w.t().unwrap()).unwrap();
+                }
+            });
+            format!("f32 {:.2} ms ({:.1} GB/s)", tf * 1e3, (layers * n * k * 4) as f64 / tf / 1e9)
+        } else {
+            String::new()
+        };
+        println!(
+            "decode 28 x 1x{k}x{n}: ours {:.2} ms ({:.1} GB/s of {} MB)   {cand}   {f32_decode}",
+            t * 1e3,
+            bytes as f64 / t / 1e9,
+            bytes >> 20
+        );
     }
     println!("load after: {}", load());
 }

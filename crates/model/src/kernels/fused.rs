@@ -37,7 +37,9 @@ pub fn exp(x: f32) -> f32 {
 }
 
 /// Runs `f` compiled for AVX-512 (and FMA) where the CPU has all of it (LLVM then vectorises 16
-/// lanes wide), otherwise for the baseline target.
+/// lanes wide), else for AVX2 (8 lanes), otherwise for the baseline target (SSE2, 4 lanes).
+/// The code is the same in every build and LLVM does not reorder float arithmetic, so all
+/// three give the same bits.
 macro_rules! dispatch {
     ($name:ident($($arg:ident: $ty:ty),*) $body:block) => {
         fn $name($($arg: $ty),*) {
@@ -45,9 +47,16 @@ macro_rules! dispatch {
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
                 unsafe fn wide($($arg: $ty),*) $body
-                if $crate::kernels::features::cpu().avx512_fma {
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn middle($($arg: $ty),*) $body
+                let features = $crate::kernels::features::cpu();
+                if features.avx512_fma {
                     // SAFETY: `avx512_fma` holds exactly the features `wide` was compiled for.
                     return unsafe { wide($($arg),*) };
+                }
+                if features.avx2_fma {
+                    // SAFETY: `avx2_fma` holds exactly the features `middle` was compiled for.
+                    return unsafe { middle($($arg),*) };
                 }
             }
             fn narrow($($arg: $ty),*) $body

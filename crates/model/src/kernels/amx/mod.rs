@@ -34,7 +34,7 @@ pub(crate) const BLOCK: usize = TILE * KSTEP;
 
 /// Whether this process may run the tile kernels: the CPU has AMX-BF16 (and the AVX-512 the
 /// packing uses) and Linux granted the tile state. `QWEN_OCR_AMX=0` turns them off, to
-/// measure or compare against the AVX-512 paths.
+/// measure or compare against the AVX-512 paths (as does `QWEN_OCR_MAX_ISA` below AVX-512).
 pub fn available() -> bool {
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OK.get_or_init(|| {

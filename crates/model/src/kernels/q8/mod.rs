@@ -4,7 +4,8 @@
 //! weights per row, reaching ~0.35-0.44 TOP/s on our prefill shapes on 2 cores, well short of
 //! the VNNI peak. Here weights are packed in 16-column panels (see [`pack`]) so a register-tiled
 //! AVX-512 VNNI micro-kernel (see `avx512`) reuses every weight load across several rows and
-//! every activation load across several columns.
+//! every activation load across several columns; CPUs with AVX2 but no AVX-512 VNNI run an
+//! 8-lane kernel over the same layout (see `avx2`).
 //!
 //! Numerics (the contract the tests check): W and x are both cut into blocks of 32 along k,
 //! per row; `d = max|v|/127`, `q = round(v/d)` as GGML does it (times `1/d`); the weight
@@ -16,6 +17,8 @@ mod f16;
 mod pack;
 mod portable;
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
@@ -51,6 +54,8 @@ pub struct Q8Weights {
 pub(crate) enum Backend {
     Portable,
     #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
 }
 
@@ -59,12 +64,22 @@ impl Backend {
     pub(crate) fn detect() -> Backend {
         #[cfg(target_arch = "x86_64")]
         {
-            if crate::kernels::features::cpu().avx512_vnni {
+            let features = crate::kernels::features::cpu();
+            if features.avx512_vnni {
                 return Backend::Avx512Vnni;
+            }
+            if features.avx2_fma {
+                return Backend::Avx2;
             }
         }
         Backend::Portable
     }
+}
+
+/// Whether this CPU runs Q8_0 products on a SIMD integer kernel (AVX2 or AVX-512 VNNI) rather
+/// than the portable loops, which are about 20x slower than f32 (`benches/README.md`).
+pub fn fast_on_this_cpu() -> bool {
+    Backend::detect() != Backend::Portable
 }
 
 /// Activations quantized once per matmul, row-major, k padded to `kb*32`.
@@ -93,6 +108,9 @@ impl ActQ {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: this backend is only chosen after feature detection; lengths as documented.
             Backend::Avx512Vnni => unsafe { avx512::quantize_row(x, q, d, s) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Backend::Avx2 => unsafe { avx2::quantize_row(x, q, d, s) },
             Backend::Portable => {
                 for b in 0..kb {
                     let src = &x[b * QK..((b + 1) * QK).min(k)];
@@ -273,7 +291,7 @@ impl Q8Weights {
     /// sequence or image; empty: all m rows are one). The kernel is chosen per span, by the
     /// span's own length, so a row gets the same numbers whatever else shares its batch: a
     /// sequence's prefill is computed the same alone and batched, and decode rows (spans of
-    /// one) always take the VNNI kernel.
+    /// one) always take the integer kernel.
     pub fn matmul_spans(&self, x: &[f32], m: usize, y: &mut [f32], epilogue: Option<Epilogue>, spans: &[(usize, usize)]) {
         self.matmul_uninit(x, m, as_uninit(y), epilogue, spans)
     }
@@ -334,6 +352,9 @@ impl Q8Weights {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: only selected after runtime detection; tiles as above.
                 Backend::Avx512Vnni => unsafe { avx512::run_tile(self, &act, rows.clone(), panels, out) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                Backend::Avx2 => unsafe { avx2::run_tile(self, &act, rows.clone(), panels, out) },
             }
             // SAFETY: this task's own tile of y.
             unsafe { out.finish(epilogue, rows, cols, n) };
@@ -388,6 +409,8 @@ pub fn __bench_kernels_only(w: &Q8Weights, x: &[f32], m: usize, y: &mut [f32], r
             Backend::Portable => unsafe { portable::run_tile(w, &act, 0..m, 0..w.np, out) },
             #[cfg(target_arch = "x86_64")]
             Backend::Avx512Vnni => unsafe { avx512::run_tile(w, &act, 0..m, 0..w.np, out) },
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => unsafe { avx2::run_tile(w, &act, 0..m, 0..w.np, out) },
         }
     }
 }

@@ -1,6 +1,6 @@
-//! Fallback for CPUs without AVX-512 VNNI (and non-x86 targets): same packed layout, same
-//! integer numerics, plain loops the compiler can vectorise over the 16 panel columns.
-//! Correctness over speed; the production x86 servers take the VNNI path.
+//! Fallback for x86 CPUs without AVX2 and for other targets: same packed layout, same integer
+//! numerics, plain loops the compiler can vectorise over the 16 panel columns. Correctness
+//! over speed; x86 servers take the AVX2 or AVX-512 VNNI kernels.
 
 use std::ops::Range;
 

@@ -24,10 +24,19 @@ fn weights(w: &[f32], n: usize, k: usize) -> Q8Weights {
     Q8Weights::quantize(n, k, |i, row| row.copy_from_slice(&w[i * k..(i + 1) * k]))
 }
 
+/// Every backend this CPU can run, not only the one `detect` picks, so an AVX-512 host still
+/// checks the AVX2 kernels.
 fn backends() -> Vec<Backend> {
     let mut v = vec![Backend::Portable];
-    if Backend::detect() != Backend::Portable {
-        v.push(Backend::detect());
+    #[cfg(target_arch = "x86_64")]
+    {
+        let features = crate::kernels::features::cpu();
+        if features.avx2_fma {
+            v.push(Backend::Avx2);
+        }
+        if features.avx512_vnni {
+            v.push(Backend::Avx512Vnni);
+        }
     }
     v
 }
@@ -202,10 +211,33 @@ fn activation_quantizers_agree() {
     }
     x[k + 40] = 1e-30; // tiny block scale
     let portable = super::ActQ::new(Backend::Portable, &x, 3, k);
-    let best = super::ActQ::new(Backend::detect(), &x, 3, k);
-    assert_eq!(portable.q, best.q);
-    assert_eq!(portable.s, best.s);
-    assert_eq!(portable.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), best.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    for backend in backends() {
+        let other = super::ActQ::new(backend, &x, 3, k);
+        assert_eq!(portable.q, other.q, "{backend:?}");
+        assert_eq!(portable.s, other.s, "{backend:?}");
+        let bits = |d: &[f32]| d.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&portable.d), bits(&other.d), "{backend:?}");
+    }
+}
+
+/// Quants at ±127 on both sides, the largest products there are: a kernel whose 16-bit pair
+/// sums saturated (AVX2's `vpmaddubsw` on the stored `q + 128`) would be off here.
+#[test]
+fn extreme_quants_sum_exactly() {
+    let (m, n, k) = (5, 33, 96);
+    let w: Vec<f32> = (0..n * k).map(|i| if (i / 3) % 2 == 0 { 1.0 } else { -1.0 }).collect();
+    let x: Vec<f32> = (0..m * k).map(|i| if (i / 5) % 2 == 0 { -1.0 } else { 1.0 }).collect();
+    let want = reference_matmul(&w, n, k, &x, m);
+    let q = weights(&w, n, k);
+    for backend in backends() {
+        let mut y = vec![f32::NAN; m * n];
+        q.matmul_with(backend, &x, m, &mut y, None);
+        for (a, b) in y.iter().zip(&want) {
+            // Only the f32 rounding of the block sums may differ (FMA or not); a saturated
+            // pair sum would be off by thousands of quant units.
+            assert!((a - b).abs() <= 1e-5 * k as f32, "{backend:?}: {a} vs {b}");
+        }
+    }
 }
 
 /// The AMX path (prefill on CPUs that have it): bf16 activations against the dequantized Q8_0
