@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use qwen_ocr_model::preprocess::image::{max_resized_pixels, MAX_RESIZED_PIXELS};
+use qwen_ocr_model::preprocess::image::MAX_RESIZED_PIXELS;
 use qwen_ocr_model::schema::Constraint;
 use qwen_ocr_scheduler::Engine;
 use serde::{Deserialize, Serialize};
@@ -14,6 +14,7 @@ use utoipa::ToSchema;
 
 use crate::config::{AdapterConfig, ServerConfig};
 use crate::error::{ApiError, ApiResult, ErrorKind};
+use crate::pixel_budget::{self, PixelBounds};
 
 /// A profile ready for use: its settings and its schema's compiled constraint.
 #[derive(Debug, Clone, Default)]
@@ -71,20 +72,16 @@ impl ProfileSpec {
     }
 
     /// Checks the settings (see [`ProfileSpec::check`]), now also against the checkpoint's
-    /// resize range, and compiles the schema; a schema that cannot be enforced is refused
-    /// with its reason.
+    /// resize range (a bound past this family's cap is refused, as a request's is, rather than
+    /// capped unseen) and with the checkpoint's own bounds for what is unset; then compiles the
+    /// schema, refusing one that cannot be enforced with its reason.
     pub fn compile(self, adapter: Option<&str>, config: &ServerConfig, engine: &Engine) -> ApiResult<ExtractionProfile> {
         self.check(adapter, config)?;
         let checkpoint = engine.preprocessor();
-        let min = self.min_pixels.or(config.min_pixels).unwrap_or(checkpoint.min_pixels);
-        let max = self.max_pixels.or(config.max_pixels).unwrap_or(checkpoint.max_pixels).min(max_resized_pixels(checkpoint.factor()));
-        if min > max {
-            let message = format!(
-                "{}: min_pixels {min} exceeds max_pixels {max} (with the server's and the checkpoint's preprocessor_config.json for what is unset)",
-                owner(adapter)
-            );
-            return Err(ApiError::new(ErrorKind::InvalidProfile, message));
-        }
+        let refused = |e: ApiError| ApiError::new(ErrorKind::InvalidProfile, format!("{}: {}", owner(adapter), e.message));
+        let own = PixelBounds::new(self.min_pixels, self.max_pixels).checked(checkpoint.factor(), "").map_err(refused)?;
+        let server = PixelBounds::new(config.min_pixels, config.max_pixels);
+        pixel_budget::resolve(PixelBounds::default(), own, server, checkpoint, "").map_err(refused)?;
         let constraint = match &self.schema {
             Some(schema) => Some(Arc::new(engine.compile_schema(schema, self.strict).map_err(|e| {
                 let e = ApiError::from(e);

@@ -282,6 +282,8 @@ fn bad_profile_values_stop_the_start_or_fail_the_load_naming_the_adapter_and_the
     );
     refused(load(json!({ "temperature": -0.5 })), in_profile, &["adapter `plates`", "temperature"]);
     refused(load(json!({ "max_pixels": 99999999 })), in_profile, &["adapter `plates`", "max_pixels"]);
+    // Under the largest cap of any family but over this checkpoint's (Qwen2-VL: 28-px tokens).
+    refused(load(json!({ "max_pixels": 14000000 })), in_profile, &["adapter `plates`", "max_pixels must be between 784 and 12845056"]);
     refused(load(json!({ "max_tokens": "many" })), "invalid_json", &["max_tokens"]);
     assert_eq!(resident(&server), Vec::<String>::new(), "a refused profile loads nothing");
 
