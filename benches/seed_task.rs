@@ -9,7 +9,8 @@
 //! `QWEN_OCR_BENCH_QUANT` (q8_0; empty passes no `--quant`, for builds from before it existed),
 //! `QWEN_OCR_BENCH_DTYPE` (f32), `QWEN_OCR_BENCH_REQUESTS` (3), `QWEN_OCR_BENCH_TOKENS` (64),
 //! `QWEN_OCR_BENCH_BINARY` (another build of `qwen-ocr` to time, e.g. an older commit's),
-//! `QWEN_OCR_AMX=0` (the same build without the AMX tile kernels). Without a model it runs on
+//! `QWEN_OCR_AMX=0` (the same build without the AMX tile kernels), `QWEN_OCR_MAX_ISA=avx2` or
+//! `baseline` (without AVX-512, or AVX2 too: what an older CPU runs). Without a model it runs on
 //! the committed tiny checkpoint and image, which measures overhead only.
 
 #[path = "support/settings.rs"]
@@ -53,10 +54,11 @@ fn main() {
     if !quant.is_empty() {
         args.extend(["--quant", quant.as_str()]);
     }
-    // The harness keeps QWEN_OCR_* out of the server; QWEN_OCR_AMX=0 is passed on on purpose, to
-    // time the same build without the tile kernels.
-    let amx = std::env::var("QWEN_OCR_AMX").ok();
-    let env: Vec<(&str, &str)> = amx.iter().map(|v| ("QWEN_OCR_AMX", v.as_str())).collect();
+    // The harness keeps QWEN_OCR_* out of the server; QWEN_OCR_AMX and QWEN_OCR_MAX_ISA are
+    // passed on on purpose, to time the same build without the tile (or AVX-512, AVX2) kernels.
+    let passed: Vec<(&str, String)> =
+        ["QWEN_OCR_AMX", "QWEN_OCR_MAX_ISA"].into_iter().filter_map(|name| Some((name, std::env::var(name).ok()?))).collect();
+    let env: Vec<(&str, &str)> = passed.iter().map(|(name, value)| (*name, value.as_str())).collect();
     let server = Server::start_model_within(&model, &args, &env, Duration::from_secs(1800));
     let load_s = started.elapsed().as_secs_f64();
 
@@ -97,6 +99,7 @@ fn main() {
         "system": "qwen-ocr",
         "quant": quant,
         "dtype": dtype,
+        "env": passed.iter().map(|(name, value)| format!("{name}={value}")).collect::<Vec<_>>(),
         "model": model,
         "load_s": load_s,
         "vision_s": runs[0]["vision_s"].is_number().then(|| med("vision_s")),

@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # The seed task, transformers and qwen-ocr one after the other in one session, then a table.
 #   benches/seed_task/side_by_side.sh CHECKPOINT_DIR IMAGES_DIR [PYTHON]
-# Env: REQUESTS (3), TOKENS (64), QUANTS ("q8_0"), REFERENCE_DTYPES ("bf16").
+# Env: REQUESTS (3), TOKENS (64), QUANTS ("q8_0"), REFERENCE_DTYPES ("bf16"), MAX_ISAS ("native";
+# e.g. "native avx2 baseline" also times the same build as a CPU without AVX-512 or AVX2 runs it).
 set -euo pipefail
 model=$1 images=$2 python=${3:-python3}
 cd "$(dirname "$0")/../.."
 out=$(mktemp -d)
+cargo bench -q --bench seed_task --no-run # built first, so no build runs beside a timed system
 for dtype in ${REFERENCE_DTYPES:-bf16}; do
     "$python" benches/seed_task/reference.py --model "$model" --images "$images" --requests "${REQUESTS:-3}" \
         --dtype "$dtype" --threads 2 --max-new-tokens "${TOKENS:-64}" > "$out/transformers-$dtype.json"
 done
 for quant in ${QUANTS:-q8_0}; do
-    QWEN_OCR_BENCH_MODEL=$model QWEN_OCR_BENCH_IMAGES=$images QWEN_OCR_BENCH_QUANT=$quant \
-        QWEN_OCR_BENCH_REQUESTS=${REQUESTS:-3} QWEN_OCR_BENCH_TOKENS=${TOKENS:-64} \
-        cargo bench -q --bench seed_task | tail -n 1 > "$out/qwen-ocr-$quant.json"
+    for isa in ${MAX_ISAS:-native}; do
+        ceiling=()
+        [ "$isa" = native ] || ceiling=("QWEN_OCR_MAX_ISA=$isa")
+        env "${ceiling[@]}" QWEN_OCR_BENCH_MODEL="$model" QWEN_OCR_BENCH_IMAGES="$images" QWEN_OCR_BENCH_QUANT="$quant" \
+            QWEN_OCR_BENCH_REQUESTS="${REQUESTS:-3}" QWEN_OCR_BENCH_TOKENS="${TOKENS:-64}" \
+            cargo bench -q --bench seed_task | tail -n 1 > "$out/qwen-ocr-$quant-$isa.json"
+    done
 done
 "$python" benches/seed_task/table.py "$out"/transformers-*.json "$out"/qwen-ocr-*.json

@@ -8,7 +8,8 @@ rows = [json.load(open(path)) for path in sys.argv[1:]]
 
 def name(r):
     if r.get("system") == "qwen-ocr":
-        return f"qwen-ocr `--quant {r['quant']}`" if r["quant"] else f"qwen-ocr `--dtype {r['dtype']}` (a build without `--quant`)"
+        label = f"qwen-ocr `--quant {r['quant']}`" if r["quant"] else f"qwen-ocr `--dtype {r['dtype']}` (a build without `--quant`)"
+        return " ".join([label] + [f"`{e}`" for e in r.get("env", [])])
     return f"transformers {r['dtype']}"
 
 
