@@ -33,7 +33,8 @@ fn main() {
     let tokens = env_or("QWEN_OCR_BENCH_TOKENS", "64");
     let max_pixels = env_or("QWEN_OCR_BENCH_MAX_PIXELS", "401408");
 
-    let config = format!("max_pdf_pages = {pages}\n[engine]\nvision_cache_entries = 0\n");
+    // The whole document is one request: on a slow CPU it outlasts the default 300 s limit.
+    let config = format!("max_pdf_pages = {pages}\nrequest_timeout_secs = 3600\n[engine]\nvision_cache_entries = 0\n");
     let dir = tempfile::tempdir().unwrap();
     let config_file = dir.path().join("qwen-ocr.toml");
     std::fs::write(&config_file, config).unwrap();
