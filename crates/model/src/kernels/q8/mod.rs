@@ -77,7 +77,7 @@ impl Backend {
 }
 
 /// Whether this CPU runs Q8_0 products on a SIMD integer kernel (AVX2 or AVX-512 VNNI) rather
-/// than the portable loops, which are about 20x slower than f32 (`benches/README.md`).
+/// than the portable loops, which are about 10x slower than f32 products (`benches/README.md`).
 pub fn fast_on_this_cpu() -> bool {
     Backend::detect() != Backend::Portable
 }
