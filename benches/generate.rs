@@ -5,6 +5,7 @@
 //!     QWEN_OCR_BENCH_MODEL=Qwen/Qwen2-VL-2B-Instruct QWEN_OCR_BENCH_IMAGE=photo.jpg cargo bench --bench generate
 //!
 //! Defaults to the tiny committed checkpoint, which measures overheads rather than arithmetic.
+//! `QWEN_OCR_STAGE_PROFILE=1` adds where a run's time goes, by phase and operation.
 
 #[path = "support/settings.rs"]
 mod settings;
@@ -15,6 +16,7 @@ use qwen_ocr_model::decoding::sampling::SamplingParams;
 use qwen_ocr_model::model::{parse_device, parse_dtype};
 use qwen_ocr_model::preprocess::image::ImageOptions;
 use qwen_ocr_model::preprocess::prompt::ChatMessage;
+use qwen_ocr_model::stage_profile;
 use qwen_ocr_model::{GenerateRequest, LoadOptions, Pipeline, Quant};
 use settings::{env_or, median, SEED_PROMPT};
 
@@ -42,6 +44,7 @@ fn main() {
         ..Default::default()
     };
     pipeline.generate(&request).expect("warm-up");
+    let after_warm_up = stage_profile::totals();
     let (mut ttft, mut decode) = (Vec::new(), Vec::new());
     let mut out = None;
     for _ in 0..runs {
@@ -61,4 +64,8 @@ fn main() {
         median(ttft),
         median(decode),
     );
+    for total in stage_profile::totals() {
+        let before = after_warm_up.iter().find(|b| (b.phase, b.op) == (total.phase, total.op)).map_or(0, |b| b.nanos);
+        println!("  {}.{}: {:.1} ms per run", total.phase, total.op, (total.nanos - before) as f64 / 1e6 / runs as f64);
+    }
 }

@@ -10,8 +10,10 @@
 //! `QWEN_OCR_BENCH_DTYPE` (f32), `QWEN_OCR_BENCH_REQUESTS` (3), `QWEN_OCR_BENCH_TOKENS` (64),
 //! `QWEN_OCR_BENCH_BINARY` (another build of `qwen-ocr` to time, e.g. an older commit's),
 //! `QWEN_OCR_AMX=0` (the same build without the AMX tile kernels), `QWEN_OCR_MAX_ISA=avx2` or
-//! `baseline` (without AVX-512, or AVX2 too: what an older CPU runs). Without a model it runs on
-//! the committed tiny checkpoint and image, which measures overhead only.
+//! `baseline` (without AVX-512, or AVX2 too: what an older CPU runs), `QWEN_OCR_STAGE_PROFILE=1`
+//! (adds `stages`: seconds per request by phase and operation, from the server's `/metrics`).
+//! Without a model it runs on the committed tiny checkpoint and image, which measures overhead
+//! only.
 
 #[path = "support/settings.rs"]
 mod settings;
@@ -22,7 +24,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{fixtures, Server};
+use common::{fixtures, stage_profile, Server};
 use serde_json::{json, Value};
 use settings::{env_or, median, SEED_PROMPT};
 
@@ -55,9 +57,12 @@ fn main() {
         args.extend(["--quant", quant.as_str()]);
     }
     // The harness keeps QWEN_OCR_* out of the server; QWEN_OCR_AMX and QWEN_OCR_MAX_ISA are
-    // passed on on purpose, to time the same build without the tile (or AVX-512, AVX2) kernels.
-    let passed: Vec<(&str, String)> =
-        ["QWEN_OCR_AMX", "QWEN_OCR_MAX_ISA"].into_iter().filter_map(|name| Some((name, std::env::var(name).ok()?))).collect();
+    // passed on on purpose, to time the same build without the tile (or AVX-512, AVX2) kernels,
+    // and QWEN_OCR_STAGE_PROFILE to see where its time goes.
+    let passed: Vec<(&str, String)> = ["QWEN_OCR_AMX", "QWEN_OCR_MAX_ISA", "QWEN_OCR_STAGE_PROFILE"]
+        .into_iter()
+        .filter_map(|name| Some((name, std::env::var(name).ok()?)))
+        .collect();
     let env: Vec<(&str, &str)> = passed.iter().map(|(name, value)| (*name, value.as_str())).collect();
     let server = Server::start_model_within(&model, &args, &env, Duration::from_secs(1800));
     let load_s = started.elapsed().as_secs_f64();
@@ -75,6 +80,7 @@ fn main() {
         (e2e, body)
     };
     extract(&images[0]);
+    let profile_after_warm_up = stage_profile(&server.get("/metrics").1);
 
     let mut runs = Vec::new();
     for image in &images[1..=requests] {
@@ -94,6 +100,14 @@ fn main() {
             "generated_tokens": generated,
         }));
     }
+    // Seconds per request, measured requests only.
+    let stages: serde_json::Map<String, Value> = stage_profile(&server.get("/metrics").1)
+        .into_iter()
+        .map(|(stage, total)| {
+            let before = profile_after_warm_up.get(&stage).map_or(0, |t| t.micros);
+            (stage, json!((total.micros - before) as f64 / 1e6 / requests as f64))
+        })
+        .collect();
     let med = |key: &str| median(runs.iter().map(|r| r[key].as_f64().unwrap()).collect());
     let report = json!({
         "system": "qwen-ocr",
@@ -109,6 +123,7 @@ fn main() {
         "peak_rss_gib": peak_rss_gib(server.pid()),
         "prompt_tokens": runs[0]["prompt_tokens"],
         "generated_tokens": runs[0]["generated_tokens"],
+        "stages": (!stages.is_empty()).then_some(stages),
         "runs": runs,
     });
     println!("{report}");

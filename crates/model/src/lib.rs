@@ -15,6 +15,7 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod quality;
 pub mod schema;
+pub mod stage_profile;
 
 pub use candle_core::{DType, Device};
 pub use decoding::sequence::{Phase, Sequence};

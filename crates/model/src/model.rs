@@ -18,6 +18,7 @@ use crate::loading::checkpoint::CheckpointFiles;
 use crate::loading::quant_cache::QuantCache;
 use crate::loading::weights::{Loader, MappedWeights};
 use crate::preprocess::image::PreprocessedImage;
+use crate::stage_profile::{self, Phase};
 
 pub struct Model {
     vision: Box<dyn VisionTower>,
@@ -142,6 +143,7 @@ impl Model {
         if images.is_empty() {
             return Ok(Vec::new());
         }
+        let _phase = stage_profile::phase(Phase::Vision);
         let patch_len = self.config.vision.patches().patch_len();
         let mut rows = 0;
         let mut data = Vec::with_capacity(images.iter().map(|i| i.pixel_values.len()).sum());

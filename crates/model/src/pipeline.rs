@@ -25,6 +25,7 @@ use crate::model::{LoadOptions, Model};
 use crate::preprocess::image::{self, ImageOptions, PreprocessedImage};
 use crate::preprocess::positions::{decode_position, prompt_positions};
 use crate::preprocess::prompt::{ChatMessage, PromptBuilder};
+use crate::stage_profile::{self, Op};
 
 /// Used when neither the request nor `generation_config.json` sets a limit.
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 256;
@@ -187,6 +188,8 @@ impl Pipeline {
     /// forced after it); then the tokens each released, in order: the forced ones and the
     /// next one it chose. Every sequence must be past its `Encode` phase.
     pub fn step(&self, seqs: &mut [&mut Sequence]) -> Result<Vec<Vec<Step>>> {
+        let prefilling = seqs.iter().any(|s| matches!(s.phase(), Phase::Prefill { .. }));
+        let _phase = stage_profile::phase(if prefilling { stage_profile::Phase::Prefill } else { stage_profile::Phase::Decode });
         let decoding = || seqs.iter().filter(|s| matches!(s.phase(), Phase::Decode));
         let new_tokens: Vec<u32> = decoding().flat_map(|s| s.decoding.tokens_from(s.cache.len()).iter().copied()).collect();
         let positions: Vec<Vec<[u32; 3]>> = decoding()
@@ -232,6 +235,7 @@ impl Pipeline {
         })?
         .to_vec2::<f32>()?;
         drop(inputs);
+        let _sampling = stage_profile::op(Op::Sampling);
         let tokenizer = self.prompt.tokenizer();
         let mut logits = logits.into_iter();
         seqs.iter_mut()

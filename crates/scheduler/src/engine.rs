@@ -282,6 +282,7 @@ impl Worker {
         metrics::histogram!(m::BATCH_SIZE).record(batch as f64);
         metrics::counter!(m::GENERATED_TOKENS).increment(generated as u64);
         metrics::counter!(m::PROMPT_TOKENS).increment(prefill_tokens as u64);
+        m::publish_stage_profile();
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use qwen_ocr_model::stage_profile;
 use serde::{Deserialize, Serialize};
 
 pub const QUEUE_DEPTH: &str = "qwen_ocr_queue_depth";
@@ -17,6 +18,22 @@ pub const KV_CACHE_CAPACITY_BYTES: &str = "qwen_ocr_kv_cache_capacity_bytes";
 pub const VISION_CACHE_HITS: &str = "qwen_ocr_vision_cache_hits_total";
 pub const VISION_CACHE_MISSES: &str = "qwen_ocr_vision_cache_misses_total";
 pub const FINISHED: &str = "qwen_ocr_sequences_finished_total";
+/// The model's stage profile (`QWEN_OCR_STAGE_PROFILE=1`), by `phase` and `op` label.
+pub const STAGE_MICROSECONDS: &str = "qwen_ocr_stage_microseconds_total";
+pub const STAGE_CALLS: &str = "qwen_ocr_stage_calls_total";
+
+/// Copies the model's stage profile into the metrics, when it is on. The model keeps its own
+/// running totals (it does not depend on the `metrics` facade), so the counters are set to
+/// them rather than incremented.
+pub(crate) fn publish_stage_profile() {
+    if !stage_profile::enabled() {
+        return;
+    }
+    for total in stage_profile::totals() {
+        metrics::counter!(STAGE_MICROSECONDS, "phase" => total.phase, "op" => total.op).absolute(total.nanos / 1000);
+        metrics::counter!(STAGE_CALLS, "phase" => total.phase, "op" => total.op).absolute(total.calls);
+    }
+}
 
 /// A point-in-time view of the engine.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]

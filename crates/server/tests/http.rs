@@ -475,9 +475,39 @@ fn operations_health_ready_metrics_and_request_ids() {
     ] {
         assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
     }
+    assert!(!metrics.contains("qwen_ocr_stage_"), "the stage profile is off unless asked for:\n{metrics}");
     let adapters: AdapterList = parse(&json_get(&server, "/v1/adapters").1);
     assert_eq!(adapters.data.len(), 2);
     assert!(server.logs().lines().any(|l| l.contains("trace-me-42") && l.contains("finished processing request")), "{}", server.logs());
+}
+
+#[test]
+fn the_stage_profile_counts_each_phase_and_operation_when_asked_for() {
+    let server = Server::start_with_env(&[], &[("QWEN_OCR_STAGE_PROFILE", "1")]);
+    let (status, body) = server.post_json("/v1/chat/completions", &chat_body(None, &["plate.png"], "Read the plate", 6), &[]);
+    assert_eq!(status, 200, "{body}");
+    let decode_steps = parse_str::<Ready>(&server.get("/ready").1).engine.steps - 1;
+    assert!(decode_steps > 0, "{body}");
+    let profile = stage_profile(&server.get("/metrics").1);
+    let calls = |phase: &str, op: &str| profile.get(&format!("{phase}.{op}")).map_or(0, |s| s.calls);
+    let micros = |phase: &str, op: &str| profile.get(&format!("{phase}.{op}")).map_or(0, |s| s.micros);
+    let config: Value = serde_json::from_slice(&std::fs::read(fixtures().join("tiny-tied/config.json")).unwrap()).unwrap();
+    let (layers, depth) = (config["num_hidden_layers"].as_u64().unwrap(), config["vision_config"]["depth"].as_u64().unwrap());
+
+    // One image through the tower, one prefill step, then one step per further token; every
+    // block attends once per pass, and each step samples once.
+    assert_eq!((calls("vision", "total"), calls("vision", "attention")), (1, depth), "{profile:?}");
+    assert_eq!((calls("prefill", "total"), calls("prefill", "attention"), calls("prefill", "sampling")), (1, layers, 1));
+    assert_eq!(
+        (calls("decode", "total"), calls("decode", "attention"), calls("decode", "sampling")),
+        (decode_steps, layers * decode_steps, decode_steps)
+    );
+    for phase in ["vision", "prefill", "decode"] {
+        assert!(calls(phase, "products") > 0 && calls(phase, "norms") > 0, "{phase}: {profile:?}");
+        // The operations are disjoint parts of their phase (packing is inside products).
+        let parts: u64 = ["products", "lora", "attention", "norms", "sampling"].iter().map(|op| micros(phase, op)).sum();
+        assert!(parts <= micros(phase, "total") && micros(phase, "packing") <= micros(phase, "products"), "{phase}: {profile:?}");
+    }
 }
 
 #[test]

@@ -10,6 +10,7 @@ use crate::layers::linear::Linear;
 use crate::layers::norm::Norm;
 use crate::layers::quant::Quant;
 use crate::loading::weights::Loader;
+use crate::stage_profile::{self, Op};
 
 /// Every vision norm in the published checkpoints uses this epsilon.
 pub(crate) const VISION_NORM_EPS: f64 = 1e-6;
@@ -42,6 +43,7 @@ impl VisionAttention {
         let dtype = x.dtype();
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let (cos, sin) = (&rotary.cos, &rotary.sin);
+        let attention = stage_profile::op(Op::Attention);
         let out = if fused::handles(x) {
             fused::vision_self_attention(&qkv, cos, sin, self.num_heads, spans, scale as f32, self.bf16_tiles)?
         } else {
@@ -64,6 +66,7 @@ impl VisionAttention {
             // [1, heads, seq, head_dim] -> [seq, heads * head_dim]
             Tensor::cat(&outs, 2)?.squeeze(0)?.transpose(0, 1)?.reshape((seq, self.num_heads * self.head_dim))?
         };
+        drop(attention);
         self.proj.forward_fused(&out, rows, None, Some((Combine::Add, residual)))
     }
 }

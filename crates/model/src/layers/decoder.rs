@@ -18,6 +18,7 @@ use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
 use crate::layers::quant::Quant;
 use crate::loading::weights::Loader;
+use crate::stage_profile::{self, Op};
 
 /// One sequence's part of a batch: its new input embeddings, their `(t, h, w)` positions and
 /// its cache, which `forward` extends by `embeds.dim(0)` tokens.
@@ -104,6 +105,7 @@ impl Attention {
         }
         let groups = self.num_heads / self.num_kv_heads;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let attention = stage_profile::op(Op::Attention);
         let mut outs = Vec::with_capacity(spans.len());
         for (i, &(start, n)) in spans.iter().enumerate() {
             let (cos, sin) = &rotary[i];
@@ -137,6 +139,7 @@ impl Attention {
             outs.push(out);
         }
         let out = if outs.len() == 1 { outs.pop().expect("one output") } else { Tensor::cat(&outs, 0)? };
+        drop(attention);
         self.o_proj.forward_fused(&out, rows, None, Some((Combine::Add, residual)))
     }
 }

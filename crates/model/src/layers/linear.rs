@@ -11,6 +11,7 @@ use crate::kernels::fused::{Activation, Combine};
 use crate::kernels::q8::Q8Weights;
 use crate::layers::quant::{Q8MatMul, Quant};
 use crate::loading::weights::Loader;
+use crate::stage_profile::{self, Op};
 
 #[derive(Clone)]
 enum Weight {
@@ -90,6 +91,7 @@ impl Linear {
     /// `x W^T + b`, plus the LoRA delta of whichever adapter covers each row span.
     pub fn forward_with(&self, x: &Tensor, rows: &RowAdapters) -> Result<Tensor> {
         let y = self.project(x, rows)?;
+        let _timer = stage_profile::op(Op::Lora);
         rows.apply(&self.name, x, y)
     }
 
@@ -99,6 +101,7 @@ impl Linear {
         let dims = x.dims();
         let n: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((n, self.in_dim))?;
+        let _timer = stage_profile::op(Op::Products);
         let y = match &self.weight {
             Weight::Dense(w) => x2.matmul(&w.t()?)?,
             Weight::Q8(op) => x2.contiguous()?.apply_op1_no_bwd(&op.for_rows(rows.spans()))?,
@@ -126,6 +129,7 @@ impl Linear {
     ) -> Result<Tensor> {
         if let Weight::Q8(op) = &self.weight {
             if !rows.adapts(&self.name) && crate::kernels::fused::handles(x) {
+                let _timer = stage_profile::op(Op::Products);
                 let x = x.contiguous()?;
                 let spans = rows.spans();
                 return match other {

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use crate::kernels::fused::{dispatch, handles};
 use crate::loading::weights::Loader;
+use crate::stage_profile::{self, Op};
 
 pub struct LayerNorm {
     weight: Tensor,
@@ -38,6 +39,7 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _timer = stage_profile::op(Op::Norms);
         if let (true, Some((weight, bias))) = (handles(x), &self.host) {
             return x.contiguous()?.apply_op1_no_bwd(&NormOp { weight, bias: Some(bias), eps: self.eps })?.reshape(x.shape());
         }
@@ -62,6 +64,7 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _timer = stage_profile::op(Op::Norms);
         if let (true, Some(weight)) = (handles(x), &self.host) {
             return x.contiguous()?.apply_op1_no_bwd(&NormOp { weight, bias: None, eps: self.eps })?.reshape(x.shape());
         }

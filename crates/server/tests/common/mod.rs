@@ -378,6 +378,33 @@ pub fn metric(server: &Endpoint, name: &str) -> f64 {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
 }
 
+/// One (phase, op) pair of the stage profile (`QWEN_OCR_STAGE_PROFILE=1`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTotal {
+    pub micros: u64,
+    pub calls: u64,
+}
+
+/// The stage profile in a `/metrics` text, keyed `phase.op` (e.g. `vision.products`).
+pub fn stage_profile(metrics: &str) -> std::collections::BTreeMap<String, StageTotal> {
+    let label = |line: &str, key: &str| Some(line.split(&format!("{key}=\"")).nth(1)?.split('"').next()?.to_string());
+    let mut profile = std::collections::BTreeMap::<String, StageTotal>::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix("qwen_ocr_stage_") else { continue };
+        let (Some(phase), Some(op), Some(Ok(value))) = (label(line, "phase"), label(line, "op"), line.rsplit(' ').next().map(str::parse))
+        else {
+            continue;
+        };
+        let total = profile.entry(format!("{phase}.{op}")).or_default();
+        if rest.starts_with("calls_total") {
+            total.calls = value;
+        } else if rest.starts_with("microseconds_total") {
+            total.micros = value;
+        }
+    }
+    profile
+}
+
 /// `/ready`'s count of sequences the engine is running.
 pub fn running(server: &Endpoint) -> u64 {
     let (_, body) = server.get("/ready");

@@ -10,6 +10,7 @@ use super::pack::{BLOCK_BYTES, PANEL, SCALE_BYTES};
 use super::{Epilogue, OutPtr, Q8Weights};
 use crate::kernels::amx::pack::{pack_a, packed_len};
 use crate::kernels::amx::{gemm, gemm_accumulate, gemm_into, Aligned, BLOCK, KSTEP, TILE};
+use crate::stage_profile::{self, Op};
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
@@ -57,8 +58,10 @@ fn give_back(cache: &std::sync::Mutex<Option<Aligned<u16>>>, buf: Aligned<u16>) 
 pub(crate) unsafe fn matmul(w: &Q8Weights, x: &[f32], m: usize, y: &mut [MaybeUninit<f32>], epilogue: Option<Epilogue>) {
     let (n, k, kb) = (w.n, w.k, w.kb);
     let mut a = take(&A_SCRATCH, packed_len(m, k));
+    let packing = stage_profile::op(Op::Packing);
     // SAFETY: AMX (with AVX-512) available, the caller's contract.
     unsafe { pack_a(m, k, |i| &x[i * k..][..k], &mut a) };
+    drop(packing);
     let panels_per_chunk = (MAX_B_BYTES / (kb * BLOCK * 2)).max(1);
     let mut b = take(&B_SCRATCH, 0);
     let mut p0 = 0;

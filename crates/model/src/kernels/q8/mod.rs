@@ -34,6 +34,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use crate::stage_profile::{self, Op};
 use pack::{panel_bytes, Line, PANEL, QK};
 
 /// Quantized, packed weights W [n, k] (n output features).
@@ -341,7 +342,9 @@ impl Q8Weights {
         if m == 0 || self.n == 0 {
             return;
         }
+        let packing = stage_profile::op(Op::Packing);
         let act = ActQ::new(backend, x, m, self.k);
+        drop(packing);
         let out = OutPtr(y.as_mut_ptr().cast());
         let n = self.n;
         for_each_tile(m, self.np, self.kb, |rows, panels| {
