@@ -11,7 +11,9 @@
 //! `QWEN_OCR_BENCH_BINARY` (another build of `qwen-ocr` to time, e.g. an older commit's),
 //! `QWEN_OCR_AMX=0` (the same build without the AMX tile kernels), `QWEN_OCR_MAX_ISA=avx2` or
 //! `baseline` (without AVX-512, or AVX2 too: what an older CPU runs), `QWEN_OCR_STAGE_PROFILE=1`
-//! (adds `stages`: seconds per request by phase and operation, from the server's `/metrics`).
+//! (adds `stages`: seconds per request by phase and operation, from the server's `/metrics`),
+//! `QWEN_OCR_BENCH_AT_ONCE=N` (then N further images sent at once, against N times the median
+//! request one after another: `at_once`).
 //! Without a model it runs on the committed tiny checkpoint and image, which measures overhead
 //! only.
 
@@ -40,6 +42,7 @@ fn main() {
     let quant = env_or("QWEN_OCR_BENCH_QUANT", "q8_0");
     let dtype = env_or("QWEN_OCR_BENCH_DTYPE", "f32");
     let requests: usize = env_or("QWEN_OCR_BENCH_REQUESTS", "3").parse().expect("QWEN_OCR_BENCH_REQUESTS");
+    let at_once: usize = env_or("QWEN_OCR_BENCH_AT_ONCE", "0").parse().expect("QWEN_OCR_BENCH_AT_ONCE");
     let tokens = env_or("QWEN_OCR_BENCH_TOKENS", "64");
     let images: Vec<PathBuf> = match std::env::var("QWEN_OCR_BENCH_IMAGES") {
         Ok(dir) => {
@@ -47,9 +50,10 @@ fn main() {
             files.sort();
             files
         }
-        Err(_) => vec![fixtures().join("images/photo.jpg"); requests + 1],
+        Err(_) => vec![fixtures().join("images/photo.jpg"); requests + 1 + at_once],
     };
-    assert!(images.len() > requests, "need {} images (one warm-up and one per request)", requests + 1);
+    let needed = requests + 1 + at_once;
+    assert!(images.len() >= needed, "need {needed} different images (a warm-up, one per request, one per request at once)");
 
     let started = Instant::now();
     let mut args = vec!["--dtype", dtype.as_str()];
@@ -108,6 +112,17 @@ fn main() {
             (stage, json!((total.micros - before) as f64 / 1e6 / requests as f64))
         })
         .collect();
+    // New images, so that neither the vision cache nor a shared prefix makes it cheaper.
+    let at_once = (at_once > 0).then(|| {
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = images[requests + 1..needed].iter().map(|image| s.spawn(|| extract(image))).collect();
+            handles.into_iter().for_each(|h| drop(h.join().unwrap()));
+        });
+        let seconds = started.elapsed().as_secs_f64();
+        let one_after_another = at_once as f64 * median(runs.iter().map(|r| r["e2e_s"].as_f64().unwrap()).collect());
+        json!({"requests": at_once, "seconds": seconds, "one_after_another_s": one_after_another, "speedup": one_after_another / seconds})
+    });
     let med = |key: &str| median(runs.iter().map(|r| r[key].as_f64().unwrap()).collect());
     let report = json!({
         "system": "qwen-ocr",
@@ -124,6 +139,7 @@ fn main() {
         "prompt_tokens": runs[0]["prompt_tokens"],
         "generated_tokens": runs[0]["generated_tokens"],
         "stages": (!stages.is_empty()).then_some(stages),
+        "at_once": at_once,
         "runs": runs,
     });
     println!("{report}");

@@ -2,11 +2,13 @@
 # The seed task, transformers and qwen-ocr one after the other in one session, then a table.
 #   benches/seed_task/side_by_side.sh CHECKPOINT_DIR IMAGES_DIR [PYTHON]
 # Env: REQUESTS (3), TOKENS (64), QUANTS ("q8_0"), REFERENCE_DTYPES ("bf16"), MAX_ISAS ("native";
-# e.g. "native avx2 baseline" also times the same build as a CPU without AVX-512 or AVX2 runs it).
+# e.g. "native avx2 baseline" also times the same build as a CPU without AVX-512 or AVX2 runs it),
+# OUT (a folder to keep the raw JSON in; a temporary one otherwise).
 set -euo pipefail
 model=$1 images=$2 python=${3:-python3}
 cd "$(dirname "$0")/../.."
-out=$(mktemp -d)
+out=${OUT:-$(mktemp -d)}
+mkdir -p "$out"
 cargo bench -q --bench seed_task --no-run # built first, so no build runs beside a timed system
 for dtype in ${REFERENCE_DTYPES:-bf16}; do
     "$python" benches/seed_task/reference.py --model "$model" --images "$images" --requests "${REQUESTS:-3}" \
