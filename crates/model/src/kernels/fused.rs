@@ -221,9 +221,14 @@ struct Heads<'a> {
     row_stride: usize,
 }
 
-impl Heads<'_> {
-    fn contiguous(data: &[f32], n: usize, d: usize) -> Heads<'_> {
+impl<'a> Heads<'a> {
+    fn contiguous(data: &'a [f32], n: usize, d: usize) -> Heads<'a> {
         Heads { data, offset: 0, head_stride: n * d, row_stride: d }
+    }
+
+    /// Row `r` of head `h`: its first `d` values.
+    fn row_slice(&self, h: usize, r: usize, d: usize) -> &'a [f32] {
+        &self.data[self.offset + h * self.head_stride + r * self.row_stride..][..d]
     }
 
     /// Pointer to row `r` of head `h`.
@@ -309,12 +314,31 @@ pub fn vision_self_attention(
 /// values. `q`: `[heads, n, head_dim]` (rotary applied); `k`, `v`: `[1, kv_heads, total,
 /// head_dim]` views of the cache whose last `n` positions are the new tokens. Query `i` sees
 /// keys up to `total - n + i`; the keys it cannot see get probability exactly 0. Returns
-/// `[n, heads * head_dim]`.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+/// `[n, heads * head_dim]`. With `bf16_tiles`, a CPU with AMX and a prompt of at least a tile
+/// of rows, the two products run on tiles in bf16 (decode rows stay in f32).
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, bf16_tiles: bool) -> Result<Tensor> {
     let (heads, n, d) = q.dims3()?;
     let (_, kv_heads, total, _) = k.dims4()?;
     let q = q.contiguous()?;
     let (k_heads, v_heads) = (strided_heads(k)?, strided_heads(v)?);
+    if bf16_tiles && n >= crate::kernels::amx::TILE && crate::kernels::amx::available() {
+        let qs = Heads::contiguous(slice_of(&q)?, n, d);
+        // SAFETY: AMX checked just above.
+        let out = unsafe {
+            crate::kernels::amx::attention::causal(
+                heads,
+                kv_heads,
+                n,
+                total,
+                d,
+                scale,
+                |h, i| qs.row_slice(h, i, d),
+                |g, j| k_heads.row_slice(g, j, d),
+                |g, j| v_heads.row_slice(g, j, d),
+            )
+        };
+        return Tensor::from_vec(out, (n, heads * d), q.device());
+    }
     let past = total - n;
     let groups = heads / kv_heads;
     let mut tasks = Vec::new();
@@ -549,15 +573,16 @@ mod tests {
         check_vision_attention(true, 0.1, 1e-2);
     }
 
-    #[test]
-    fn causal_attention_matches_masked_dense_attention_over_a_cache() {
-        let (heads, kv_heads, d, n, past, cap) = (6, 2, 16, 150, 37, 256);
+    /// Causal attention of `n` new queries over a cache with `past` earlier keys (grouped-query,
+    /// a view of a larger cache), f32 or (AMX CPUs) bf16 tiles, against masked dense attention.
+    fn check_causal_attention(d: usize, bf16_tiles: bool, max_abs: f32, rel_rms: f32) {
+        let (heads, kv_heads, n, past, cap) = (6, 2, 150, 37, 256);
         let cache_k = Tensor::randn(0f32, 1.0, (1, kv_heads, cap, d), &Device::Cpu).unwrap();
         let cache_v = Tensor::randn(0f32, 1.0, (1, kv_heads, cap, d), &Device::Cpu).unwrap();
         let total = past + n;
         let (k, v) = (cache_k.narrow(2, 0, total).unwrap(), cache_v.narrow(2, 0, total).unwrap());
         let q = Tensor::randn(0f32, 1.0, (heads, n, d), &Device::Cpu).unwrap();
-        let got = causal_attention(&q, &k, &v, 0.2).unwrap();
+        let got = causal_attention(&q, &k, &v, 0.2, bf16_tiles).unwrap();
         let groups = heads / kv_heads;
         let mask: Vec<f32> = (0..n).flat_map(|i| (0..total).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY })).collect();
         let mask = Tensor::from_vec(mask, (n, total), &Device::Cpu).unwrap();
@@ -568,8 +593,24 @@ mod tests {
             outs.push(candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&v.contiguous().unwrap()).unwrap());
         }
         let want = Tensor::stack(&outs, 0).unwrap().transpose(0, 1).unwrap().reshape((n, heads * d)).unwrap();
-        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < 1e-5, "causal attention differs by {diff}");
+        let err = (got - &want).unwrap();
+        let diff = err.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < max_abs, "causal attention (bf16 tiles: {bf16_tiles}) differs by up to {diff}");
+        let rms = |t: &Tensor| t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+        let rel = rms(&err) / rms(&want);
+        assert!(rel < rel_rms, "causal attention (bf16 tiles: {bf16_tiles}): relative rms error {rel}");
+    }
+
+    #[test]
+    fn causal_attention_matches_masked_dense_attention_over_a_cache() {
+        check_causal_attention(16, false, 1e-5, 1e-5);
+    }
+
+    /// As the vision attention's bound; `d` = 80 is not a whole number of tile steps, and
+    /// neither the past nor the queries fill whole tiles. Without AMX this runs f32 again.
+    #[test]
+    fn causal_attention_on_bf16_tiles_stays_close_to_f32() {
+        check_causal_attention(80, true, 0.1, 1e-2);
     }
 
     #[test]

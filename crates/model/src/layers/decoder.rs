@@ -52,6 +52,9 @@ struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    /// The prefill's attention may run in bf16 on AMX tiles: in the quantized modes, never the
+    /// exact one.
+    bf16_tiles: bool,
 }
 
 impl Attention {
@@ -71,6 +74,7 @@ impl Attention {
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: d,
+            bf16_tiles: vb.quant() != Quant::None,
         })
     }
 
@@ -116,7 +120,7 @@ impl Attention {
             // On the CPU attention is one fused kernel, masking included; elsewhere candle's ops
             // with an explicit mask.
             if fused::handles(x) {
-                outs.push(fused::causal_attention(&q.squeeze(0)?, &k_all, &v_all, scale as f32)?);
+                outs.push(fused::causal_attention(&q.squeeze(0)?, &k_all, &v_all, scale as f32, self.bf16_tiles)?);
                 continue;
             }
             let total = k_all.dim(2)?;

@@ -1,7 +1,7 @@
-//! Bidirectional attention within spans (one span per image) on tiles: for each span and head,
-//! scores `Q·Kᵀ` and output `P·V` as bf16 tile products with f32 sums, softmax in f32 between
-//! them. On the 2B vision tower (1564 patches, 16 heads of 80) f32 attention was two thirds of
-//! the tower's time.
+//! Attention on tiles, bidirectional within spans (one span per image: the vision towers) or
+//! causal (the decoder's prefill): scores `Q·Kᵀ` and output `P·V` as bf16 tile products with
+//! f32 sums, softmax in f32 between them. On the 2B vision tower (1564 patches, 16 heads of 80)
+//! f32 attention was two thirds of the tower's time.
 
 use rayon::prelude::*;
 
@@ -88,30 +88,131 @@ pub(crate) unsafe fn within_spans<'a>(
                     *sum = softmax_row_to_tiles(&scores[r * stride..][..len], scale, probs, r, ks);
                 }
             }
-            // Rows past the block's end in its last tile: zero, so no stale NaN reaches a sum.
-            for r in rows..rows.div_ceil(TILE) * TILE {
-                for s in 0..ks {
-                    probs[((r / TILE) * ks + s) * BLOCK + (r % TILE) * KSTEP..][..KSTEP].fill(0);
-                }
-            }
+            zero_rows_past(probs, rows, ks);
             let dst = &dst;
             // SAFETY: as above; each task writes rows start+q0.. of head h's columns only.
             unsafe {
-                gemm(probs, &p.v, ksteps(len), 0..rows.div_ceil(TILE), 0..d.div_ceil(TILE), |rt, ct, tile| {
-                    let cols = TILE.min(d - ct * TILE);
-                    for r in 0..TILE.min(rows - rt * TILE) {
-                        let i = rt * TILE + r;
-                        let inv = 1.0 / sums[i];
-                        let o = dst.0.add((start + q0 + i) * width + h * d + ct * TILE);
-                        for (c, &x) in tile[r * TILE..][..cols].iter().enumerate() {
-                            *o.add(c) = x * inv;
-                        }
-                    }
+                gemm(probs, &p.v, ks, 0..rows.div_ceil(TILE), 0..d.div_ceil(TILE), |rt, ct, tile| {
+                    write_normalised(tile, rt, ct, rows, d, &sums, dst.0.add((start + q0) * width + h * d), width)
                 })
             };
         },
     );
     out
+}
+
+/// Causal grouped-query attention of `n` new queries over `total` keys, the last `n` of which
+/// are theirs (query `i` sees keys up to `total - n + i`): the decoder's prefill in the
+/// quantized modes. `q(h, i)` is query `i` of head `h` (rotary applied), `k(g, j)`/`v(g, j)`
+/// key/value `j` of key-value head `g`; head `h` reads key-value head `h / (heads / kv_heads)`.
+/// Keys and values are packed once per key-value head; a query block computes the scores of
+/// the keys its last row sees, and the probabilities of keys a row cannot see are exactly 0.
+/// Returns `[n, heads * d]`.
+///
+/// # Safety
+/// [`super::available`] must be true.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn causal<'a>(
+    heads: usize,
+    kv_heads: usize,
+    n: usize,
+    total: usize,
+    d: usize,
+    scale: f32,
+    q: impl Fn(usize, usize) -> &'a [f32] + Sync,
+    k: impl Fn(usize, usize) -> &'a [f32] + Sync,
+    v: impl Fn(usize, usize) -> &'a [f32] + Sync,
+) -> Vec<f32> {
+    let (width, past, groups) = (heads * d, total - n, heads / kv_heads);
+    let kv: Vec<(Aligned<u16>, Aligned<u16>)> = (0..kv_heads)
+        .into_par_iter()
+        .map(|g| {
+            let (mut keys, mut values) = (Aligned::zeroed(packed_len(total, d)), Aligned::zeroed(packed_len(d, total)));
+            // SAFETY: AMX (hence AVX-512) present, the caller's contract.
+            unsafe {
+                pack_b_from_rows(total, d, |j| k(g, j), &mut keys);
+                pack_b_from_cols(total, d, |j| v(g, j), &mut values);
+            }
+            (keys, values)
+        })
+        .collect();
+    let queries: Vec<Aligned<u16>> = (0..heads)
+        .into_par_iter()
+        .map(|h| {
+            let mut packed = Aligned::zeroed(packed_len(n, d));
+            // SAFETY: as above.
+            unsafe { pack_a_serial(n, d, |i| q(h, i), &mut packed) };
+            packed
+        })
+        .collect();
+    let tasks: Vec<(usize, usize)> = (0..heads).flat_map(|h| (0..n).step_by(QUERY_BLOCK).map(move |q0| (h, q0))).collect();
+    let key_steps = ksteps(total);
+    let mut out = vec![0f32; n * width];
+    // Every task writes its own rows of its own head's columns.
+    let dst = OutPtr(out.as_mut_ptr());
+    tasks.par_iter().for_each_init(
+        || (Aligned::zeroed(0), Aligned::zeroed(0)),
+        |(scores, probs): &mut (Aligned<f32>, Aligned<u16>), &(h, q0)| {
+            let (keys, values) = &kv[h / groups];
+            let rows = QUERY_BLOCK.min(n - q0);
+            // The keys this block's last row sees, padded to whole tiles.
+            let stride = (past + q0 + rows).div_ceil(TILE) * TILE;
+            let row_tiles = q0 / TILE..(q0 + rows).div_ceil(TILE);
+            scores.resize(row_tiles.len() * TILE * stride);
+            // SAFETY: AMX present; the queries hold every row tile up to n/16 (q0 is a multiple
+            // of 16), the keys every tile up to total/16 >= stride/16; `scores` covers them.
+            unsafe { gemm_into(&queries[h], keys, ksteps(d), row_tiles, 0..stride / TILE, scores.as_mut_ptr(), stride) };
+            let mut sums = [0f32; QUERY_BLOCK];
+            probs.resize(packed_len(rows, total));
+            // SAFETY: AVX-512 present (AMX implies it); rows and blocks inside `probs`. A row's
+            // slice ends at the last key it sees, and the blocks past it are written as 0.
+            unsafe {
+                for (r, sum) in sums.iter_mut().enumerate().take(rows) {
+                    *sum = softmax_row_to_tiles(&scores[r * stride..][..past + q0 + r + 1], scale, probs, r, key_steps);
+                }
+            }
+            zero_rows_past(probs, rows, key_steps);
+            let dst = &dst;
+            // SAFETY: as above; each task writes rows q0.. of head h's columns only.
+            unsafe {
+                gemm(probs, values, key_steps, 0..rows.div_ceil(TILE), 0..d.div_ceil(TILE), |rt, ct, tile| {
+                    write_normalised(tile, rt, ct, rows, d, &sums, dst.0.add(q0 * width + h * d), width)
+                })
+            };
+        },
+    );
+    out
+}
+
+/// Rows `rows..` of the last row tile of packed probabilities: zero, so no stale NaN reaches a
+/// sum.
+fn zero_rows_past(probs: &mut [u16], rows: usize, ks: usize) {
+    for r in rows..rows.div_ceil(TILE) * TILE {
+        for s in 0..ks {
+            probs[((r / TILE) * ks + s) * BLOCK + (r % TILE) * KSTEP..][..KSTEP].fill(0);
+        }
+    }
+}
+
+/// Writes tile `(rt, ct)` of `P·V`, each row divided by its probabilities' sum, into `out`
+/// (row stride `width`; row 0 is the block's first), leaving out rows past `rows` and columns
+/// past `d`.
+///
+/// # Safety
+/// `out` must be writable for those rows and columns.
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_normalised(tile: &[f32], rt: usize, ct: usize, rows: usize, d: usize, sums: &[f32], out: *mut f32, width: usize) {
+    let cols = TILE.min(d - ct * TILE);
+    for r in 0..TILE.min(rows - rt * TILE) {
+        let i = rt * TILE + r;
+        let inv = 1.0 / sums[i];
+        // SAFETY: the caller's contract.
+        let o = unsafe { out.add(i * width + ct * TILE) };
+        for (c, &x) in tile[r * TILE..][..cols].iter().enumerate() {
+            // SAFETY: as above.
+            unsafe { *o.add(c) = x * inv };
+        }
+    }
 }
 
 /// Writes row `r` of the probabilities, `exp(scale·(s − max))` over `scores`, as bf16 into
