@@ -552,12 +552,17 @@ mod tests {
         };
         let v = parts.get(2).unwrap().contiguous().unwrap();
         let want = attention_within_spans(&rot(0), &rot(1), &v, &spans, 0.3).unwrap();
-        let err = (got - &want).unwrap();
+        assert_close(&got, &want, max_abs, rel_rms, &format!("fused vision attention (bf16 tiles: {bf16_tiles})"));
+    }
+
+    /// `got` within `max_abs` of `want` everywhere and within `rel_rms` of it in rms.
+    fn assert_close(got: &Tensor, want: &Tensor, max_abs: f32, rel_rms: f32, what: &str) {
+        let err = (got - want).unwrap();
         let diff = err.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < max_abs, "fused vision attention (bf16 tiles: {bf16_tiles}) differs by up to {diff}");
+        assert!(diff < max_abs, "{what} differs by up to {diff}");
         let rms = |t: &Tensor| t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
-        let rel = rms(&err) / rms(&want);
-        assert!(rel < rel_rms, "fused vision attention (bf16 tiles: {bf16_tiles}): relative rms error {rel}");
+        let rel = rms(&err) / rms(want);
+        assert!(rel < rel_rms, "{what}: relative rms error {rel}");
     }
 
     #[test]
@@ -593,12 +598,7 @@ mod tests {
             outs.push(candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&v.contiguous().unwrap()).unwrap());
         }
         let want = Tensor::stack(&outs, 0).unwrap().transpose(0, 1).unwrap().reshape((n, heads * d)).unwrap();
-        let err = (got - &want).unwrap();
-        let diff = err.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff < max_abs, "causal attention (bf16 tiles: {bf16_tiles}) differs by up to {diff}");
-        let rms = |t: &Tensor| t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
-        let rel = rms(&err) / rms(&want);
-        assert!(rel < rel_rms, "causal attention (bf16 tiles: {bf16_tiles}): relative rms error {rel}");
+        assert_close(&got, &want, max_abs, rel_rms, &format!("causal attention (bf16 tiles: {bf16_tiles})"));
     }
 
     #[test]
