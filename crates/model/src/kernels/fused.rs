@@ -226,14 +226,19 @@ impl<'a> Heads<'a> {
         Heads { data, offset: 0, head_stride: n * d, row_stride: d }
     }
 
-    /// Row `r` of head `h`: its first `d` values.
-    fn row_slice(&self, h: usize, r: usize, d: usize) -> &'a [f32] {
-        &self.data[self.offset + h * self.head_stride + r * self.row_stride..][..d]
+    /// Where row `r` of head `h` starts in `data`.
+    fn start(&self, h: usize, r: usize) -> usize {
+        self.offset + h * self.head_stride + r * self.row_stride
     }
 
-    /// Pointer to row `r` of head `h`.
+    /// Row `r` of head `h`: its first `d` values.
+    fn row_slice(&self, h: usize, r: usize, d: usize) -> &'a [f32] {
+        &self.data[self.start(h, r)..][..d]
+    }
+
+    /// Pointer to row `r` of head `h` (the strided kernels read on past it).
     fn row(&self, h: usize, r: usize) -> *const f32 {
-        self.data[self.offset + h * self.head_stride + r * self.row_stride..].as_ptr()
+        self.data[self.start(h, r)..].as_ptr()
     }
 }
 
