@@ -257,8 +257,10 @@ fn attention_within_spans(q: &Tensor, k: &Tensor, v: &Tensor, spans: &[(usize, u
 /// The vision tower's attention from its fused projection `qkv` (`[n, 3 * heads * head_dim]`,
 /// as `[n, 3, heads, head_dim]`): rotary on queries and keys (`cos`/`sin`: `[n, head_dim / 2]`,
 /// rotate-half convention) in one pass that also lays them out per head (on tiles: per head
-/// while it is packed), values read in place, then attention within each span. Returns `[n, heads * head_dim]`. With `bf16_tiles` and a
-/// CPU with AMX, the two products run on tiles in bf16 (see [`crate::kernels::amx`]); otherwise in f32.
+/// while it is packed), values read in place, then attention within each span. Returns `[n, heads * head_dim]`. With `bf16_tiles` (the
+/// quantized modes) and a CPU with AMX, the two products run on tiles in bf16 (see
+/// [`crate::kernels::amx`]); with it and AVX-512 but no AMX, on the f32 kernels of
+/// [`crate::kernels::span_attention`]; otherwise (and always in the exact mode) in f32 here.
 #[allow(clippy::too_many_arguments)]
 pub fn vision_self_attention(
     qkv: &Tensor,
@@ -298,6 +300,19 @@ pub fn vision_self_attention(
                 v_of,
             )
         };
+        return Tensor::from_vec(out, (n, heads * d), qkv.device());
+    }
+    if bf16_tiles && crate::kernels::span_attention::handles(d) {
+        let out = crate::kernels::span_attention::within_spans(
+            heads,
+            n,
+            d,
+            spans,
+            scale,
+            |h, r, dst| rotate(0, h, r, dst),
+            |h, r, dst| rotate(1, h, r, dst),
+            |h, r| &x[r * width + 2 * heads * d + h * d..][..d],
+        );
         return Tensor::from_vec(out, (n, heads * d), qkv.device());
     }
     let rotated = |which: usize| -> Vec<f32> {

@@ -1,0 +1,351 @@
+//! The vision towers' attention in f32 on AVX-512 CPUs without AMX, in the quantized modes:
+//! each head's keys and values are laid out once for register-blocked kernels that every
+//! query block shares. The general f32 path (a library GEMM per query block) repacked a head's
+//! keys and values for each of its 25 query blocks on the 2B tower and reached a third of the
+//! FMA peak; attention was half the tower's time there. Sums run in another order than the
+//! general path, so the exact mode (`--quant none`) keeps that one.
+//!
+//! Keys are laid out per (span, head) in panels of 16, panel `p` holding `[d][16]` (key
+//! `16p + j`'s value `i` at `i·16 + j`, zero past the span), values row-major `[len, d]`; a
+//! query block rotates its own queries. `d` must be 64, 80 or 128 (whole vectors of 16).
+
+use rayon::prelude::*;
+
+use crate::kernels::amx::attention::exp16;
+use crate::kernels::q8::OutPtr;
+
+/// Query rows per task: their scores (`64 × keys`) stay in L2.
+const QUERY_BLOCK: usize = 64;
+/// Keys per chunk of the weighted sum: their values (20 KiB at d = 80) stay in L1.
+const KEY_CHUNK: usize = 64;
+/// Most buffers kept (a layer's heads, two each).
+const POOL_BUFFERS: usize = 64;
+/// Keys per panel: one AVX-512 vector.
+const PANEL: usize = 16;
+/// Query rows per score micro-kernel call (8 rows × 2 panels: 16 accumulators).
+const SCORE_ROWS: usize = 8;
+
+/// One span's and head's keys and values, laid out once and shared by its query blocks.
+struct Laid {
+    key_panels: Vec<f32>,
+    values: Vec<f32>,
+}
+
+thread_local! {
+    /// Each worker's scores and rotated queries, kept between tasks and calls.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Buffers kept between calls (fresh ones page-fault: a vision layer lays out 16 MB).
+static POOL: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+
+/// Whether [`within_spans`] handles heads of `d` values on this CPU.
+pub(crate) fn handles(d: usize) -> bool {
+    crate::kernels::features::cpu().avx512_fma && matches!(d, 64 | 80 | 128)
+}
+
+/// Attention of rows `start..start + len` of each span among themselves, all heads, as
+/// [`crate::kernels::amx::attention::within_spans`] takes it (`q`, `k` write head `h`'s row
+/// `r` rotated, `v` gives it); returns `[n, heads * d]`, rows outside every span zero.
+///
+/// # Panics
+/// If [`handles`] is false for `d`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn within_spans<'a>(
+    heads: usize,
+    n: usize,
+    d: usize,
+    spans: &[(usize, usize)],
+    scale: f32,
+    q: impl Fn(usize, usize, &mut [f32]) + Sync,
+    k: impl Fn(usize, usize, &mut [f32]) + Sync,
+    v: impl Fn(usize, usize) -> &'a [f32] + Sync,
+) -> Vec<f32> {
+    assert!(handles(d), "span_attention: head size {d} on this CPU");
+    let width = heads * d;
+    let units: Vec<(usize, usize, usize)> = spans.iter().flat_map(|&(start, len)| (0..heads).map(move |h| (h, start, len))).collect();
+    let laid: Vec<Laid> = units
+        .par_iter()
+        .map_init(Vec::new, |row: &mut Vec<f32>, &(h, start, len)| {
+            row.resize(d, 0.0);
+            let pooled = || POOL.lock().ok().and_then(|mut pool| pool.pop()).unwrap_or_default();
+            let mut key_panels: Vec<f32> = pooled();
+            key_panels.resize(len.div_ceil(PANEL) * d * PANEL, 0.0);
+            // Keys past the span in the last panel are zero (buffers come back dirty).
+            key_panels[len / PANEL * d * PANEL..].fill(0.0);
+            for r in 0..len {
+                k(h, start + r, row);
+                let panel = &mut key_panels[r / PANEL * d * PANEL..][..d * PANEL];
+                for (i, &x) in row.iter().enumerate() {
+                    panel[i * PANEL + r % PANEL] = x;
+                }
+            }
+            // Contiguous: read in place, 1564 value rows of the 2B tower sit on as many pages.
+            let mut values: Vec<f32> = pooled();
+            values.clear();
+            (0..len).for_each(|r| values.extend_from_slice(v(h, start + r)));
+            Laid { key_panels, values }
+        })
+        .collect();
+    let tasks: Vec<(usize, usize)> =
+        units.iter().enumerate().flat_map(|(u, &(_, _, len))| (0..len).step_by(QUERY_BLOCK).map(move |q0| (u, q0))).collect();
+    let mut out = vec![0f32; n * width];
+    let dst = OutPtr(out.as_mut_ptr());
+    tasks.par_iter().for_each(|&(u, q0)| {
+        SCRATCH.with_borrow_mut(|(scores, queries)| {
+            let (dst, (h, start, len), laid) = (&dst, units[u], &laid[u]);
+            let rows = QUERY_BLOCK.min(len - q0);
+            // Whole panel pairs per row, so the kernel's stores stay inside.
+            let stride = len.div_ceil(2 * PANEL) * 2 * PANEL;
+            scores.resize(QUERY_BLOCK * stride, 0.0);
+            queries.resize(rows * d, 0.0);
+            for (r, dst) in queries.chunks_exact_mut(d).enumerate() {
+                q(h, start + q0 + r, dst);
+            }
+            // Panel pairs outer: a pair (10 KiB at d = 80) and the block's queries stay in L1.
+            for pair in 0..stride / (2 * PANEL) {
+                for r0 in (0..rows).step_by(SCORE_ROWS) {
+                    // SAFETY: AVX-512 F present (`handles`); the stores hit rows r0..r0 + 8 of
+                    // `scores`, which holds QUERY_BLOCK rows.
+                    unsafe {
+                        scores_8x32(queries, rows, r0, d, &laid.key_panels, 2 * pair, &mut scores[r0 * stride + pair * 2 * PANEL..], stride)
+                    };
+                }
+            }
+            let mut sums = [0f32; QUERY_BLOCK];
+            for (row, sum) in scores.chunks_exact_mut(stride).zip(sums.iter_mut()).take(rows) {
+                // SAFETY: AVX-512 F present.
+                *sum = unsafe { softmax_row(&mut row[..len], scale) };
+            }
+            let out = dst.0.wrapping_add((start + q0) * width + h * d);
+            // SAFETY: AVX-512 F present; `scores` holds `rows` rows of `len` probabilities, the
+            // values `len` rows of `d`; each task writes rows start+q0.. of head h's columns only.
+            unsafe {
+                match d {
+                    64 => weighted_values::<4, 6>(scores, stride, rows, &laid.values, &sums, out, width),
+                    80 => weighted_values::<5, 5>(scores, stride, rows, &laid.values, &sums, out, width),
+                    _ => weighted_values::<8, 3>(scores, stride, rows, &laid.values, &sums, out, width),
+                }
+            }
+        })
+    });
+    if let Ok(mut pool) = POOL.lock() {
+        pool.extend(laid.into_iter().flat_map(|l| [l.key_panels, l.values]));
+        let keep = pool.len().min(POOL_BUFFERS);
+        pool.truncate(keep);
+    }
+    out
+}
+
+/// `row` ← `exp(scale·(row − max))`, returning the sum: one pass for the maximum, one that
+/// exponentiates and sums.
+///
+/// # Safety
+/// AVX-512 F present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_row(row: &mut [f32], scale: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let len = row.len();
+    let mask = |at: usize| ((1u32 << (len - at).min(PANEL)) - 1) as __mmask16;
+    // SAFETY (whole body): masked loads and stores stay inside `row`.
+    unsafe {
+        let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
+        for at in (0..len).step_by(PANEL) {
+            let m = mask(at);
+            vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, row.as_ptr().add(at)));
+        }
+        let max = _mm512_reduce_max_ps(vmax);
+        let (vscale, shift) = (_mm512_set1_ps(scale), _mm512_set1_ps(-max * scale));
+        let mut vsum = _mm512_setzero_ps();
+        for at in (0..len).step_by(PANEL) {
+            let m = mask(at);
+            let e = _mm512_maskz_mov_ps(m, exp16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, row.as_ptr().add(at)), vscale, shift)));
+            vsum = _mm512_add_ps(vsum, e);
+            _mm512_mask_storeu_ps(row.as_mut_ptr().add(at), m, e);
+        }
+        _mm512_reduce_add_ps(vsum)
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn softmax_row(_: &mut [f32], _: f32) -> f32 {
+    unreachable!("AVX-512 is only detected on x86_64")
+}
+
+/// Scores of query rows `r0..r0 + 8` of `queries` (`rows` rows of `d`; rows past them repeat
+/// the last, and their scores are not read) against key panels `p` and `p + 1` into `out`
+/// (row stride `stride`), unscaled.
+///
+/// # Safety
+/// AVX-512 F present; `out` holds 8 rows of 32 at that stride.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_8x32(queries: &[f32], rows: usize, r0: usize, d: usize, panels: &[f32], p: usize, out: &mut [f32], stride: usize) {
+    use std::arch::x86_64::*;
+    let panel = |p: usize| panels.get(p * d * PANEL..(p + 1) * d * PANEL);
+    // The last pair's second panel may not exist: read the first again, drop its scores.
+    let (k0, k1) = (panel(p).expect("a pair's first panel exists"), panel(p + 1).or(panel(p)).unwrap());
+    let q: [&[f32]; SCORE_ROWS] = std::array::from_fn(|r| &queries[(r0 + r).min(rows - 1) * d..][..d]);
+    let mut acc = [[_mm512_setzero_ps(); 2]; SCORE_ROWS];
+    for i in 0..d {
+        // SAFETY: i·16 + 16 <= d·16, the panels' length.
+        let (w0, w1) = unsafe { (_mm512_loadu_ps(k0.as_ptr().add(i * PANEL)), _mm512_loadu_ps(k1.as_ptr().add(i * PANEL))) };
+        for (acc, q) in acc.iter_mut().zip(&q) {
+            let x = _mm512_set1_ps(q[i]);
+            acc[0] = _mm512_fmadd_ps(x, w0, acc[0]);
+            acc[1] = _mm512_fmadd_ps(x, w1, acc[1]);
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let row = &mut out[r * stride..][..2 * PANEL];
+        // SAFETY: two vectors inside `row`.
+        unsafe {
+            _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
+            _mm512_storeu_ps(row.as_mut_ptr().add(PANEL), acc[1]);
+        }
+    }
+}
+
+/// `out[r] = Σ_j P[r][j] · V[j] / sums[r]` for rows `0..rows` and the rows of `values`
+/// (`d = 16·DZ` each), `R` rows at a time with `R × DZ` accumulators; `probs` rows `stride`
+/// apart, `out` rows `width` apart.
+///
+/// # Safety
+/// AVX-512 F present; `out` writable for `rows` rows of `d` at that stride, and no other
+/// thread writes them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn weighted_values<const DZ: usize, const R: usize>(
+    probs: &[f32],
+    stride: usize,
+    rows: usize,
+    values: &[f32],
+    row_sums: &[f32],
+    out: *mut f32,
+    width: usize,
+) {
+    use std::arch::x86_64::*;
+    const { assert!(DZ * PANEL <= 128 && R <= 8, "the sums buffer's bounds") };
+    let d = DZ * PANEL;
+    let len = values.len() / d;
+    // Keys in chunks whose values stay in L1 while every row group passes over them; the
+    // sums wait in `acc` (rows × d, in L1) between chunks.
+    // One row group past QUERY_BLOCK: the last group's rows past `rows` are scratch.
+    let mut acc = [0f32; (QUERY_BLOCK + 8) * 128];
+    for j0 in (0..len).step_by(KEY_CHUNK) {
+        let keys = j0..(j0 + KEY_CHUNK).min(len);
+        for r0 in (0..rows).step_by(R) {
+            let p: [&[f32]; R] = std::array::from_fn(|r| &probs[(r0 + r).min(rows - 1) * stride..][..len]);
+            let mut sums: [[__m512; DZ]; R] = [[_mm512_setzero_ps(); DZ]; R];
+            if j0 > 0 {
+                for (r, s) in sums.iter_mut().enumerate() {
+                    // SAFETY: row r0 + r of `acc` (rows past `rows` are scratch) holds d.
+                    *s = std::array::from_fn(|c| unsafe { _mm512_loadu_ps(acc.as_ptr().add((r0 + r) * d + c * PANEL)) });
+                }
+            }
+            for j in keys.clone() {
+                // SAFETY: DZ vectors of 16 make up value row j.
+                let w: [__m512; DZ] = std::array::from_fn(|c| unsafe { _mm512_loadu_ps(values.as_ptr().add(j * d + c * PANEL)) });
+                for (s, p) in sums.iter_mut().zip(&p) {
+                    let x = _mm512_set1_ps(p[j]);
+                    for (a, w) in s.iter_mut().zip(&w) {
+                        *a = _mm512_fmadd_ps(x, *w, *a);
+                    }
+                }
+            }
+            for (r, s) in sums.iter().enumerate() {
+                for (c, a) in s.iter().enumerate() {
+                    // SAFETY: as above.
+                    unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add((r0 + r) * d + c * PANEL), *a) };
+                }
+            }
+        }
+    }
+    for r in 0..rows {
+        let inv = 1.0 / row_sums[r];
+        for c in 0..d {
+            // SAFETY: row r < rows, column c < d: the caller's block.
+            unsafe { *out.add(r * width + c) = acc[r * d + c] * inv };
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_8x32(_: &[f32], _: usize, _: usize, _: usize, _: &[f32], _: usize, _: &mut [f32], _: usize) {
+    unreachable!("AVX-512 is only detected on x86_64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn weighted_values<const DZ: usize, const R: usize>(_: &[f32], _: usize, _: usize, _: &[f32], _: &[f32], _: *mut f32, _: usize) {
+    unreachable!("AVX-512 is only detected on x86_64")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Against attention written from its definition in f64, for every head size the kernels
+    /// take, spans that fill neither a query block nor a key panel, and rows outside any span.
+    #[test]
+    fn span_attention_matches_its_definition() {
+        for d in [64, 80, 128] {
+            if !handles(d) {
+                eprintln!("no AVX-512 on this CPU: nothing to check");
+                return;
+            }
+            let (heads, n, scale) = (2, 140, 0.3f32);
+            let spans = [(0, 37), (40, 100)];
+            let (q, k, v) = (values(n * heads * d, 1), values(n * heads * d, 2), values(n * heads * d, 3));
+            // Row r of head h in `[n, heads, d]` operands.
+            let row = |h: usize, r: usize| (r * heads + h) * d..(r * heads + h + 1) * d;
+            let got = within_spans(
+                heads,
+                n,
+                d,
+                &spans,
+                scale,
+                |h, r, dst| dst.copy_from_slice(&q[row(h, r)]),
+                |h, r, dst| dst.copy_from_slice(&k[row(h, r)]),
+                |h, r| &v[row(h, r)],
+            );
+            let mut want = vec![0f64; n * heads * d];
+            for &(start, len) in &spans {
+                for h in 0..heads {
+                    for i in start..start + len {
+                        let dot = |j: usize| q[row(h, i)].iter().zip(&k[row(h, j)]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+                        let scores: Vec<f64> = (start..start + len).map(|j| dot(j) * scale as f64).collect();
+                        let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                        let total: f64 = weights.iter().sum();
+                        for (j, w) in (start..start + len).zip(&weights) {
+                            for (o, x) in want[row(h, i)].iter_mut().zip(&v[row(h, j)]) {
+                                *o += w / total * *x as f64;
+                            }
+                        }
+                    }
+                }
+            }
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((*g as f64 - w).abs() < 1e-5, "d = {d}, element {i}: {g} vs {w}");
+            }
+        }
+    }
+}
