@@ -21,7 +21,7 @@ pub(crate) mod attention;
 pub(crate) mod pack;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::ops::Range;
 

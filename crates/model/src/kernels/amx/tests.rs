@@ -12,7 +12,7 @@ fn from_bf16(h: u16) -> f64 {
 }
 
 /// Deterministic values in [-1, 1) with all 23 mantissa bits used, so rounding matters.
-fn values(len: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn values(len: usize, seed: u64) -> Vec<f32> {
     let mut s = seed;
     (0..len)
         .map(|_| {
