@@ -85,14 +85,14 @@ pub(crate) unsafe fn within_spans<'a>(
             // SAFETY: AVX-512 present (AMX implies it); rows and blocks inside `probs`.
             unsafe {
                 for (r, sum) in sums.iter_mut().enumerate().take(rows) {
-                    *sum = softmax_row_to_tiles(&scores[r * stride..][..len], scale, probs, r, ks);
+                    *sum = softmax_row_to_tiles(&scores[r * stride..][..len], scale, probs, r, ks, ks);
                 }
             }
-            zero_rows_past(probs, rows, ks);
+            zero_rows_past(probs, rows, ks, ks);
             let dst = &dst;
             // SAFETY: as above; each task writes rows start+q0.. of head h's columns only.
             unsafe {
-                gemm(probs, &p.v, ks, 0..rows.div_ceil(TILE), 0..d.div_ceil(TILE), |rt, ct, tile| {
+                gemm(probs, &p.v, ks, 0..ks, 0..rows.div_ceil(TILE), 0..d.div_ceil(TILE), |rt, ct, tile| {
                     write_normalised(tile, rt, ct, rows, d, &sums, dst.0.add((start + q0) * width + h * d), width)
                 })
             };
@@ -164,18 +164,20 @@ pub(crate) unsafe fn causal<'a>(
             unsafe { gemm_into(&queries[h], keys, ksteps(d), row_tiles, 0..stride / TILE, scores.as_mut_ptr(), stride) };
             let mut sums = [0f32; QUERY_BLOCK];
             probs.resize(packed_len(rows, total));
+            // Key steps any row of the block sees; the rest of `probs` is neither written nor read.
+            let seen = ksteps(past + q0 + rows);
             // SAFETY: AVX-512 present (AMX implies it); rows and blocks inside `probs`. A row's
-            // slice ends at the last key it sees, and the blocks past it are written as 0.
+            // slice ends at the last key it sees, and its blocks up to `seen` past it are 0.
             unsafe {
                 for (r, sum) in sums.iter_mut().enumerate().take(rows) {
-                    *sum = softmax_row_to_tiles(&scores[r * stride..][..past + q0 + r + 1], scale, probs, r, key_steps);
+                    *sum = softmax_row_to_tiles(&scores[r * stride..][..past + q0 + r + 1], scale, probs, r, key_steps, seen);
                 }
             }
-            zero_rows_past(probs, rows, key_steps);
+            zero_rows_past(probs, rows, key_steps, seen);
             let dst = &dst;
             // SAFETY: as above; each task writes rows q0.. of head h's columns only.
             unsafe {
-                gemm(probs, values, key_steps, 0..rows.div_ceil(TILE), 0..d.div_ceil(TILE), |rt, ct, tile| {
+                gemm(probs, values, key_steps, 0..seen, 0..rows.div_ceil(TILE), 0..d.div_ceil(TILE), |rt, ct, tile| {
                     write_normalised(tile, rt, ct, rows, d, &sums, dst.0.add(q0 * width + h * d), width)
                 })
             };
@@ -184,11 +186,11 @@ pub(crate) unsafe fn causal<'a>(
     out
 }
 
-/// Rows `rows..` of the last row tile of packed probabilities: zero, so no stale NaN reaches a
-/// sum.
-fn zero_rows_past(probs: &mut [u16], rows: usize, ks: usize) {
+/// Rows `rows..` of the last row tile of packed probabilities (`ks` steps), in steps
+/// `..seen`: zero, so no stale NaN reaches a sum.
+fn zero_rows_past(probs: &mut [u16], rows: usize, ks: usize, seen: usize) {
     for r in rows..rows.div_ceil(TILE) * TILE {
-        for s in 0..ks {
+        for s in 0..seen {
             probs[((r / TILE) * ks + s) * BLOCK + (r % TILE) * KSTEP..][..KSTEP].fill(0);
         }
     }
@@ -216,15 +218,15 @@ unsafe fn write_normalised(tile: &[f32], rt: usize, ct: usize, rows: usize, d: u
 }
 
 /// Writes row `r` of the probabilities, `exp(scale·(s − max))` over `scores`, as bf16 into
-/// packed A `probs` (`ks` steps; zero past `scores.len()`), and returns their f32 sum. One pass
-/// for the maximum, one that exponentiates, sums, rounds and packs.
+/// steps `..seen` of packed A `probs` (`ks` steps; zero past `scores.len()`), and returns
+/// their f32 sum. One pass for the maximum, one that exponentiates, sums, rounds and packs.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F and BW; `probs` must hold row tile `r / 16` with `ks` blocks
-/// and `ks · 32 >= scores.len()`.
+/// and `ks >= seen`, `seen · 32 >= scores.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn softmax_row_to_tiles(scores: &[f32], scale: f32, probs: &mut [u16], r: usize, ks: usize) -> f32 {
+unsafe fn softmax_row_to_tiles(scores: &[f32], scale: f32, probs: &mut [u16], r: usize, ks: usize, seen: usize) -> f32 {
     use std::arch::x86_64::*;
     let len = scores.len();
     let mask = |at: usize| ((1u32 << len.saturating_sub(at).min(16)) - 1) as __mmask16;
@@ -239,7 +241,7 @@ unsafe fn softmax_row_to_tiles(scores: &[f32], scale: f32, probs: &mut [u16], r:
         let (vscale, shift) = (_mm512_set1_ps(scale), _mm512_set1_ps(-max * scale));
         let mut vsum = _mm512_setzero_ps();
         let (rt, row) = (r / TILE, r % TILE);
-        for s in 0..ks {
+        for s in 0..seen {
             let out = probs.as_mut_ptr().add((rt * ks + s) * BLOCK + row * KSTEP);
             for half in 0..2 {
                 let at = s * KSTEP + half * 16;
@@ -255,7 +257,7 @@ unsafe fn softmax_row_to_tiles(scores: &[f32], scale: f32, probs: &mut [u16], r:
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn softmax_row_to_tiles(_: &[f32], _: f32, _: &mut [u16], _: usize, _: usize) -> f32 {
+unsafe fn softmax_row_to_tiles(_: &[f32], _: f32, _: &mut [u16], _: usize, _: usize, _: usize) -> f32 {
     unreachable!("AMX is only detected on x86_64")
 }
 

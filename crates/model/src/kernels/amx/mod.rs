@@ -66,18 +66,20 @@ fn detect() -> bool {
 /// A 16 × 16 f32 result tile, row-major.
 pub(crate) type OutTile = [f32; TILE * TILE];
 
-/// `C(rt, ct) = Σ_s A(rt, s) · B(ct, s)` for every row tile in `rts` and column tile in `cts`,
-/// handing each finished 16 × 16 tile to `sink(rt, ct, tile)`. `a` and `b` are packed with
-/// `ksteps` steps (see the module docs), indexed from tile 0. Runs on the calling thread.
+/// `C(rt, ct) = Σ_s A(rt, s) · B(ct, s)` over k steps `steps` for every row tile in `rts` and
+/// column tile in `cts`, handing each finished 16 × 16 tile to `sink(rt, ct, tile)`. `a` and
+/// `b` are packed with `ksteps` steps (see the module docs), indexed from tile 0; steps left
+/// out must add nothing (e.g. keys no query of a causal block sees). Runs on the calling thread.
 ///
 /// # Safety
 /// [`available`] must have returned true; `a` must hold every row tile in `rts` and `b` every
-/// column tile in `cts`, each with `ksteps` blocks.
+/// column tile in `cts`, each with `ksteps` blocks; `steps.end <= ksteps`.
 #[cfg(target_arch = "x86_64")]
 pub(crate) unsafe fn gemm(
     a: &Aligned<u16>,
     b: &Aligned<u16>,
     ksteps: usize,
+    steps: Range<usize>,
     rts: Range<usize>,
     cts: Range<usize>,
     mut sink: impl FnMut(usize, usize, &OutTile),
@@ -87,7 +89,7 @@ pub(crate) unsafe fn gemm(
     let mut tile = Staging([0.0; TILE * TILE]);
     // SAFETY: forwarded; each store writes the 1 KiB staging tile.
     unsafe {
-        gemm_tiles(a, b, ksteps, 0..ksteps, rts, cts, None, |acc, rt, ct| {
+        gemm_tiles(a, b, ksteps, steps, rts, cts, None, |acc, rt, ct| {
             acc.store(tile.0.as_mut_ptr(), TILE);
             sink(rt, ct, &tile.0);
         })
@@ -285,6 +287,7 @@ pub(crate) unsafe fn gemm(
     _: &Aligned<u16>,
     _: &Aligned<u16>,
     _: usize,
+    _: Range<usize>,
     _: Range<usize>,
     _: Range<usize>,
     _: impl FnMut(usize, usize, &OutTile),

@@ -29,7 +29,7 @@ fn run(m: usize, n: usize, k: usize, a: &Aligned<u16>, b: &Aligned<u16>) -> Vec<
     let mut y = vec![f32::NAN; m * n];
     // SAFETY: callers check `available()`; the operands were packed for these sizes.
     unsafe {
-        gemm(a, b, ksteps(k), 0..m.div_ceil(TILE), 0..n.div_ceil(TILE), |rt, ct, tile| {
+        gemm(a, b, ksteps(k), 0..ksteps(k), 0..m.div_ceil(TILE), 0..n.div_ceil(TILE), |rt, ct, tile| {
             for r in 0..TILE.min(m - rt * TILE) {
                 for c in 0..TILE.min(n - ct * TILE) {
                     y[(rt * TILE + r) * n + ct * TILE + c] = tile[r * TILE + c];
@@ -115,7 +115,7 @@ fn timing() {
             for _ in 0..reps {
                 // SAFETY: AMX checked above; `a` and `b` hold every tile of the ranges.
                 unsafe {
-                    gemm(&a, &b, ksteps(k), 0..m / TILE, 0..n.div_ceil(TILE), |rt, ct, tile| {
+                    gemm(&a, &b, ksteps(k), 0..ksteps(k), 0..m / TILE, 0..n.div_ceil(TILE), |rt, ct, tile| {
                         let cols = TILE.min(n - ct * TILE);
                         for r in 0..TILE {
                             s[(rt * TILE + r) * n + ct * TILE..][..cols].copy_from_slice(&tile[r * TILE..][..cols]);

@@ -161,7 +161,7 @@ unsafe fn run_tiles(
                 }
                 let ragged_rows = if whole_cols { inner_rows.end..rows.end } else { rows.clone() };
                 if !ragged_rows.is_empty() {
-                    gemm(a, b, ks, ragged_rows, tiles, |rt, ct, tile| copy_out(out, rt, ct, tile));
+                    gemm(a, b, ks, 0..ks, ragged_rows, tiles, |rt, ct, tile| copy_out(out, rt, ct, tile));
                 }
             }
             finish();
