@@ -285,8 +285,8 @@ pub fn vision_self_attention(
             dst[i + half] = src[i + half] * c[i] + src[i] * s[i];
         }
     };
+    let v = Heads { data: x, offset: 2 * heads * d, head_stride: d, row_stride: width };
     if bf16_tiles && crate::kernels::amx::available() {
-        let v_of = |h: usize, r: usize| &x[r * width + 2 * heads * d + h * d..][..d];
         // SAFETY: AMX checked just above.
         let out = unsafe {
             crate::kernels::amx::attention::within_spans(
@@ -297,7 +297,7 @@ pub fn vision_self_attention(
                 scale,
                 |h, r, dst| rotate(0, h, r, dst),
                 |h, r, dst| rotate(1, h, r, dst),
-                v_of,
+                |h, r| v.row_slice(h, r, d),
             )
         };
         return Tensor::from_vec(out, (n, heads * d), qkv.device());
@@ -311,7 +311,7 @@ pub fn vision_self_attention(
             scale,
             |h, r, dst| rotate(0, h, r, dst),
             |h, r, dst| rotate(1, h, r, dst),
-            |h, r| &x[r * width + 2 * heads * d + h * d..][..d],
+            |h, r| v.row_slice(h, r, d),
         );
         return Tensor::from_vec(out, (n, heads * d), qkv.device());
     }
@@ -325,7 +325,6 @@ pub fn vision_self_attention(
         out
     };
     let (q, k) = (rotated(0), rotated(1));
-    let v = Heads { data: x, offset: 2 * heads * d, head_stride: d, row_stride: width };
     let out = attend(Heads::contiguous(&q, n, d), Heads::contiguous(&k, n, d), v, heads, n, d, &span_tasks(heads, spans), scale);
     Tensor::from_vec(out, (n, heads * d), qkv.device())
 }

@@ -1,6 +1,6 @@
 //! CPU kernels apart from the model: the fused element-wise and attention kernels, the Q8_0
-//! products (VNNI), the AMX tile products, the vision attention for AVX-512 without AMX, the CPU features they need (detected once), and the
-//! process-wide thread count.
+//! products (VNNI), the AMX tile products, the vision attention for AVX-512 without AMX, the
+//! CPU features they need (detected once), and the process-wide thread count.
 
 pub mod amx;
 pub mod features;

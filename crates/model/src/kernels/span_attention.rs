@@ -2,8 +2,9 @@
 //! each head's keys and values are laid out once for register-blocked kernels that every
 //! query block shares. The general f32 path (a library GEMM per query block) repacked a head's
 //! keys and values for each of its 25 query blocks on the 2B tower and reached a third of the
-//! FMA peak; attention was half the tower's time there. Here a layer takes 60 ms against 88. Sums run in another order than the
-//! general path, so the exact mode (`--quant none`) keeps that one.
+//! FMA peak; attention was half the tower's time there. Here a layer takes 60 ms against 88.
+//! Sums run in another order than the general path, so the exact mode (`--quant none`) keeps
+//! that one.
 //!
 //! Keys are laid out per (span, head) in panels of 16, panel `p` holding `[d][16]` (key
 //! `16p + j`'s value `i` at `i·16 + j`, zero past the span), values row-major `[len, d]`; a
@@ -11,7 +12,8 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::amx::attention::exp16;
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::amx::attention::{exp_lanes, lanes, softmax_shift};
 use crate::kernels::q8::OutPtr;
 
 /// Query rows per task: their scores (`64 × keys`) stay in L2.
@@ -159,23 +161,14 @@ pub(crate) fn within_spans<'a>(
 #[target_feature(enable = "avx512f")]
 unsafe fn softmax_row(row: &mut [f32], scale: f32) -> f32 {
     use std::arch::x86_64::*;
-    let len = row.len();
-    let mask = |at: usize| ((1u32 << (len - at).min(PANEL)) - 1) as __mmask16;
-    // SAFETY (whole body): masked loads and stores stay inside `row`.
+    // SAFETY (whole body): AVX-512 F present; the masked store stays inside `row`.
     unsafe {
-        let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
-        for at in (0..len).step_by(PANEL) {
-            let m = mask(at);
-            vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, row.as_ptr().add(at)));
-        }
-        let max = _mm512_reduce_max_ps(vmax);
-        let (vscale, shift) = (_mm512_set1_ps(scale), _mm512_set1_ps(-max * scale));
+        let shift = softmax_shift(row, scale);
         let mut vsum = _mm512_setzero_ps();
-        for at in (0..len).step_by(PANEL) {
-            let m = mask(at);
-            let e = _mm512_maskz_mov_ps(m, exp16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, row.as_ptr().add(at)), vscale, shift)));
+        for at in (0..row.len()).step_by(PANEL) {
+            let e = exp_lanes(row, at, scale, shift);
             vsum = _mm512_add_ps(vsum, e);
-            _mm512_mask_storeu_ps(row.as_mut_ptr().add(at), m, e);
+            _mm512_mask_storeu_ps(row.as_mut_ptr().add(at), lanes(row.len(), at), e);
         }
         _mm512_reduce_add_ps(vsum)
     }

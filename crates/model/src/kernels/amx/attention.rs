@@ -228,32 +228,59 @@ unsafe fn write_normalised(tile: &[f32], rt: usize, ct: usize, rows: usize, d: u
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn softmax_row_to_tiles(scores: &[f32], scale: f32, probs: &mut [u16], r: usize, ks: usize, seen: usize) -> f32 {
     use std::arch::x86_64::*;
-    let len = scores.len();
-    let mask = |at: usize| ((1u32 << len.saturating_sub(at).min(16)) - 1) as __mmask16;
-    // SAFETY (whole body): masked loads stay inside `scores`; stores write row r of the blocks.
+    // SAFETY (whole body): AVX-512 present; stores write row r of blocks inside `probs`.
     unsafe {
-        let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
-        for at in (0..len).step_by(16) {
-            let m = mask(at);
-            vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, scores.as_ptr().add(at)));
-        }
-        let max = _mm512_reduce_max_ps(vmax);
-        let (vscale, shift) = (_mm512_set1_ps(scale), _mm512_set1_ps(-max * scale));
+        let shift = softmax_shift(scores, scale);
         let mut vsum = _mm512_setzero_ps();
         let (rt, row) = (r / TILE, r % TILE);
         for s in 0..seen {
             let out = probs.as_mut_ptr().add((rt * ks + s) * BLOCK + row * KSTEP);
             for half in 0..2 {
-                let at = s * KSTEP + half * 16;
-                let m = mask(at);
-                let x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, scores.as_ptr().wrapping_add(at)), vscale, shift);
-                let e = _mm512_maskz_mov_ps(m, exp16(x));
+                let e = exp_lanes(scores, s * KSTEP + half * 16, scale, shift);
                 vsum = _mm512_add_ps(vsum, e);
                 _mm256_storeu_si256(out.add(half * 16) as *mut __m256i, bf16x16(e));
             }
         }
         _mm512_reduce_add_ps(vsum)
     }
+}
+
+/// Lanes `at..at + 16` of a row `len` long that exist.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn lanes(len: usize, at: usize) -> std::arch::x86_64::__mmask16 {
+    ((1u32 << len.saturating_sub(at).min(16)) - 1) as std::arch::x86_64::__mmask16
+}
+
+/// `−scale · max(row)`: the shift that keeps a softmax's exponents at most 0.
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn softmax_shift(row: &[f32], scale: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
+    for at in (0..row.len()).step_by(16) {
+        let m = lanes(row.len(), at);
+        // SAFETY: the mask keeps the load inside `row`.
+        vmax = _mm512_mask_max_ps(vmax, m, vmax, unsafe { _mm512_maskz_loadu_ps(m, row.as_ptr().add(at)) });
+    }
+    -_mm512_reduce_max_ps(vmax) * scale
+}
+
+/// `exp(scale · row[at..at + 16] + shift)`, zero in lanes past the row's end.
+///
+/// # Safety
+/// The CPU must have AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn exp_lanes(row: &[f32], at: usize, scale: f32, shift: f32) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let m = lanes(row.len(), at);
+    // SAFETY: the mask keeps the load inside `row`.
+    let x = unsafe { _mm512_maskz_loadu_ps(m, row.as_ptr().wrapping_add(at)) };
+    _mm512_maskz_mov_ps(m, exp16(_mm512_fmadd_ps(x, _mm512_set1_ps(scale), _mm512_set1_ps(shift))))
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -266,7 +293,7 @@ unsafe fn softmax_row_to_tiles(_: &[f32], _: f32, _: &mut [u16], _: usize, _: us
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-pub(crate) fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+fn exp16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
     let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
