@@ -9,8 +9,9 @@ pub struct CpuFeatures {
     pub avx512_fma: bool,
     /// `avx512f,avx512bw,avx512vnni`: the Q8_0 products.
     pub avx512_vnni: bool,
-    /// `avx512f,avx512bw`: the AMX packing (AMX itself is detected in [`super::amx`]).
-    pub avx512_bw: bool,
+    /// `avx512f,avx512bw,avx512bf16`: the AMX packing and softmax (AMX itself is detected in
+    /// [`super::amx`]; every CPU with AMX-BF16 has AVX512-BF16).
+    pub avx512_bf16: bool,
     /// `avx2,fma,f16c`: the middle tier, for x86 servers without AVX-512 (AMD before Zen 4,
     /// Intel before Skylake-SP): the element-wise kernels' 8-lane build and the Q8_0 products.
     pub avx2_fma: bool,
@@ -51,7 +52,7 @@ fn detect() -> CpuFeatures {
     CpuFeatures {
         avx512_fma: avx512_bw && has!("avx512vl") && has!("fma"),
         avx512_vnni: avx512_bw && has!("avx512vnni"),
-        avx512_bw,
+        avx512_bf16: avx512_bw && has!("avx512bf16"),
         avx2_fma: ceiling >= Ceiling::Avx2 && has!("avx2") && has!("fma") && has!("f16c"),
     }
 }

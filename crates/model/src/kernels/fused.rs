@@ -66,6 +66,20 @@ macro_rules! dispatch {
 }
 pub(crate) use dispatch;
 
+// Rotary embedding in the rotate-half convention, one head's row: `dst = src·cos +
+// rotate_half(src)·sin` with `cos`/`sin` half as long. Sliced to equal lengths up front so the
+// loop vectorises: in the vision attention's layout pass the scalar loop was half the time.
+dispatch!(rotate_half(src: &[f32], cos: &[f32], sin: &[f32], dst: &mut [f32]) {
+    let half = cos.len();
+    let (a, b) = src[..2 * half].split_at(half);
+    let (lo, hi) = dst[..2 * half].split_at_mut(half);
+    let sin = &sin[..half];
+    for i in 0..half {
+        lo[i] = a[i] * cos[i] - b[i] * sin[i];
+        hi[i] = b[i] * cos[i] + a[i] * sin[i];
+    }
+});
+
 dispatch!(quick_gelu_in_place(xs: &mut [f32]) {
     for x in xs.iter_mut() {
         *x /= 1.0 + exp(-1.702 * *x);
@@ -279,11 +293,7 @@ pub fn vision_self_attention(
     // Row r of head h of queries (which = 0) or keys (1), rotated into `dst`.
     let rotate = |which: usize, h: usize, r: usize, dst: &mut [f32]| {
         let src = &x[r * width + which * heads * d + h * d..][..d];
-        let (c, s) = (&cos_v[r * half..][..half], &sin_v[r * half..][..half]);
-        for i in 0..half {
-            dst[i] = src[i] * c[i] - src[i + half] * s[i];
-            dst[i + half] = src[i + half] * c[i] + src[i] * s[i];
-        }
+        rotate_half(src, &cos_v[r * half..][..half], &sin_v[r * half..][..half], dst);
     };
     let v = Heads { data: x, offset: 2 * heads * d, head_stride: d, row_stride: width };
     if bf16_tiles && crate::kernels::amx::available() {

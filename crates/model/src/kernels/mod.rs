@@ -3,6 +3,7 @@
 //! CPU features they need (detected once), and the process-wide thread count.
 
 pub mod amx;
+pub(crate) mod disjoint;
 pub mod features;
 pub mod fused;
 pub mod q8;

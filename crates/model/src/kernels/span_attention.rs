@@ -6,22 +6,29 @@
 //! Sums run in another order than the general path, so the exact mode (`--quant none`) keeps
 //! that one.
 //!
-//! Keys are laid out per (span, head) in panels of 16, panel `p` holding `[d][16]` (key
-//! `16p + j`'s value `i` at `i·16 + j`, zero past the span), values row-major `[len, d]`; a
-//! query block rotates its own queries. `d` must be 64, 80 or 128 (whole vectors of 16).
+//! Per (span, head), queries (rotated) and values are laid out row-major `[len, d]` (copied,
+//! not read in place: in the fused projection the 2B tower's rows lie 15 KiB apart, and the
+//! weighted sum ran 40% slower on them), keys in panels of 16, panel `p` holding `[d][16]` (key
+//! `16p + j`'s value `i` at `i·16 + j`, zero past the span). `d` must be 64, 80 or 128 (whole
+//! vectors of 16).
 
 use rayon::prelude::*;
 
+use crate::kernels::amx::attention::row_chunks;
 #[cfg(target_arch = "x86_64")]
 use crate::kernels::amx::attention::{exp_lanes, lanes, softmax_shift};
+use crate::kernels::disjoint::Disjoint;
 use crate::kernels::q8::OutPtr;
 
 /// Query rows per task: their scores (`64 × keys`) stay in L2.
 const QUERY_BLOCK: usize = 64;
 /// Keys per chunk of the weighted sum: their values (20 KiB at d = 80) stay in L1.
 const KEY_CHUNK: usize = 64;
-/// Most buffers kept (a layer's heads, two each).
-const POOL_BUFFERS: usize = 64;
+/// Most buffers kept (a 2B layer's 16 heads, three each).
+const POOL_BUFFERS: usize = 48;
+/// Rows per chunk of the layout pass: two key panels; every head's keys of the chunk (80 KiB
+/// on the 2B tower) stay in L2 until they are laid out.
+const LAYOUT_ROWS: usize = 2 * PANEL;
 /// Keys per panel: one AVX-512 vector.
 const PANEL: usize = 16;
 /// Query rows and key panels per score micro-kernel call: 8 × 3, 24 accumulators, 11 loads per
@@ -29,15 +36,17 @@ const PANEL: usize = 16;
 const SCORE_ROWS: usize = 8;
 const SCORE_PANELS: usize = 3;
 
-/// One span's and head's keys and values, laid out once and shared by its query blocks.
+/// One span's and head's queries (rotated), keys and values, laid out once and shared by its
+/// query blocks.
 struct Laid {
+    queries: Vec<f32>,
     key_panels: Vec<f32>,
     values: Vec<f32>,
 }
 
 thread_local! {
-    /// Each worker's scores and rotated queries, kept between tasks and calls.
-    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// Each worker's scores, kept between tasks and calls.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Buffers kept between calls (fresh ones page-fault: a vision layer lays out 16 MB).
@@ -68,46 +77,64 @@ pub(crate) fn within_spans<'a>(
     assert!(handles(d), "span_attention: head size {d} on this CPU");
     let width = heads * d;
     let units: Vec<(usize, usize, usize)> = spans.iter().flat_map(|&(start, len)| (0..heads).map(move |h| (h, start, len))).collect();
-    let laid: Vec<Laid> = units
-        .par_iter()
-        .map_init(Vec::new, |row: &mut Vec<f32>, &(h, start, len)| {
-            row.resize(d, 0.0);
-            let pooled = || POOL.lock().ok().and_then(|mut pool| pool.pop()).unwrap_or_default();
-            let mut key_panels: Vec<f32> = pooled();
-            key_panels.resize(len.div_ceil(PANEL) * d * PANEL, 0.0);
-            // Keys past the span in the last panel are zero (buffers come back dirty).
-            key_panels[len / PANEL * d * PANEL..].fill(0.0);
-            for r in 0..len {
-                k(h, start + r, row);
-                let panel = &mut key_panels[r / PANEL * d * PANEL..][..d * PANEL];
-                for (i, &x) in row.iter().enumerate() {
-                    panel[i * PANEL + r % PANEL] = x;
+    let pooled = |len: usize| {
+        let mut buf: Vec<f32> = POOL.lock().ok().and_then(|mut pool| pool.pop()).unwrap_or_default();
+        buf.resize(len, 0.0);
+        buf
+    };
+    let mut laid: Vec<Laid> = units
+        .iter()
+        .map(|&(_, _, len)| Laid { queries: pooled(len * d), key_panels: pooled(len.div_ceil(PANEL) * d * PANEL), values: pooled(len * d) })
+        .collect();
+    {
+        let parts: Vec<[Disjoint<f32>; 3]> = laid
+            .iter_mut()
+            .map(|l| [Disjoint::new(&mut l.queries), Disjoint::new(&mut l.key_panels), Disjoint::new(&mut l.values)])
+            .collect();
+        row_chunks(spans, LAYOUT_ROWS).par_iter().for_each_init(Vec::new, |keys: &mut Vec<f32>, &(span, r0, chunk)| {
+            let start = spans[span].0;
+            let rows = r0 * d..(r0 + chunk) * d;
+            // The chunk's whole key panels, zero past the span (buffers come back dirty).
+            let panels = r0 / PANEL * d * PANEL..(r0 + chunk).div_ceil(PANEL) * d * PANEL;
+            keys.resize(heads * chunk * d, 0.0);
+            // SAFETY (parts): each chunk writes only its own rows and its own whole panels.
+            let head_parts = |h: usize| unsafe {
+                let [queries, key_panels, values] = &parts[span * heads + h];
+                (queries.part(rows.clone()), key_panels.part(panels.clone()), values.part(rows.clone()))
+            };
+            let mut parts: Vec<_> = (0..heads).map(head_parts).collect();
+            // Row by row over all heads, so each input row is read once and in order.
+            for r in 0..chunk {
+                for (h, (queries, _, values)) in parts.iter_mut().enumerate() {
+                    q(h, start + r0 + r, &mut queries[r * d..][..d]);
+                    k(h, start + r0 + r, &mut keys[(h * chunk + r) * d..][..d]);
+                    values[r * d..][..d].copy_from_slice(v(h, start + r0 + r));
                 }
             }
-            // Copied, not read in place: in the fused projection the 2B tower's value rows lie
-            // 15 KiB apart, each on a page of its own, and the weighted sum ran 40% slower.
-            let mut values: Vec<f32> = pooled();
-            values.clear();
-            (0..len).for_each(|r| values.extend_from_slice(v(h, start + r)));
-            Laid { key_panels, values }
-        })
-        .collect();
+            for (h, (_, key_panels, _)) in parts.iter_mut().enumerate() {
+                key_panels.fill(0.0);
+                for r in 0..chunk {
+                    let panel = &mut key_panels[r / PANEL * d * PANEL..][..d * PANEL];
+                    for (i, &x) in keys[(h * chunk + r) * d..][..d].iter().enumerate() {
+                        panel[i * PANEL + r % PANEL] = x;
+                    }
+                }
+            }
+        });
+    }
     let tasks: Vec<(usize, usize)> =
         units.iter().enumerate().flat_map(|(u, &(_, _, len))| (0..len).step_by(QUERY_BLOCK).map(move |q0| (u, q0))).collect();
     let mut out = vec![0f32; n * width];
     let dst = OutPtr(out.as_mut_ptr());
     tasks.par_iter().for_each(|&(u, q0)| {
-        SCRATCH.with_borrow_mut(|(scores, queries)| {
+        SCRATCH.with_borrow_mut(|scores| {
             let (dst, (h, start, len), laid) = (&dst, units[u], &laid[u]);
             let rows = QUERY_BLOCK.min(len - q0);
             // Whole panel groups per row, so the kernel's stores stay inside.
             let group = SCORE_PANELS * PANEL;
             let stride = len.div_ceil(group) * group;
             scores.resize(QUERY_BLOCK * stride, 0.0);
-            queries.resize(rows * d, 0.0);
-            for (r, dst) in queries.chunks_exact_mut(d).enumerate() {
-                q(h, start + q0 + r, dst);
-            }
+            let queries = &laid.queries[q0 * d..(q0 + rows) * d];
             // Panel groups outer: a group (15 KiB at d = 80) and the block's queries stay in L1.
             for g in 0..stride / group {
                 for r0 in (0..rows).step_by(SCORE_ROWS) {
@@ -145,7 +172,7 @@ pub(crate) fn within_spans<'a>(
         })
     });
     if let Ok(mut pool) = POOL.lock() {
-        pool.extend(laid.into_iter().flat_map(|l| [l.key_panels, l.values]));
+        pool.extend(laid.into_iter().flat_map(|l| [l.queries, l.key_panels, l.values]));
         let keep = pool.len().min(POOL_BUFFERS);
         pool.truncate(keep);
     }

@@ -6,8 +6,9 @@
 use rayon::prelude::*;
 
 use super::pack::bf16x16;
-use super::pack::{ksteps, pack_a_serial, pack_b_from_cols, pack_b_from_rows, packed_len};
+use super::pack::{ksteps, pack_a_serial, pack_b_from_cols, pack_b_from_rows, pack_b_steps_from_cols, packed_len};
 use super::{gemm, gemm_into, Aligned, BLOCK, KSTEP, TILE};
+use crate::kernels::disjoint::Disjoint;
 use crate::kernels::q8::OutPtr;
 
 /// Query rows per task: their f32 scores (`64 × keys`) and bf16 probabilities stay in L2.
@@ -42,26 +43,50 @@ pub(crate) unsafe fn within_spans<'a>(
     let width = heads * d;
     // One unit per (span, head): (head, span start, span length).
     let units: Vec<(usize, usize, usize)> = spans.iter().flat_map(|&(start, len)| (0..heads).map(move |h| (h, start, len))).collect();
-    let packed: Vec<Packed> = units
+    let mut packed: Vec<Packed> = units
         .par_iter()
-        .map_init(Vec::new, |rows: &mut Vec<f32>, &(h, start, len)| {
-            let mut p = Packed {
-                q: Aligned::zeroed(packed_len(len, d)),
-                k: Aligned::zeroed(packed_len(len, d)),
-                v: Aligned::zeroed(packed_len(d, len)),
-            };
-            rows.resize(len * d, 0.0);
-            // SAFETY: AMX (hence AVX-512) present, the caller's contract.
-            unsafe {
-                rows.chunks_exact_mut(d).enumerate().for_each(|(r, out)| q(h, start + r, out));
-                pack_a_serial(len, d, |r| &rows[r * d..][..d], &mut p.q);
-                rows.chunks_exact_mut(d).enumerate().for_each(|(r, out)| k(h, start + r, out));
-                pack_b_from_rows(len, d, |r| &rows[r * d..][..d], &mut p.k);
-                pack_b_from_cols(len, d, |r| v(h, start + r), &mut p.v);
-            }
-            p
+        .map(|&(_, _, len)| Packed {
+            q: Aligned::zeroed(packed_len(len, d)),
+            k: Aligned::zeroed(packed_len(len, d)),
+            v: Aligned::zeroed(packed_len(d, len)),
         })
         .collect();
+    let ks = ksteps(d);
+    {
+        let parts: Vec<[Disjoint<u16>; 3]> =
+            packed.iter_mut().map(|p| [Disjoint::new(&mut p.q), Disjoint::new(&mut p.k), Disjoint::new(&mut p.v)]).collect();
+        row_chunks(spans, KSTEP).par_iter().for_each_init(Vec::new, |rows: &mut Vec<f32>, &(span, r0, chunk)| {
+            let (start, len) = spans[span];
+            // Row tiles of Q and key tiles of K in this chunk, and its one k step of V.
+            let tiles = r0 / TILE * ks * BLOCK..(r0 + chunk).div_ceil(TILE) * ks * BLOCK;
+            let step = r0 / KSTEP..r0 / KSTEP + 1;
+            // Every head's rotated rows, [head][row][d], filled row by row so that each input
+            // row is read once and in order.
+            rows.resize(heads * chunk * d, 0.0);
+            let rotate_all = |f: &(dyn Fn(usize, usize, &mut [f32]) + Sync), rows: &mut [f32]| {
+                for r in 0..chunk {
+                    for h in 0..heads {
+                        f(h, start + r0 + r, &mut rows[(h * chunk + r) * d..][..d]);
+                    }
+                }
+            };
+            // SAFETY (three blocks): AMX (hence AVX-512) present, the caller's contract; every part
+            // written is this chunk's own: its row tiles of Q, key tiles of K, k step of V.
+            rotate_all(&q, rows);
+            for h in 0..heads {
+                unsafe { pack_a_serial(chunk, d, |r| &rows[(h * chunk + r) * d..][..d], parts[span * heads + h][0].part(tiles.clone())) };
+            }
+            rotate_all(&k, rows);
+            for h in 0..heads {
+                unsafe {
+                    pack_b_from_rows(chunk, d, |r| &rows[(h * chunk + r) * d..][..d], parts[span * heads + h][1].part(tiles.clone()))
+                };
+            }
+            for h in 0..heads {
+                unsafe { pack_b_steps_from_cols(len, d, step.clone(), |r| v(h, start + r), &parts[span * heads + h][2]) };
+            }
+        });
+    }
     let tasks: Vec<(usize, usize)> =
         units.iter().enumerate().flat_map(|(u, &(_, _, len))| (0..len).step_by(QUERY_BLOCK).map(move |q0| (u, q0))).collect();
     let mut out = vec![0f32; n * width];
@@ -82,7 +107,7 @@ pub(crate) unsafe fn within_spans<'a>(
             let mut sums = [0f32; QUERY_BLOCK];
             probs.resize(packed_len(rows, len));
             let ks = ksteps(len);
-            // SAFETY: AVX-512 present (AMX implies it); rows and blocks inside `probs`.
+            // SAFETY: AVX-512 with BF16 present (`available` checks it with AMX); rows and blocks inside `probs`.
             unsafe {
                 for (r, sum) in sums.iter_mut().enumerate().take(rows) {
                     *sum = softmax_row_to_tiles(&scores[r * stride..][..len], scale, probs, r, ks, ks);
@@ -99,6 +124,14 @@ pub(crate) unsafe fn within_spans<'a>(
         },
     );
     out
+}
+
+/// `(span, first row in the span, rows)` for each chunk of at most `chunk` rows of each span,
+/// in order: the unit of work of a pass that lays out every head of the same rows, which then
+/// come from memory once rather than once per head (a row of the vision towers' fused
+/// projection is 15 KiB, a head's part of it 320 bytes).
+pub(crate) fn row_chunks(spans: &[(usize, usize)], chunk: usize) -> Vec<(usize, usize, usize)> {
+    spans.iter().enumerate().flat_map(|(i, &(_, len))| (0..len).step_by(chunk).map(move |r0| (i, r0, chunk.min(len - r0)))).collect()
 }
 
 /// Causal grouped-query attention of `n` new queries over `total` keys, the last `n` of which
@@ -166,7 +199,7 @@ pub(crate) unsafe fn causal<'a>(
             probs.resize(packed_len(rows, total));
             // Key steps any row of the block sees; the rest of `probs` is neither written nor read.
             let seen = ksteps(past + q0 + rows);
-            // SAFETY: AVX-512 present (AMX implies it); rows and blocks inside `probs`. A row's
+            // SAFETY: AVX-512 with BF16 present (`available` checks it with AMX); rows and blocks inside `probs`. A row's
             // slice ends at the last key it sees, and its blocks up to `seen` past it are 0.
             unsafe {
                 for (r, sum) in sums.iter_mut().enumerate().take(rows) {
@@ -222,10 +255,10 @@ unsafe fn write_normalised(tile: &[f32], rt: usize, ct: usize, rows: usize, d: u
 /// their f32 sum. One pass for the maximum, one that exponentiates, sums, rounds and packs.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F and BW; `probs` must hold row tile `r / 16` with `ks` blocks
+/// The CPU must have AVX-512 F, BW and BF16 (as [`super::available`] checks); `probs` must hold row tile `r / 16` with `ks` blocks
 /// and `ks >= seen`, `seen · 32 >= scores.len()`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn softmax_row_to_tiles(scores: &[f32], scale: f32, probs: &mut [u16], r: usize, ks: usize, seen: usize) -> f32 {
     use std::arch::x86_64::*;
     // SAFETY (whole body): AVX-512 present; stores write row r of blocks inside `probs`.

@@ -48,7 +48,7 @@ fn detect() -> bool {
     // `is_x86_feature_detected!` does not know AMX on stable Rust: read CPUID leaf 7 directly.
     let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
     let (amx_bf16, amx_tile) = (edx >> 22 & 1 == 1, edx >> 24 & 1 == 1);
-    if !(amx_bf16 && amx_tile && crate::kernels::features::cpu().avx512_bw) {
+    if !(amx_bf16 && amx_tile && crate::kernels::features::cpu().avx512_bf16) {
         return false;
     }
     // Linux keeps the 8 KiB tile state off by default; a process asks once for all its threads.

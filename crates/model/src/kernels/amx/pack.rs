@@ -1,8 +1,11 @@
 //! Packing f32 operands into the tile layouts of [`super`], rounding to bf16.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::{BLOCK, KSTEP, TILE};
+use crate::kernels::disjoint::Disjoint;
 
 /// Packed k steps for an operand `k` wide.
 pub(crate) fn ksteps(k: usize) -> usize {
@@ -18,7 +21,7 @@ pub(crate) fn packed_len(rows: usize, k: usize) -> usize {
 /// (`packed_len(rows, k)` long), zero-padding both ways. Parallel over row tiles.
 ///
 /// # Safety
-/// [`super::available`] must be true (the conversion uses AVX-512).
+/// [`super::available`] must be true (the conversion uses AVX-512 BF16).
 pub(crate) unsafe fn pack_a<'a>(rows: usize, k: usize, row: impl Fn(usize) -> &'a [f32] + Sync, dst: &mut [u16]) {
     // SAFETY: forwarded.
     unsafe { pack_a_with(rows, k, row, dst, rows * k >= 1 << 15) }
@@ -63,7 +66,7 @@ unsafe fn pack_a_with<'a>(rows: usize, k: usize, row: impl Fn(usize) -> &'a [f32
 /// `dst` (`packed_len(n, k)` long): the right-hand side of `x · Wᵀ`, e.g. attention keys.
 ///
 /// # Safety
-/// [`super::available`] must be true (the conversion uses AVX-512).
+/// [`super::available`] must be true (the conversion uses AVX-512 BF16).
 pub(crate) unsafe fn pack_b_from_rows<'a>(n: usize, k: usize, row: impl Fn(usize) -> &'a [f32], dst: &mut [u16]) {
     let ks = ksteps(k);
     assert_eq!(dst.len(), packed_len(n, k), "pack_b_from_rows: destination size");
@@ -101,16 +104,32 @@ pub(crate) unsafe fn pack_b_from_rows<'a>(n: usize, k: usize, row: impl Fn(usize
 /// (`packed_len(n, k)` long), e.g. attention values.
 ///
 /// # Safety
-/// [`super::available`] must be true (the conversion uses AVX-512).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+/// [`super::available`] must be true (the conversion uses AVX-512 BF16).
 pub(crate) unsafe fn pack_b_from_cols<'a>(k: usize, n: usize, row: impl Fn(usize) -> &'a [f32], dst: &mut [u16]) {
-    use std::arch::x86_64::*;
-    let ks = ksteps(k);
     assert_eq!(dst.len(), packed_len(n, k), "pack_b_from_cols: destination size");
-    let tile_len = ks * BLOCK;
+    // SAFETY: forwarded; the one writer of the whole buffer.
+    unsafe { pack_b_steps_from_cols(k, n, 0..ksteps(k), row, &Disjoint::new(dst)) }
+}
+
+/// As [`pack_b_from_cols`] for k steps `steps` only (rows `32·steps` of B): the blocks of
+/// those steps in every column tile, so tasks can pack B's rows chunk by chunk.
+///
+/// # Safety
+/// [`super::available`] must be true; `dst` is `packed_len(n, k)` long and no other task
+/// writes these steps' blocks meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub(crate) unsafe fn pack_b_steps_from_cols<'a>(
+    k: usize,
+    n: usize,
+    steps: Range<usize>,
+    row: impl Fn(usize) -> &'a [f32],
+    dst: &Disjoint<u16>,
+) {
+    use std::arch::x86_64::*;
+    let tile_len = ksteps(k) * BLOCK;
     let zero = [0f32; 0];
-    for s in 0..ks {
+    for s in steps {
         for p in 0..TILE {
             // Block row p pairs rows 32s+2p and 32s+2p+1 (zero past k) column by column.
             let kk = s * KSTEP + 2 * p;
@@ -123,24 +142,26 @@ pub(crate) unsafe fn pack_b_from_cols<'a>(k: usize, n: usize, row: impl Fn(usize
                     unsafe { _mm512_cvtepu16_epi32(bf16x16(_mm512_maskz_loadu_ps(mask, r.as_ptr().wrapping_add(ct * TILE)))) }
                 };
                 let pair = _mm512_or_si512(load(r0), _mm512_slli_epi32::<16>(load(r1)));
-                // SAFETY: block row p of block (ct, s) is 32 u16 inside `dst` (size asserted).
-                unsafe { _mm512_storeu_si512(dst.as_mut_ptr().add(ct * tile_len + s * BLOCK + p * KSTEP) as *mut _, pair) };
+                let at = ct * tile_len + s * BLOCK + p * KSTEP;
+                // SAFETY: block row p of block (ct, s), which only this task writes (contract);
+                // `part` checks it lies inside `dst`.
+                unsafe { _mm512_storeu_si512(dst.part(at..at + KSTEP).as_mut_ptr() as *mut _, pair) };
             }
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-pub(crate) unsafe fn pack_b_from_cols<'a>(_: usize, _: usize, _: impl Fn(usize) -> &'a [f32], _: &mut [u16]) {
+pub(crate) unsafe fn pack_b_steps_from_cols<'a>(_: usize, _: usize, _: Range<usize>, _: impl Fn(usize) -> &'a [f32], _: &Disjoint<u16>) {
     unreachable!("AMX is only detected on x86_64")
 }
 
 /// Rounds up to 32 values to bf16 into `out` (32 long), zero-filling past `src`.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F and BW.
+/// The CPU must have AVX-512 F, BW and BF16 (as [`super::available`] checks).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub(crate) unsafe fn convert_32(src: &[f32], out: &mut [u16]) {
     use std::arch::x86_64::*;
     debug_assert!(src.len() <= KSTEP && out.len() == KSTEP);
@@ -161,15 +182,13 @@ pub(crate) unsafe fn convert_32(_: &[f32], _: &mut [u16]) {
     unreachable!("AMX is only detected on x86_64")
 }
 
-/// 16 f32 -> 16 bf16, rounding to nearest even as `vcvtneps2bf16` and torch do (NaNs aside:
-/// none reach here).
+/// 16 f32 -> 16 bf16, rounding to nearest even as torch does; `vcvtneps2bf16` also flushes
+/// subnormal inputs (below 1.2e-38) to zero, where torch keeps them.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[inline]
 pub(crate) fn bf16x16(v: std::arch::x86_64::__m512) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
-    let b = _mm512_castps_si512(v);
-    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
-    let r = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
-    _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(r))
+    // SAFETY: both are 256 bits of plain lanes.
+    unsafe { std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v)) }
 }

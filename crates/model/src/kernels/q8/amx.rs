@@ -70,7 +70,8 @@ pub(crate) unsafe fn matmul(w: &Q8Weights, x: &[f32], m: usize, y: &mut [MaybeUn
         b.resize(panels * kb * BLOCK);
         let raw = w.raw();
         b.par_chunks_mut(kb * BLOCK).enumerate().for_each(|(i, dst)| {
-            // SAFETY: AVX-512 present; each panel is `pstride` bytes inside the weights.
+            // SAFETY: AVX-512 with BF16 present (`available` checks it with AMX); each panel is
+            // `pstride` bytes inside the weights.
             unsafe { dequantize_panel(&raw[(p0 + i) * w.pstride..][..w.pstride], kb, dst) }
         });
         let cols = (n - p0 * PANEL).min(panels * PANEL);
@@ -172,9 +173,9 @@ unsafe fn run_tiles(
 /// One panel's weights (16 columns × `kb` blocks of 32) as B tile blocks of bf16 `q·d`.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F and BW; `panel` is one packed panel, `dst` `kb · 512` long.
+/// The CPU must have AVX-512 F, BW and BF16 (as [`crate::kernels::amx::available`] checks); `panel` is one packed panel, `dst` `kb · 512` long.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn dequantize_panel(panel: &[u8], kb: usize, dst: &mut [u16]) {
     use crate::kernels::amx::pack::bf16x16;
     use std::arch::x86_64::*;
