@@ -49,6 +49,15 @@ fn client(url: &str, png: &[u8], next: &AtomicUsize, refused: &AtomicU64) {
     }
 }
 
+/// Sets its flag when dropped, unwinding included.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 #[test]
 fn a_thousand_extracts_at_concurrency_64_against_a_small_queue_are_all_served_in_bounded_memory() {
     let server = Server::start_with_config("retry_after_secs = 1\n[engine]\nmax_batch_size = 4\nmax_queue = 8\n", &[]);
@@ -62,11 +71,13 @@ fn a_thousand_extracts_at_concurrency_64_against_a_small_queue_are_all_served_in
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
+        // Set however the clients end: a client's panic, re-raised by its join, must stop the
+        // sampler too, or the scope would wait for it forever instead of failing the test.
+        let _stop_sampling = SetOnDrop(&done);
         let clients: Vec<_> = (0..CLIENTS).map(|_| s.spawn(|| client(&url, &png, &next, &refused))).collect();
         for c in clients {
             c.join().unwrap();
         }
-        done.store(true, Ordering::SeqCst);
     });
     wait_idle(&server);
     let (served, refused) =
