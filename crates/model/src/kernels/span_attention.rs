@@ -26,8 +26,7 @@ const QUERY_BLOCK: usize = 64;
 const KEY_CHUNK: usize = 64;
 /// Most buffers kept (a 2B layer's 16 heads, three each).
 const POOL_BUFFERS: usize = 48;
-/// Rows per chunk of the layout pass: two key panels; every head's keys of the chunk (80 KiB
-/// on the 2B tower) stay in L2 until they are laid out.
+/// Rows per chunk of the layout pass: two key panels, laid out whole by one task.
 const LAYOUT_ROWS: usize = 2 * PANEL;
 /// Keys per panel: one AVX-512 vector.
 const PANEL: usize = 16;
@@ -91,33 +90,29 @@ pub(crate) fn within_spans<'a>(
             .iter_mut()
             .map(|l| [Disjoint::new(&mut l.queries), Disjoint::new(&mut l.key_panels), Disjoint::new(&mut l.values)])
             .collect();
-        row_chunks(spans, LAYOUT_ROWS).par_iter().for_each_init(Vec::new, |keys: &mut Vec<f32>, &(span, r0, chunk)| {
+        row_chunks(spans, LAYOUT_ROWS).par_iter().for_each_init(Vec::new, |key: &mut Vec<f32>, &(span, r0, chunk)| {
             let start = spans[span].0;
             let rows = r0 * d..(r0 + chunk) * d;
-            // The chunk's whole key panels, zero past the span (buffers come back dirty).
             let panels = r0 / PANEL * d * PANEL..(r0 + chunk).div_ceil(PANEL) * d * PANEL;
-            keys.resize(heads * chunk * d, 0.0);
-            // SAFETY (parts): each chunk writes only its own rows and its own whole panels.
+            key.resize(d, 0.0);
+            // SAFETY: each chunk writes only its own rows and its own whole panels.
             let head_parts = |h: usize| unsafe {
                 let [queries, key_panels, values] = &parts[span * heads + h];
                 (queries.part(rows.clone()), key_panels.part(panels.clone()), values.part(rows.clone()))
             };
-            let mut parts: Vec<_> = (0..heads).map(head_parts).collect();
+            let mut chunk_parts: Vec<_> = (0..heads).map(head_parts).collect();
+            // Keys past the span in the last panel stay zero (buffers come back dirty).
+            chunk_parts.iter_mut().for_each(|(_, key_panels, _)| key_panels.fill(0.0));
             // Row by row over all heads, so each input row is read once and in order.
             for r in 0..chunk {
-                for (h, (queries, _, values)) in parts.iter_mut().enumerate() {
+                for (h, (queries, key_panels, values)) in chunk_parts.iter_mut().enumerate() {
                     q(h, start + r0 + r, &mut queries[r * d..][..d]);
-                    k(h, start + r0 + r, &mut keys[(h * chunk + r) * d..][..d]);
-                    values[r * d..][..d].copy_from_slice(v(h, start + r0 + r));
-                }
-            }
-            for (h, (_, key_panels, _)) in parts.iter_mut().enumerate() {
-                key_panels.fill(0.0);
-                for r in 0..chunk {
+                    k(h, start + r0 + r, key);
                     let panel = &mut key_panels[r / PANEL * d * PANEL..][..d * PANEL];
-                    for (i, &x) in keys[(h * chunk + r) * d..][..d].iter().enumerate() {
+                    for (i, &x) in key.iter().enumerate() {
                         panel[i * PANEL + r % PANEL] = x;
                     }
+                    values[r * d..][..d].copy_from_slice(v(h, start + r0 + r));
                 }
             }
         });

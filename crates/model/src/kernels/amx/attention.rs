@@ -70,20 +70,19 @@ pub(crate) unsafe fn within_spans<'a>(
                     }
                 }
             };
-            // SAFETY (three blocks): AMX (hence AVX-512) present, the caller's contract; every part
-            // written is this chunk's own: its row tiles of Q, key tiles of K, k step of V.
+            // SAFETY (both loops): AMX (hence AVX-512 with BF16) present, the caller's contract;
+            // every part written is this chunk's own: its row tiles of Q, key tiles of K, k step of V.
             rotate_all(&q, rows);
             for h in 0..heads {
                 unsafe { pack_a_serial(chunk, d, |r| &rows[(h * chunk + r) * d..][..d], parts[span * heads + h][0].part(tiles.clone())) };
             }
             rotate_all(&k, rows);
             for h in 0..heads {
+                let [_, keys, values] = &parts[span * heads + h];
                 unsafe {
-                    pack_b_from_rows(chunk, d, |r| &rows[(h * chunk + r) * d..][..d], parts[span * heads + h][1].part(tiles.clone()))
-                };
-            }
-            for h in 0..heads {
-                unsafe { pack_b_steps_from_cols(len, d, step.clone(), |r| v(h, start + r), &parts[span * heads + h][2]) };
+                    pack_b_from_rows(chunk, d, |r| &rows[(h * chunk + r) * d..][..d], keys.part(tiles.clone()));
+                    pack_b_steps_from_cols(len, d, step.clone(), |r| v(h, start + r), values);
+                }
             }
         });
     }
@@ -107,7 +106,8 @@ pub(crate) unsafe fn within_spans<'a>(
             let mut sums = [0f32; QUERY_BLOCK];
             probs.resize(packed_len(rows, len));
             let ks = ksteps(len);
-            // SAFETY: AVX-512 with BF16 present (`available` checks it with AMX); rows and blocks inside `probs`.
+            // SAFETY: AVX-512 with BF16 present (`available` checks it with AMX); rows and blocks
+            // inside `probs`.
             unsafe {
                 for (r, sum) in sums.iter_mut().enumerate().take(rows) {
                     *sum = softmax_row_to_tiles(&scores[r * stride..][..len], scale, probs, r, ks, ks);
@@ -199,8 +199,9 @@ pub(crate) unsafe fn causal<'a>(
             probs.resize(packed_len(rows, total));
             // Key steps any row of the block sees; the rest of `probs` is neither written nor read.
             let seen = ksteps(past + q0 + rows);
-            // SAFETY: AVX-512 with BF16 present (`available` checks it with AMX); rows and blocks inside `probs`. A row's
-            // slice ends at the last key it sees, and its blocks up to `seen` past it are 0.
+            // SAFETY: AVX-512 with BF16 present (`available` checks it with AMX); rows and blocks
+            // inside `probs`. A row's slice ends at the last key it sees, and its blocks up to
+            // `seen` past it are 0.
             unsafe {
                 for (r, sum) in sums.iter_mut().enumerate().take(rows) {
                     *sum = softmax_row_to_tiles(&scores[r * stride..][..past + q0 + r + 1], scale, probs, r, key_steps, seen);
@@ -255,8 +256,8 @@ unsafe fn write_normalised(tile: &[f32], rt: usize, ct: usize, rows: usize, d: u
 /// their f32 sum. One pass for the maximum, one that exponentiates, sums, rounds and packs.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F, BW and BF16 (as [`super::available`] checks); `probs` must hold row tile `r / 16` with `ks` blocks
-/// and `ks >= seen`, `seen · 32 >= scores.len()`.
+/// The CPU must have AVX-512 F, BW and BF16 (as [`super::available`] checks); `probs` must
+/// hold row tile `r / 16` with `ks` blocks and `ks >= seen`, `seen · 32 >= scores.len()`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn softmax_row_to_tiles(scores: &[f32], scale: f32, probs: &mut [u16], r: usize, ks: usize, seen: usize) -> f32 {

@@ -173,7 +173,8 @@ unsafe fn run_tiles(
 /// One panel's weights (16 columns × `kb` blocks of 32) as B tile blocks of bf16 `q·d`.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F, BW and BF16 (as [`crate::kernels::amx::available`] checks); `panel` is one packed panel, `dst` `kb · 512` long.
+/// The CPU must have AVX-512 F, BW and BF16 (as [`crate::kernels::amx::available`] checks);
+/// `panel` is one packed panel, `dst` `kb · 512` long.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn dequantize_panel(panel: &[u8], kb: usize, dst: &mut [u16]) {
