@@ -250,6 +250,11 @@ impl<'a> Heads<'a> {
         &self.data[self.start(h, r)..][..d]
     }
 
+    /// Head `h`'s first `rows` rows of `d` values, with whatever lies between them.
+    fn first_rows(&self, h: usize, rows: usize, d: usize) -> &'a [f32] {
+        &self.data[self.start(h, 0)..][..(rows - 1) * self.row_stride + d]
+    }
+
     /// Pointer to row `r` of head `h` (the strided kernels read on past it).
     fn row(&self, h: usize, r: usize) -> *const f32 {
         self.data[self.start(h, r)..].as_ptr()
@@ -344,7 +349,8 @@ pub fn vision_self_attention(
 /// head_dim]` views of the cache whose last `n` positions are the new tokens. Query `i` sees
 /// keys up to `total - n + i`; the keys it cannot see get probability exactly 0. Returns
 /// `[n, heads * head_dim]`. With `bf16_tiles`, a CPU with AMX and a prompt of at least a tile
-/// of rows, the two products run on tiles in bf16 (decode rows stay in f32).
+/// of rows, the two products run on tiles in bf16; with it, AVX-512 and one new query (a decode
+/// step), on the f32 kernel of [`crate::kernels::decode_attention`].
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, bf16_tiles: bool) -> Result<Tensor> {
     let (heads, n, d) = q.dims3()?;
     let (_, kv_heads, total, _) = k.dims4()?;
@@ -367,6 +373,12 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, bf16_til
             )
         };
         return Tensor::from_vec(out, (n, heads * d), q.device());
+    }
+    if n == 1 && bf16_tiles && crate::kernels::decode_attention::handles(d) && k_heads.row_stride == v_heads.row_stride {
+        let (groups, stride) = (heads / kv_heads, k_heads.row_stride);
+        let (key, value) = (|g| k_heads.first_rows(g, total, d), |g| v_heads.first_rows(g, total, d));
+        let out = crate::kernels::decode_attention::attend(slice_of(&q)?, groups, d, total, stride, scale, key, value);
+        return Tensor::from_vec(out, (1, heads * d), q.device());
     }
     let past = total - n;
     let groups = heads / kv_heads;
@@ -551,6 +563,39 @@ mod tests {
         }
     }
 
+    /// `cargo test --release -p qwen-ocr-model --lib decode_shaped -- --ignored --nocapture`:
+    /// one decode step's attention on the 2B decoder's shapes, a cache per layer visited in
+    /// turn as decode does (so each comes from memory), the quantized modes' kernel against the
+    /// exact mode's.
+    #[test]
+    #[ignore = "timing, not a check"]
+    fn decode_shaped_attention_timing() {
+        let (heads, kv_heads, d, total, cap, layers) = (12, 2, 128, 500, 1024, 28);
+        let cache = || Tensor::randn(0f32, 1.0, (1, kv_heads, cap, d), &Device::Cpu).unwrap().narrow(2, 0, total).unwrap();
+        let caches: Vec<(Tensor, Tensor)> = (0..layers).map(|_| (cache(), cache())).collect();
+        let q = Tensor::randn(0f32, 1.0, (heads, 1, d), &Device::Cpu).unwrap();
+        let weights = vec![1u8; (8 * 58) << 20];
+        let steps = 10 * layers;
+        for _ in 0..3 {
+            let mut line = String::new();
+            for bf16_tiles in [true, false] {
+                let mut spent = std::time::Duration::ZERO;
+                for (i, (k, v)) in caches.iter().cycle().take(steps).enumerate() {
+                    // As the layer's weights would (58 MB on the 2B decoder), evict the cache.
+                    let chunk = &weights[(i % 8) * (weights.len() / 8)..][..weights.len() / 8];
+                    std::hint::black_box(
+                        chunk.par_chunks(1 << 16).map(|c| c.iter().step_by(16).fold(0u8, |a, &b| a ^ b)).reduce(|| 0, |a, b| a ^ b),
+                    );
+                    let t = std::time::Instant::now();
+                    causal_attention(&q, k, v, 0.1, bf16_tiles).unwrap();
+                    spent += t.elapsed();
+                }
+                line += &format!(" {}: {:?}", if bf16_tiles { "quantized modes" } else { "exact mode" }, spent / steps as u32);
+            }
+            println!("per layer and step,{line}");
+        }
+    }
+
     #[test]
     fn fused_activations_match_candle() {
         let x = Tensor::randn(0f32, 3.0, (37, 129), &Device::Cpu).unwrap();
@@ -609,8 +654,8 @@ mod tests {
 
     /// Causal attention of `n` new queries over a cache with `past` earlier keys (grouped-query,
     /// a view of a larger cache), f32 or (AMX CPUs) bf16 tiles, against masked dense attention.
-    fn check_causal_attention(d: usize, bf16_tiles: bool, max_abs: f32, rel_rms: f32) {
-        let (heads, kv_heads, n, past, cap) = (6, 2, 150, 37, 256);
+    fn check_causal_attention(d: usize, n: usize, bf16_tiles: bool, max_abs: f32, rel_rms: f32) {
+        let (heads, kv_heads, past, cap) = (6, 2, 37, 256);
         let cache_k = Tensor::randn(0f32, 1.0, (1, kv_heads, cap, d), &Device::Cpu).unwrap();
         let cache_v = Tensor::randn(0f32, 1.0, (1, kv_heads, cap, d), &Device::Cpu).unwrap();
         let total = past + n;
@@ -632,14 +677,23 @@ mod tests {
 
     #[test]
     fn causal_attention_matches_masked_dense_attention_over_a_cache() {
-        check_causal_attention(16, false, 1e-5, 1e-5);
+        check_causal_attention(16, 150, false, 1e-5, 1e-5);
+    }
+
+    /// A decode step (one query per head): in the quantized modes on AVX-512, the kernel of
+    /// `decode_attention` for heads of 80 and 128 (16 and 20 take the general path there too).
+    #[test]
+    fn one_query_attention_matches_masked_dense_attention_over_a_cache() {
+        for (d, bf16_tiles) in [(16, false), (16, true), (80, true), (128, true), (20, true)] {
+            check_causal_attention(d, 1, bf16_tiles, 1e-5, 1e-5);
+        }
     }
 
     /// As the vision attention's bound; `d` = 80 is not a whole number of tile steps, and
     /// neither the past nor the queries fill whole tiles. Without AMX this runs f32 again.
     #[test]
     fn causal_attention_on_bf16_tiles_stays_close_to_f32() {
-        check_causal_attention(80, true, 0.1, 1e-2);
+        check_causal_attention(80, 150, true, 0.1, 1e-2);
     }
 
     #[test]

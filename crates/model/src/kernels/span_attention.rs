@@ -181,7 +181,7 @@ pub(crate) fn within_spans<'a>(
 /// AVX-512 F present.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn softmax_row(row: &mut [f32], scale: f32) -> f32 {
+pub(crate) unsafe fn softmax_row(row: &mut [f32], scale: f32) -> f32 {
     use std::arch::x86_64::*;
     // SAFETY (whole body): AVX-512 F present; the masked store stays inside `row`.
     unsafe {
@@ -197,7 +197,7 @@ unsafe fn softmax_row(row: &mut [f32], scale: f32) -> f32 {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn softmax_row(_: &mut [f32], _: f32) -> f32 {
+pub(crate) unsafe fn softmax_row(_: &mut [f32], _: f32) -> f32 {
     unreachable!("AVX-512 is only detected on x86_64")
 }
 
