@@ -1,5 +1,5 @@
-"""Markdown table of seed-task reports (reference.py's and the seed_task bench's JSON), with
-each system's ratio to the first report."""
+"""Markdown table of seed-task reports (the JSON of reference.py, llama_cpp.py and the seed_task
+bench), with each system's ratio to the first report."""
 import json
 import sys
 
@@ -10,6 +10,8 @@ def name(r):
     if r.get("system") == "qwen-ocr":
         label = f"qwen-ocr `--quant {r['quant']}`" if r["quant"] else f"qwen-ocr `--dtype {r['dtype']}` (a build without `--quant`)"
         return " ".join([label] + [f"`{e}`" for e in r.get("env", [])])
+    if r.get("system") == "llama.cpp":
+        return f"llama.cpp `llama-mtmd-cli`, {r['label']}"
     return f"transformers {r['dtype']}"
 
 

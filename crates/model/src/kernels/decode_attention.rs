@@ -3,7 +3,7 @@
 //! so each cached key and value is read once per step, in order, where the general path (a
 //! library GEMM per query head) read them once per query head (six times on the 2B decoder)
 //! and packed them first. On the 2B seed task this took the decode phase's attention from 0.33
-//! to 0.26 s a request (187 to about 145 µs per layer and step). What is left is the cache
+//! to 0.25-0.27 s a request (187 to about 145 µs per layer and step). What is left is the cache
 //! coming from memory: a layer's 58 MB of weights pass between two visits to its 1 MB of cache,
 //! which then reads at about 6 GB/s (`decode_shaped_attention_timing`; prefetching further
 //! ahead, into L1 or L2, and huge pages did not change it).
