@@ -655,7 +655,12 @@ mod tests {
     /// Causal attention of `n` new queries over a cache with `past` earlier keys (grouped-query,
     /// a view of a larger cache), f32 or (AMX CPUs) bf16 tiles, against masked dense attention.
     fn check_causal_attention(d: usize, n: usize, bf16_tiles: bool, max_abs: f32, rel_rms: f32) {
-        let (heads, kv_heads, past, cap) = (6, 2, 37, 256);
+        check_grouped_attention(6, 2, d, n, bf16_tiles, max_abs, rel_rms)
+    }
+
+    /// As [`check_causal_attention`] with `heads` query heads over `kv_heads` key/value heads.
+    fn check_grouped_attention(heads: usize, kv_heads: usize, d: usize, n: usize, bf16_tiles: bool, max_abs: f32, rel_rms: f32) {
+        let (past, cap) = (37, 256);
         let cache_k = Tensor::randn(0f32, 1.0, (1, kv_heads, cap, d), &Device::Cpu).unwrap();
         let cache_v = Tensor::randn(0f32, 1.0, (1, kv_heads, cap, d), &Device::Cpu).unwrap();
         let total = past + n;
@@ -686,6 +691,11 @@ mod tests {
     fn one_query_attention_matches_masked_dense_attention_over_a_cache() {
         for (d, bf16_tiles) in [(16, false), (16, true), (80, true), (128, true), (20, true)] {
             check_causal_attention(d, 1, bf16_tiles, 1e-5, 1e-5);
+        }
+        // The decoders' groupings: Qwen2.5-VL-3B's 8 query heads per key/value head (passes of
+        // 3, 3 and 2 over the values), Qwen3-VL-2B's 2, and one key/value head per query head.
+        for (heads, kv_heads) in [(16, 2), (16, 8), (4, 4)] {
+            check_grouped_attention(heads, kv_heads, 128, 1, true, 1e-5, 1e-5);
         }
     }
 
