@@ -37,21 +37,30 @@ pub(crate) fn attend<'a>(
 ) -> Vec<f32> {
     assert!(handles(d), "decode attention needs AVX-512 and heads of 64, 80 or 128");
     let mut out = vec![0f32; queries.len()];
-    out.par_chunks_mut(groups * d).enumerate().for_each_init(Vec::new, |scores: &mut Vec<f32>, (g, out)| {
-        scores.resize(groups * total, 0.0);
-        let (keys, values) = (key(g), value(g));
-        assert!(keys.len() >= (total - 1) * stride + d && values.len() >= (total - 1) * stride + d, "cache rows out of range");
-        let queries = &queries[g * groups * d..][..groups * d];
-        // SAFETY: `handles` checked AVX-512 F and `d`; the rows were just checked to lie inside.
-        unsafe {
-            match d {
-                64 => attend_group::<4>(queries, keys, values, stride, scale, scores, out),
-                80 => attend_group::<5>(queries, keys, values, stride, scale, scores, out),
-                _ => attend_group::<8>(queries, keys, values, stride, scale, scores, out),
+    out.par_chunks_mut(groups * d).enumerate().for_each(|(g, out)| {
+        SCRATCH.with_borrow_mut(|scratch| {
+            scratch.resize(groups * (total + 1), 0.0);
+            let (scores, sums) = scratch.split_at_mut(groups * total);
+            let (keys, values) = (key(g), value(g));
+            assert!(keys.len() >= (total - 1) * stride + d && values.len() >= (total - 1) * stride + d, "cache rows out of range");
+            let queries = &queries[g * groups * d..][..groups * d];
+            // SAFETY: `handles` checked AVX-512 F and `d`; the rows were just checked to lie inside.
+            unsafe {
+                match d {
+                    64 => attend_group::<4>(queries, keys, values, stride, scale, scores, sums, out),
+                    80 => attend_group::<5>(queries, keys, values, stride, scale, scores, sums, out),
+                    _ => attend_group::<8>(queries, keys, values, stride, scale, scores, sums, out),
+                }
             }
-        }
+        })
     });
     out
+}
+
+thread_local! {
+    /// Each worker's scores and softmax sums, kept between steps (as large as the longest cache
+    /// seen: a few hundred KB), so no step allocates scratch.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Keys whose scores one pass of the score loop computes: eight independent FMA chains, enough
@@ -64,7 +73,7 @@ const KEYS: usize = 8;
 const HEADS: usize = 3;
 
 /// One key/value head's share: `out` (`groups` rows of `d`) ← softmax(queries · keysᵀ ·
-/// scale) · values, with `scores` (`groups` rows of `total`) as scratch.
+/// scale) · values, with `scores` (`groups` rows of `total`) and `sums` (`groups`) as scratch.
 ///
 /// # Safety
 /// AVX-512 F present; `d` = 16 · `DZ`; `total` rows of `d` at `stride` in keys and values.
@@ -78,6 +87,7 @@ unsafe fn attend_group<const DZ: usize>(
     stride: usize,
     scale: f32,
     scores: &mut [f32],
+    sums: &mut [f32],
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
@@ -89,6 +99,7 @@ unsafe fn attend_group<const DZ: usize>(
     // read again and its result dropped), and prefetches do not fault.
     unsafe {
         let key = |j: usize| keys.as_ptr().add(j.min(total - 1) * stride);
+        let value = |j: usize| values.as_ptr().add(j.min(total - 1) * stride);
         for j0 in (0..total).step_by(KEYS) {
             for t in 0..KEYS {
                 prefetch_row(key(j0 + KEYS + t), d);
@@ -106,7 +117,6 @@ unsafe fn attend_group<const DZ: usize>(
                 }
             }
         }
-        let mut sums = vec![0f32; groups];
         for (row, sum) in scores.chunks_exact_mut(total).zip(sums.iter_mut()) {
             *sum = crate::kernels::span_attention::softmax_row(row, scale);
         }
@@ -114,8 +124,8 @@ unsafe fn attend_group<const DZ: usize>(
             let head = |i: usize| (h0 + i).min(groups - 1);
             let mut acc = [[_mm512_setzero_ps(); DZ]; HEADS];
             for j in 0..total {
-                let row = values.as_ptr().add(j * stride);
-                prefetch_row(values.as_ptr().add((j + KEYS).min(total - 1) * stride), d);
+                let row = value(j);
+                prefetch_row(value(j + KEYS), d);
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let p = _mm512_set1_ps(scores[head(i) * total + j]);
                     for (c, acc) in acc.iter_mut().enumerate() {
@@ -147,6 +157,7 @@ unsafe fn prefetch_row(row: *const f32, d: usize) {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn attend_group<const DZ: usize>(_: &[f32], _: &[f32], _: &[f32], _: usize, _: f32, _: &mut [f32], _: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_group<const DZ: usize>(_: &[f32], _: &[f32], _: &[f32], _: usize, _: f32, _: &mut [f32], _: &mut [f32], _: &mut [f32]) {
     unreachable!("AVX-512 is only detected on x86_64")
 }
