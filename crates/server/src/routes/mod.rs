@@ -12,7 +12,7 @@ pub use openapi::document;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, BodyDataStream};
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -107,17 +107,35 @@ async fn method_not_allowed() -> ApiError {
 async fn read_body_within(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let within = Duration::from_secs(state.config.read_timeout_secs);
-    let bytes = tokio::time::timeout(within, read_body(body, state.config.max_body_bytes)).await.map_err(|_| {
+    let limit = state.config.max_body_bytes;
+    let mut frames = body.into_data_stream();
+    let read = tokio::time::timeout(within, read_body(&mut frames, limit)).await.map_err(|_| {
         let message = format!("the request body was not received within {} s (read_timeout_secs)", within.as_secs());
         ApiError::new(ErrorKind::ReadTimeout, message)
-    })??;
-    Ok(next.run(Request::from_parts(parts, Body::from(bytes))).await)
+    })?;
+    match read {
+        Ok(bytes) => Ok(next.run(Request::from_parts(parts, Body::from(bytes))).await),
+        Err(error) if error.kind == ErrorKind::BodyTooLarge => {
+            // Most clients send the whole body before they read the answer: closing the
+            // connection with the rest unread makes their write fail (broken pipe, reset) and
+            // the 413 is never seen. So the rest is read and dropped first, as nginx does, up to
+            // a bound in bytes and time; past it the connection closes after all.
+            let drain = limit.max(DRAIN_AT_LEAST);
+            let _ = tokio::time::timeout(within.min(DRAIN_FOR), discard(&mut frames, drain)).await;
+            Err(error)
+        }
+        Err(error) => Err(error),
+    }
 }
+
+/// How much of an oversized body is read and dropped at least (or `max_body_bytes` more, if
+/// larger), and for how long at most, so that its sender can read the 413.
+const DRAIN_AT_LEAST: usize = 8 << 20;
+const DRAIN_FOR: Duration = Duration::from_secs(10);
 
 /// The body's bytes, stopping as soon as they pass `limit` (413) so that an oversized
 /// upload is never held whole.
-async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
-    let mut frames = body.into_data_stream();
+async fn read_body(frames: &mut BodyDataStream, limit: usize) -> Result<Vec<u8>, ApiError> {
     let mut bytes = Vec::new();
     while let Some(frame) = frames.next().await {
         let frame = frame.map_err(|e| ApiError::new(ErrorKind::InvalidBody, format!("failed to read the request body: {e}")))?;
@@ -128,6 +146,17 @@ async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
         bytes.extend_from_slice(&frame);
     }
     Ok(bytes)
+}
+
+/// Reads and drops the rest of a body, up to `budget` bytes; whether it ended within them.
+async fn discard(frames: &mut BodyDataStream, mut budget: usize) -> bool {
+    while let Some(Ok(frame)) = frames.next().await {
+        match budget.checked_sub(frame.len()) {
+            Some(left) => budget = left,
+            None => return false,
+        }
+    }
+    true
 }
 
 /// A JSON body, with malformed JSON, wrong fields and oversized bodies as API errors. A field
