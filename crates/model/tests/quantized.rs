@@ -87,6 +87,45 @@ fn quantized_weights_are_cached_between_loads() {
     assert_eq!(compare(&first, &third, &request, 8).unwrap().logits_rel_error, 0.0);
 }
 
+/// A checkpoint keeps one cache file: when its weights change (a new download, a new revision),
+/// the next load writes a new file and removes the old one, and files the previous naming
+/// scheme left are removed too; another checkpoint's file stays.
+#[test]
+fn a_changed_checkpoint_replaces_its_cache_file() {
+    let (cache, checkpoint) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for entry in std::fs::read_dir(fixtures().join("tiny-tied")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), checkpoint.path().join(entry.file_name())).unwrap();
+    }
+    let options = LoadOptions { quant: Quant::Q8_0, quant_cache: Some(cache.path().to_path_buf()), ..LoadOptions::default() };
+    let listing = || {
+        let mut names: Vec<String> =
+            std::fs::read_dir(cache.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        names
+    };
+    Pipeline::load(fixtures().join("tiny-untied-sharded").to_str().unwrap(), &options).unwrap();
+    let other = listing();
+    Pipeline::load(checkpoint.path().to_str().unwrap(), &options).unwrap();
+    let first: Vec<String> = listing().into_iter().filter(|n| !other.contains(n)).collect();
+    assert_eq!(first.len(), 1, "{:?}", listing());
+    std::fs::write(cache.path().join("0123456789abcdef.q8_0"), b"an earlier scheme's file").unwrap();
+    std::fs::write(cache.path().join("notes.txt"), b"not ours").unwrap();
+
+    // The same bytes written again: a new modification time, as a fresh download has.
+    let weights = checkpoint.path().join("model.safetensors");
+    let later = std::fs::metadata(&weights).unwrap().modified().unwrap() + std::time::Duration::from_secs(60);
+    std::fs::File::options().write(true).open(&weights).unwrap().set_modified(later).unwrap();
+    Pipeline::load(checkpoint.path().to_str().unwrap(), &options).unwrap();
+    let after = listing();
+    let second: Vec<&String> = after.iter().filter(|n| !other.contains(n) && n.as_str() != "notes.txt").collect();
+    assert_eq!(second.len(), 1, "{after:?}");
+    assert_ne!(second[0], &first[0], "a new version was written");
+    assert_eq!(second[0].split('-').next(), first[0].split('-').next(), "in the same slot");
+    assert!(other.iter().all(|n| after.contains(n)), "another checkpoint's file stays: {after:?}");
+    assert!(after.contains(&"notes.txt".to_string()), "{after:?}");
+}
+
 #[test]
 fn quantized_modes_are_refused_where_they_cannot_run() {
     let bf16 = LoadOptions { dtype: qwen_ocr_model::DType::BF16, ..LoadOptions::default() };

@@ -1,16 +1,22 @@
 //! Quantized weights kept on disk between starts, so that a restart or a new replica reads
 //! them instead of quantizing the checkpoint again (seconds of both cores for a 2B model).
 //!
-//! One file per (checkpoint files, quantization, layout version), named by a hash of the weight
-//! files' canonical paths, sizes and modification times (hub snapshots point at blobs named by
-//! their content hash). The file is an index followed by each tensor's packed bytes; it is
-//! written to a temporary name and renamed, so readers never see half a file.
+//! One file per (checkpoint files, quantization, layout version), named `{slot}-{version}.{quant}`:
+//! the slot hashes where the checkpoint lives (its folder; for a hub snapshot, the repository's
+//! folder, so every revision shares one slot) and the quantization, the version hashes the
+//! weight files' canonical paths, sizes and modification times (hub snapshots point at blobs
+//! named by their content hash) and the layout version. A slot keeps one version: writing or
+//! reading one deletes the others, so a checkpoint that is updated, re-downloaded or moved to a
+//! new revision replaces its cache file instead of adding one (a 2B model's is 2.5 GB). The file
+//! is an index followed by each tensor's packed bytes; it is written to a temporary name and
+//! renamed, so readers never see half a file.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use memmap2::{Mmap, UncheckedAdvice};
 use serde::{Deserialize, Serialize};
@@ -21,6 +27,8 @@ use crate::layers::quant::Quant;
 /// Bumped whenever the packed layout or this file format changes.
 const FORMAT: &str = "qwen-ocr-q8-cache-v1";
 const ALIGN: usize = 64;
+/// A temporary file older than this is a crashed writer's, not a concurrent replica's.
+const ABANDONED: Duration = Duration::from_secs(3600);
 
 #[derive(Serialize, Deserialize)]
 struct Entry {
@@ -40,6 +48,8 @@ struct Index {
 
 pub struct QuantCache {
     path: PathBuf,
+    /// `{slot}-`: the prefix every version of this checkpoint's file shares.
+    slot: String,
     stored: Option<(Mmap, HashMap<String, Entry>)>,
     fresh: Mutex<Vec<(String, Arc<Q8Weights>)>>,
 }
@@ -47,16 +57,23 @@ pub struct QuantCache {
 impl QuantCache {
     /// The cache entry in `dir` for these weight files and `quant`; reads it if it exists.
     pub fn open(dir: &Path, weights: &[PathBuf], quant: Quant) -> Self {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (FORMAT, quant.as_str()).hash(&mut hasher);
+        let mut version = std::collections::hash_map::DefaultHasher::new();
+        FORMAT.hash(&mut version);
         for path in weights {
             let path = path.canonicalize().unwrap_or_else(|_| path.clone());
             let meta = std::fs::metadata(&path).ok();
-            (path, meta.as_ref().map(|m| m.len()), meta.and_then(|m| m.modified().ok())).hash(&mut hasher);
+            (path, meta.as_ref().map(|m| m.len()), meta.and_then(|m| m.modified().ok())).hash(&mut version);
         }
-        let path = dir.join(format!("{:016x}.{}", hasher.finish(), quant.as_str()));
+        let mut slot = std::collections::hash_map::DefaultHasher::new();
+        (weights.first().map(|w| checkpoint_home(w)), quant.as_str()).hash(&mut slot);
+        let slot = format!("{:016x}-", slot.finish());
+        let path = dir.join(format!("{slot}{:016x}.{}", version.finish(), quant.as_str()));
         let stored = read(&path).map_err(|e| tracing::debug!(path = %path.display(), "no quantized cache: {e}")).ok();
-        Self { path, stored, fresh: Mutex::new(Vec::new()) }
+        let cache = Self { path, slot, stored, fresh: Mutex::new(Vec::new()) };
+        if cache.hit() {
+            cache.prune();
+        }
+        cache
     }
 
     pub fn path(&self) -> &Path {
@@ -122,8 +139,52 @@ impl QuantCache {
         }
         file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         std::fs::rename(&tmp, &self.path)?;
+        self.prune();
         Ok(true)
     }
+
+    /// Deletes this slot's other versions, its temporary files abandoned by a crashed writer,
+    /// and files named by this module's earlier scheme (`{hash}.{quant}`, never read again).
+    /// Failures only leave a file behind.
+    fn prune(&self) {
+        let (Some(dir), Some(ours)) = (self.path.parent(), self.path.file_name()) else { return };
+        let Ok(listing) = std::fs::read_dir(dir) else { return };
+        let now = SystemTime::now();
+        for entry in listing.flatten() {
+            let name = entry.file_name();
+            let Some(text) = name.to_str() else { continue };
+            let stale = if text.contains(".tmp-") {
+                let age = entry.metadata().and_then(|m| m.modified()).ok().and_then(|t| now.duration_since(t).ok());
+                text.starts_with(&self.slot) && age.is_some_and(|age| age > ABANDONED)
+            } else {
+                name != ours && (text.starts_with(&self.slot) || is_legacy_name(text))
+            };
+            if stale {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => tracing::info!(path = %entry.path().display(), "removed a stale quantized cache file"),
+                    Err(e) => tracing::debug!(path = %entry.path().display(), "cannot remove a stale cache file: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// The folder that identifies a checkpoint across its versions: the weights' folder, or for a
+/// Hugging Face hub snapshot (`models--org--name/snapshots/{revision}/`) the repository's.
+fn checkpoint_home(weights: &Path) -> PathBuf {
+    let absolute = std::path::absolute(weights).unwrap_or_else(|_| weights.to_path_buf());
+    let folder = absolute.parent().unwrap_or(Path::new("")).to_path_buf();
+    match folder.parent() {
+        Some(snapshots) if snapshots.file_name().is_some_and(|n| n == "snapshots") => snapshots.parent().unwrap_or(snapshots).to_path_buf(),
+        _ => folder,
+    }
+}
+
+/// `{16 hex digits}.{quant}`: the name this cache gave its files before slots.
+fn is_legacy_name(name: &str) -> bool {
+    name.split_once('.').is_some_and(|(hash, quant)| {
+        hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) && [Quant::Q8_0, Quant::Q4K].iter().any(|q| q.as_str() == quant)
+    })
 }
 
 fn read(path: &Path) -> std::io::Result<(Mmap, HashMap<String, Entry>)> {
