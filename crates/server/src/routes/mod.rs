@@ -148,15 +148,12 @@ async fn read_body(frames: &mut BodyDataStream, limit: usize) -> Result<Vec<u8>,
     Ok(bytes)
 }
 
-/// Reads and drops the rest of a body, up to `budget` bytes; whether it ended within them.
-async fn discard(frames: &mut BodyDataStream, mut budget: usize) -> bool {
+/// Reads and drops the rest of a body, until it ends or `budget` bytes have passed.
+async fn discard(frames: &mut BodyDataStream, mut budget: usize) {
     while let Some(Ok(frame)) = frames.next().await {
-        match budget.checked_sub(frame.len()) {
-            Some(left) => budget = left,
-            None => return false,
-        }
+        let Some(left) = budget.checked_sub(frame.len()) else { return };
+        budget = left;
     }
-    true
 }
 
 /// A JSON body, with malformed JSON, wrong fields and oversized bodies as API errors. A field
