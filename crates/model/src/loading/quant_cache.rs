@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -125,7 +126,10 @@ impl QuantCache {
         let index = header(base);
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)?;
-        let tmp = self.path.with_extension(format!("tmp-{}", std::process::id()));
+        // Unique per writer, threads of one process included: two loads of one checkpoint at
+        // once each write their own file, and the later rename wins with a whole one.
+        static WRITES: AtomicU64 = AtomicU64::new(0);
+        let tmp = self.path.with_extension(format!("tmp-{}-{}", std::process::id(), WRITES.fetch_add(1, Ordering::Relaxed)));
         let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
         file.write_all(&(index.len() as u64).to_le_bytes())?;
         file.write_all(&(base as u64).to_le_bytes())?;
